@@ -1,0 +1,127 @@
+"""dd-train: the entry point under every launcher.
+
+    dd-train --nproc 4                                  # 4 local processes (gloo on CPU)
+    torchrun --nproc-per-node 4 -m dd_mpi ...           # torchrun
+    mpiexec -n 4 dd-train ...                           # MPI (mpi4py)
+    srun --mpi=pmi2 dd-train ...                        # Slurm (see slurm/)
+    horovodrun -np 4 -H localhost:4 --gloo dd-train --backend horovod ...
+
+Exit codes: 0 done, 1 failure, 2 bad input (one line names the flag or file), 75 stopped by
+SIGTERM/SIGUSR1 after checkpointing (requeue and run again with --resume).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import torch
+
+from .comm import exit_quietly_if_peer_lost, group_layout, init_world, pick_device
+from .config import parse_config
+from .decompose import subnet_spec
+from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from .launch import cpu_threads_per_rank, detect_launch, run_local
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 set a flag; training looks at it at safe points (between steps)."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launch = detect_launch()
+    try:
+        cfg = parse_config(argv)
+        if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            cfg.resume = True  # a requeued Slurm job continues from its checkpoints
+        if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
+            return run_local(cfg.nproc, _without_nproc(argv))
+        # Everything that needs no communication is checked first, identically on every rank.
+        if not cfg.only_group_mode and "dd" in cfg.strategies:
+            group_layout(launch.world_size, cfg.subnets)
+        if "dd" in cfg.strategies:
+            subnet_spec(cfg.model_spec(10), cfg.subnets)
+    except UsageError as error:
+        if launch.rank == 0:
+            print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+    torch.set_num_threads(cfg.threads or cpu_threads_per_rank(launch))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    stop = StopSignal()
+    world = None
+    try:
+        device = pick_device(cfg.device, launch)
+        world = _init_engine(cfg, launch, device)
+        from .pipeline import run  # after the world: imports nothing that talks
+        run(cfg, world, stop)
+        world.close()
+        return 0
+    except UsageError as error:
+        if launch.rank == 0:
+            print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except Exception as error:
+        from .pipeline import PhaseFailed, Preempted
+        if isinstance(error, Preempted):
+            if launch.rank == 0:
+                print("dd-train: stopped by signal after checkpointing; run again with --resume",
+                      file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        if isinstance(error, PhaseFailed):
+            if launch.rank == 0:
+                print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+            return EXIT_FAILURE
+        if exit_quietly_if_peer_lost(error):
+            print(f"dd-train: rank {launch.rank}: lost contact with another rank "
+                  f"({type(error).__name__}); stopping", file=sys.stderr, flush=True)
+        else:
+            print(f"dd-train: rank {launch.rank} failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+        if world is not None:
+            world.comm.abort(EXIT_FAILURE)  # MPI: the whole job; otherwise this process
+        return EXIT_FAILURE
+
+
+def _init_engine(cfg, launch, device):
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "horovod" if launch.launcher == "horovod" else "torch"
+    if backend == "horovod":
+        from .engine_horovod import init_horovod_world
+        return init_horovod_world(launch, device, cfg.timeout)
+    if launch.launcher == "horovod":
+        raise UsageError("launched by horovodrun but --backend torch: use --backend horovod (or auto)")
+    return init_world(launch, device, cfg.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Which samples each rank sees, and batches of them, for phase 1, phase 3 and the baseline.
+
+Index plans are pure functions of (seed, group, epoch, rank), so a resumed run sees exactly
+the data order of an uninterrupted one. Small datasets (synthetic, CIFAR) stay in memory
+(on the GPU when there is one) as uint8 and are augmented per batch with tensor ops;
+on-disk image datasets (Food-101, ImageFolder) go through a DataLoader with workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .comm import Comm
+from .config import RunConfig
+from .datasets import DatasetBundle, InMemorySplit, load_dataset
+from .synthetic import make_synthetic
+
+
+def load_data(cfg: RunConfig, world: Comm) -> DatasetBundle:
+    """The dataset named by --dataset; integrity checks run once, on rank 0 (see datasets)."""
+    if cfg.dataset == "synthetic":
+        return make_synthetic(cfg.train_samples, cfg.test_samples, image_size=cfg.image_size or 32,
+                              seed=cfg.seed)
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                        train_samples=cfg.train_samples, test_samples=cfg.test_samples,
+                        verify_once=world.verdict_of_root)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key)) % (2 ** 62)
+    return torch.Generator().manual_seed(seed)
+
+
+def subset_for_group(num_samples: int, *, subnet_data: str, group: int, groups: int, seed: int) -> torch.Tensor:
+    """The training samples a sub-network group draws from: all, or its shard k of N."""
+    if subnet_data == "full" or groups == 1:
+        return torch.arange(num_samples)
+    order = torch.randperm(num_samples, generator=_generator(seed, 77))  # fixed across epochs
+    return order[group * num_samples // groups:(group + 1) * num_samples // groups].sort().values
+
+
+def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's samples for one training epoch: the pool reshuffled per epoch, cut into
+    equal parts (the remainder is dropped, so every rank takes the same number of steps)."""
+    shuffled = pool[torch.randperm(len(pool), generator=_generator(seed, stream, epoch))]
+    per_rank = len(shuffled) // size
+    return shuffled[rank * per_rank:(rank + 1) * per_rank]
+
+
+def eval_indices(num_samples: int, *, rank: int, size: int) -> torch.Tensor:
+    """Exact evaluation: every sample on exactly one rank, none dropped, none padded."""
+    return torch.arange(rank, num_samples, size)
+
+
+@dataclass
+class Batches:
+    """One epoch of batches for this rank (iterate once)."""
+
+    split: object  # InMemorySplit or a torch Dataset
+    indices: torch.Tensor
+    batch_size: int
+    device: torch.device
+    mean: torch.Tensor
+    std: torch.Tensor
+    augment_generator: torch.Generator | None = None  # None: no augmentation (evaluation)
+    loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.split, InMemorySplit):
+            yield from self._in_memory()
+        else:
+            for images, labels in self.loader:
+                yield (images.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True))
+
+    def _in_memory(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            images = self.split.images[idx.to(self.split.images.device)].to(self.device, non_blocking=True)
+            labels = self.split.labels[idx.to(self.split.labels.device)].to(self.device, non_blocking=True)
+            if self.augment_generator is not None:
+                images = random_crop_flip(images, self.augment_generator)
+            images = (images.float().div_(255) - self.mean) / self.std
+            yield images.contiguous(memory_format=torch.channels_last), labels
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """CIFAR augmentation on a uint8 batch: zero-pad by size/8, random crop, random h-flip."""
+    n, _, h, w = images.shape
+    pad = h // 8
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class DataPlan:
+    """Builds each epoch's batches for one comm; keeps DataLoader workers alive across epochs."""
+
+    def __init__(self, data: DatasetBundle, cfg: RunConfig, device: torch.device):
+        self.data, self.cfg, self.device = data, cfg, device
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        for split in (data.train, data.test):
+            if isinstance(split, InMemorySplit) and device.type == "cuda":
+                object.__setattr__(split, "images", split.images.to(device))
+                object.__setattr__(split, "labels", split.labels.to(device))
+        self._loaders: dict[int, tuple[DataLoader, _IndexBatches]] = {}
+
+    def train(self, comm: Comm, pool: torch.Tensor, *, stream: int, epoch: int) -> Batches:
+        indices = train_indices(pool, seed=self.cfg.seed, stream=stream, epoch=epoch,
+                                rank=comm.rank, size=comm.size)
+        gen = _generator(self.cfg.seed, stream, epoch, comm.ranks[comm.rank], 1)
+        return self._batches(self.data.train, indices, gen)
+
+    def test(self, comm: Comm) -> Batches:
+        indices = eval_indices(split_size(self.data.test), rank=comm.rank, size=comm.size)
+        return self._batches(self.data.test, indices, None)
+
+    def _batches(self, split, indices: torch.Tensor, gen: torch.Generator | None) -> Batches:
+        loader = None
+        if not isinstance(split, InMemorySplit):
+            loader = self._loader(split, indices, gen)
+        return Batches(split, indices, self.cfg.batch_size, self.device, self.mean, self.std, gen, loader)
+
+    def _loader(self, split, indices: torch.Tensor, gen: torch.Generator | None) -> DataLoader:
+        if id(split) not in self._loaders:
+            sampler = _IndexBatches(self.cfg.batch_size)
+            workers = self.cfg.workers
+            loader = DataLoader(split, batch_sampler=sampler, num_workers=workers,
+                                pin_memory=self.device.type == "cuda",
+                                persistent_workers=workers > 0)
+            self._loaders[id(split)] = (loader, sampler)
+        loader, sampler = self._loaders[id(split)]
+        sampler.indices = indices.tolist()
+        if gen is not None:  # the workers' augmentation seeds follow the epoch's generator
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+        return loader
+
+
+class _IndexBatches:
+    """A batch sampler whose indices are set per epoch (works with persistent workers)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.indices = batch_size, []
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.indices[start:start + self.batch_size]
+
+    def __len__(self):
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+
+def split_size(split) -> int:
+    return len(split.labels) if isinstance(split, InMemorySplit) else len(split)

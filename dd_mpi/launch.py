@@ -1,0 +1,167 @@
+"""Who am I in this job? Rank discovery for every launcher, and our own local launcher.
+
+Order matters (DESIGN.md §3): under ``mpirun`` inside a Slurm allocation every rank sees
+``SLURM_PROCID=0``, and under torchrun too. So: ``RANK`` (torchrun, our ``--nproc``), then
+Horovod's, then the MPI launchers' (``OMPI_COMM_WORLD_RANK``, ``PMI_RANK`` when ``PMI_SIZE``
+> 1, ``PMIX_RANK``), and ``SLURM_PROCID`` last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # local | torchrun | horovod | mpi | slurm | single
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def uses_mpi(self) -> bool:
+        return self.launcher == "mpi"
+
+
+def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if env.get(name, "").strip().lstrip("-").isdigit():
+            return int(env[name])
+    return default
+
+
+def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
+    """The launcher and this process's place in the world, from environment variables only."""
+    master_addr = env.get("MASTER_ADDR") or None
+    master_port = _int(env, "MASTER_PORT")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "local" if env.get(LOCAL_LAUNCHER_ENV) == "local" else "torchrun"
+        return LaunchInfo(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]),
+                          _int(env, "LOCAL_RANK", default=0),
+                          _int(env, "LOCAL_WORLD_SIZE", default=1), master_addr, master_port)
+    if "HOROVOD_RANK" in env:
+        return LaunchInfo("horovod", int(env["HOROVOD_RANK"]), _int(env, "HOROVOD_SIZE", default=1),
+                          _int(env, "HOROVOD_LOCAL_RANK", default=0),
+                          _int(env, "HOROVOD_LOCAL_SIZE", default=1), master_addr, master_port)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchInfo("mpi", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
+                          _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1), master_addr, master_port)
+    if _int(env, "PMI_SIZE", default=1) > 1 and "PMI_RANK" in env:
+        return LaunchInfo("mpi", int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
+                          _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID", default=0),
+                          _int(env, "MPI_LOCALNRANKS", default=1), master_addr, master_port)
+    if "PMIX_RANK" in env and _int(env, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", default=1) > 1:
+        return LaunchInfo("mpi", int(env["PMIX_RANK"]), _int(env, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                          _int(env, "PMIX_LOCAL_RANK", default=0),
+                          _int(env, "PMIX_LOCAL_SIZE", default=1), master_addr, master_port)
+    if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", default=1) > 1:
+        port = master_port or 20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000
+        return LaunchInfo("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                          _int(env, "SLURM_LOCALID", default=0),
+                          _slurm_tasks_on_this_node(env), master_addr or slurm_head_node(env), port)
+    return LaunchInfo("single", 0, 1, 0, 1, master_addr, master_port)
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
+    # SLURM_TASKS_PER_NODE looks like "4(x2),3": this node's share is what we need; the
+    # first entry is right on homogeneous allocations, which is what GPU jobs use.
+    first = env.get("SLURM_TASKS_PER_NODE", "1").split(",")[0].split("(")[0]
+    return int(first) if first.isdigit() else 1
+
+
+def slurm_head_node(env: Mapping[str, str]) -> str:
+    """The first host of the job's node list (``scontrol show hostnames`` expands it)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        return out[0] if out else "localhost"
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_threads_per_rank(launch: LaunchInfo, env: Mapping[str, str] = os.environ) -> int:
+    """Cores this rank may use without oversubscribing the node (OMP_NUM_THREADS rule)."""
+    if _int(env, "SLURM_CPUS_PER_TASK"):
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, launch.local_world_size))
+
+
+def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
+    """``dd-train --nproc K``: start K ranks on this machine, like torchrun, and watch them.
+
+    If one rank fails (non-zero exit, or killed), the others are stopped at once, so a
+    dead rank ends the job in seconds. SIGTERM/SIGUSR1/SIGINT are forwarded to every rank
+    (they checkpoint and exit with the preemption code).
+    """
+    port = free_port()
+    children = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   **{LOCAL_LAUNCHER_ENV: "local"})
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+        children.append(subprocess.Popen([sys.executable, "-m", "dd_mpi", *argv], env=env))
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return _wait_all(children, grace_seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _wait_all(children: list[subprocess.Popen], grace_seconds: float) -> int:
+    while True:
+        codes = [child.poll() for child in children]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            # the job's code: a usage error or preemption beats the secondary failures it causes
+            code = failed[0] if failed[0] > 0 else 1
+            # ranks that stop in order (usage error, preemption) get time to write their
+            # checkpoint; after a crash the others are only waiting on the dead rank
+            _stop(children, grace_seconds * (6 if code in (2, 75) else 1))
+            finals = [child.returncode for child in children]
+            for preferred in (2, 75):
+                if preferred in finals:
+                    return preferred
+            return code
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(children: list[subprocess.Popen], grace_seconds: float) -> None:
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(c.poll() is None for c in children):
+        time.sleep(0.1)  # let the others notice and exit on their own first
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+    for child in children:
+        child.wait()

@@ -1,0 +1,31 @@
+"""dd_mpi: domain-decomposition training of wide CNNs on HPC clusters."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dd_mpi",
+    version="0.1.0",
+    description="Domain-decomposition training of wide CNNs: split into narrow sub-networks, "
+                "train them in rank groups, compose exactly, fine-tune globally",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dd_mpi", "dd_mpi.*"]),
+    install_requires=[
+        "torch>=2.1",  # our machines: torch 2.14.1
+        "torchvision>=0.16",  # our machines: torchvision 0.29.1
+        "numpy",
+        "mpi4py>=3.1",
+        "tqdm",
+    ],
+    extras_require={
+        "mpi": ["mpich"],  # pip's MPICH, for machines without a site MPI
+        "horovod": ["horovod==0.28.1", "cmake<4"],  # build: launch/build_horovod.sh
+        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "mpich", "matplotlib", "Pillow"],
+    },
+    entry_points={"console_scripts": [
+        "dd-train=dd_mpi.cli:main",
+        "dd-inspect=dd_mpi.inspect:main",
+    ]},
+)
