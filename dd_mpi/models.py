@@ -224,10 +224,13 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
     device = next(model.parameters()).device  # build the model on "meta" to make this free
+    was_training = model.training
+    model.eval()  # one image: BN in train mode would refuse a 1x1 feature map
     try:
         with torch.no_grad():
             model(torch.zeros(1, in_channels, image_size, image_size, device=device))
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return total

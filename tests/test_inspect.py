@@ -1,0 +1,50 @@
+"""dd-inspect as a user runs it: table, JSON contract, --verify exit code."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dd_mpi.inspect", *args], capture_output=True, text=True)
+
+
+def test_table_shows_counts_and_ratio():
+    result = run("--arch", "resnet32", "--width", "4", "--subnets", "4")
+    assert result.returncode == 0, result.stderr
+    assert "7,386,186" in result.stdout and "464,154" in result.stdout
+    assert "15.91x" in result.stdout
+
+
+def test_json_verify_contract():
+    result = run("--arch", "resnet32", "--width", "4", "--subnets", "4", "--verify", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["global_params"] == 7_386_186
+    assert info["subnet_params"] == [464_154] * 4
+    assert len(info["subnet_flops"]) == 4 and info["global_flops"] > 15 * info["subnet_flops"][0]
+    assert info["max_abs_err_eval"] <= 1e-5 and info["max_abs_err_train"] <= 1e-5
+
+
+def test_bad_split_is_one_line_and_exit_2():
+    result = run("--arch", "resnet32", "--width", "4", "--subnets", "3")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--subnets 3" in result.stderr
+
+
+def test_verify_fails_when_not_exact(monkeypatch, tmp_path):
+    """--verify's exit code is real: a sitecustomize that breaks compose makes it exit 1."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import dd_mpi.decompose as d\n"
+        "real = d.compose\n"
+        "def broken(states, spec, **kw):\n"
+        "    out = real(states, spec, **kw)\n"
+        "    out['fc.bias'] = out['fc.bias'] + 1.0\n"
+        "    return out\n"
+        "d.compose = broken\n"
+        "import dd_mpi.inspect as i\n"
+        "i.compose = broken\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.inspect", "--arch", "resnet20", "--width", "2",
+                             "--subnets", "2", "--verify"], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "NOT exact" in result.stderr
