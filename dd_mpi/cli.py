@@ -117,7 +117,7 @@ def _init_engine(cfg, launch, device):
         backend = "horovod" if launch.launcher == "horovod" else "torch"
     if backend == "horovod":
         from .engine_horovod import init_horovod_world
-        return init_horovod_world(launch, device, cfg.timeout)
+        return init_horovod_world(launch, device, cfg)
     if launch.launcher == "horovod":
         raise UsageError("launched by horovodrun but --backend torch: use --backend horovod (or auto)")
     return init_world(launch, device, cfg.timeout)

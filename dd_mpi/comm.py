@@ -213,8 +213,12 @@ def unflatten_into(model: nn.Module, flat: torch.Tensor) -> None:
 
 def checksum(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer, bit for bit."""
+    return checksum_state(model.state_dict())
+
+
+def checksum_state(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         digest.update(key.encode())
         digest.update(t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .comm import Comm, World, checksum, flatten_state, group_layout, group_of, log, unflatten_state
+from .comm import Comm, World, checksum, checksum_state, flatten_state, group_layout, group_of, log, unflatten_state
 from .config import RunConfig
 from .data import DataPlan, load_data, split_size, subset_for_group
 from .decompose import compose, composed_spec, subnet_spec
@@ -121,7 +121,7 @@ def run_domain_decomposition(ctx: Context) -> dict:
 
     # Phase 2: leaders send sub-nets to rank 0, which composes and broadcasts the global net.
     start = time.perf_counter()
-    composed, sub_reports = gather_and_compose(ctx, sub, sub_spec, leaders, layout)
+    composed, sub_reports, checksums = gather_and_compose(ctx, sub, sub_spec, leaders, layout)
     compose_seconds = time.perf_counter() - start
     transfer = evaluate(composed, ctx.plan.test(world.comm), world.comm, ctx.num_classes)
     transfer["seconds"] = compose_seconds
@@ -137,7 +137,7 @@ def run_domain_decomposition(ctx: Context) -> dict:
     return {
         "sub_nets": sub_reports, "transfer": _public(transfer),
         "transfer_T": _public({**finetuned.test, "seconds": finetuned.seconds}),
-        "groups": layout,
+        "groups": layout, "checksums": checksums,
         "timing": {"subnets": subnets_seconds, "compose": compose_seconds, "finetune": finetuned.seconds,
                    "dd_total": subnets_seconds + compose_seconds + finetuned.seconds},
     }
@@ -277,7 +277,7 @@ def _progress_line(name: str, epochs: int, row: dict, test: dict) -> None:
 
 # ---------------------------------------------------------------------------------------
 def gather_and_compose(ctx: Context, sub: PhaseResult, sub_spec: ModelSpec, leaders: Comm | None,
-                       layout: list[list[int]]) -> tuple[nn.Module, list[dict]]:
+                       layout: list[list[int]]) -> tuple[nn.Module, list[dict], dict]:
     """Phase 2: group leaders -> rank 0 (flat buffers), compose, broadcast, verify checksums."""
     cfg, world = ctx.cfg, ctx.world
     device = world.comm.device
@@ -301,11 +301,15 @@ def gather_and_compose(ctx: Context, sub: PhaseResult, sub_spec: ModelSpec, lead
             ctx.record([row for i in infos for row in i["history"]])
     world.comm.broadcast_model_(composed)
     sub_reports = world.comm.broadcast_object(sub_reports)
-    digests = world.comm.allgather_object(checksum(composed))
-    if len(set(digests)) != 1:
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+    # Every rank's sub-net and global-net digests: replicas of a group must agree after
+    # phase 1, and every rank must hold rank 0's global net before phase 3.
+    digests = world.comm.allgather_object((checksum_state(sub.state), checksum(composed)))
+    global_digests = [d[1] for d in digests]
+    if len(set(global_digests)) != 1:
+        bad = [r for r, d in enumerate(global_digests) if d != global_digests[0]]
         raise RuntimeError(f"ranks {bad} hold different global weights after the broadcast")
-    return composed, sub_reports
+    checksums = {"subnets": [d[0] for d in digests], "global": global_digests[0]}
+    return composed, sub_reports, checksums
 
 
 def sub_index(layout: list[list[int]], rank: int) -> int:

@@ -30,6 +30,7 @@ def build_report(cfg: RunConfig, world: World, results: dict) -> dict:
                     if timing["baseline_total"] and timing["dd_total"] else None),
         "world_size": world.size,
         "groups": results.get("groups", [list(range(world.size))]),
+        "checksums": results.get("checksums"),
         "backend": world.backend_name,
         "device": str(world.comm.device),
         "launcher": world.launch.launcher,
