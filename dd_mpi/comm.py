@@ -297,8 +297,10 @@ def init_world(launch: LaunchInfo, device: torch.device, timeout_seconds: float)
             raise UsageError(f"{launch.launcher} started {launch.world_size} ranks but MASTER_ADDR/"
                              "MASTER_PORT are not set: export them (see launch/) or use mpiexec")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # torchrun's agent hosts the store itself (any rendezvous backend): join it by env://
+        init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{addr}:{port}"
         dist.init_process_group(
-            backend, init_method=f"tcp://{addr}:{port}", rank=launch.rank,
+            backend, init_method=init_method, rank=launch.rank,
             world_size=launch.world_size, timeout=datetime.timedelta(seconds=timeout_seconds),
             device_id=device if device.type == "cuda" else None)
     comm = Comm(list(range(launch.world_size)), launch.rank,

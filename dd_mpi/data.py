@@ -125,7 +125,7 @@ class DataPlan:
     def train(self, comm: Comm, pool: torch.Tensor, *, stream: int, epoch: int) -> Batches:
         indices = train_indices(pool, seed=self.cfg.seed, stream=stream, epoch=epoch,
                                 rank=comm.rank, size=comm.size)
-        gen = _generator(self.cfg.seed, stream, epoch, comm.ranks[comm.rank], 1)
+        gen = _generator(self.cfg.seed, stream, epoch, comm.rank, 1)  # rank in the comm: placement-free
         return self._batches(self.data.train, indices, gen)
 
     def test(self, comm: Comm) -> Batches:

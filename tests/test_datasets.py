@@ -1,0 +1,340 @@
+"""dd_mpi.datasets on tiny data in the real on-disk formats, through torchvision's real parsers."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import utils as tv_utils
+
+from dd_mpi.datasets import IMAGENET_MEAN, IMAGENET_STD, InMemorySplit, load_dataset
+from dd_mpi.errors import UsageError
+
+from datagen import (CIFAR10_NAMES, patch_md5_table, write_cifar10, write_cifar100, write_food101,
+                     write_imagefolder)
+
+
+def on_root(check):
+    """verify_once of a world of one: this process is rank 0."""
+    return check()
+
+
+def load(name, data_dir, *, download=False, image_size=None, train_samples=None,
+         test_samples=None, verify_once=on_root):
+    return load_dataset(name, None if data_dir is None else str(data_dir), download=download,
+                        image_size=image_size, train_samples=train_samples,
+                        test_samples=test_samples, verify_once=verify_once)
+
+
+def usage_error(call, *needles) -> str:
+    """``call()`` must raise a one-line UsageError that contains every needle."""
+    with pytest.raises(UsageError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert str(needle) in message, f"{needle!r} not in: {message}"
+    return message
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path, monkeypatch):
+    patch_md5_table(CIFAR10, write_cifar10(tmp_path, n_train=50, n_test=20), monkeypatch.setattr)
+    return tmp_path
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path, monkeypatch):
+    patch_md5_table(CIFAR100, write_cifar100(tmp_path, n_train=200, n_test=100), monkeypatch.setattr)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+def test_cifar10_loads_as_nchw_uint8_with_the_pickled_pixels(cifar10_dir):
+    data = load("cifar10", cifar10_dir)
+    assert (data.name, data.num_classes, data.in_channels, data.image_size) == ("cifar10", 10, 3, 32)
+    assert data.class_names == CIFAR10_NAMES
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2470, 0.2435, 0.2616)
+    for split, n in ((data.train, 50), (data.test, 20)):
+        assert isinstance(split, InMemorySplit)
+        assert split.images.shape == (n, 3, 32, 32) and split.images.dtype == torch.uint8
+        assert split.images.is_contiguous()
+        assert split.labels.shape == (n,) and split.labels.dtype == torch.int64
+        assert set(split.labels.tolist()) == set(range(10))
+    with open(cifar10_dir / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        entry = pickle.load(f, encoding="bytes")  # how the CIFAR site says to read the files
+    first = torch.from_numpy(entry[b"data"][0].reshape(3, 32, 32))  # R plane, G plane, B plane
+    assert torch.equal(data.train.images[0], first)
+    assert data.train.labels[:len(entry[b"labels"])].tolist() == entry[b"labels"]
+
+
+def test_cifar_images_carry_a_learnable_class_signal(cifar10_dir):
+    data = load("cifar10", cifar10_dir)
+    train, test = data.train.images.float(), data.test.images.float()
+    means = torch.stack([train[data.train.labels == c].mean(0) for c in range(10)])
+    nearest = torch.cdist(test.flatten(1), means.flatten(1)).argmin(1)
+    assert (nearest == data.test.labels).float().mean() > 0.9
+
+
+def test_cifar100_loads_fine_labels(cifar100_dir):
+    data = load("cifar100", cifar100_dir)
+    assert (data.num_classes, len(data.class_names), data.class_names[7]) == (100, 100, "fine_07")
+    assert data.train.images.shape == (200, 3, 32, 32) and data.test.images.shape == (100, 3, 32, 32)
+    assert set(data.train.labels.tolist()) == set(range(100))
+    assert data.mean == (0.5071, 0.4865, 0.4409)
+
+
+def test_files_that_differ_from_the_real_md5_table_are_rejected(tmp_path):
+    write_cifar10(tmp_path)  # torchvision's real table: these files cannot match it
+    usage_error(lambda: load("cifar10", tmp_path), "data_batch_1", "corrupt", "md5")
+
+
+def test_a_corrupted_cifar_file_is_detected_and_named(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    usage_error(lambda: load("cifar10", cifar10_dir), str(path), "corrupt", "--download")
+
+
+def test_verify_once_runs_every_md5_once_and_other_ranks_hash_nothing(cifar10_dir, monkeypatch):
+    hashed, calls = [], []
+    real_md5 = tv_utils.calculate_md5
+    monkeypatch.setattr(tv_utils, "calculate_md5", lambda path, **kw: hashed.append(path) or real_md5(path, **kw))
+
+    def rank0(check):
+        calls.append(check)
+        return check()
+
+    load("cifar10", cifar10_dir, verify_once=rank0)
+    assert len(calls) == 1
+    assert sorted(Path(p).name for p in hashed) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+
+    hashed.clear()
+    other_rank = load("cifar10", cifar10_dir, verify_once=lambda check: None)  # rank 0 said OK
+    assert hashed == [] and other_rank.train.images.shape == (50, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "food101", "imagefolder"])
+def test_the_verdict_of_rank_0_is_raised_and_the_check_not_run_elsewhere(tmp_path, name):
+    ran = []
+    message = usage_error(lambda: load(name, tmp_path, verify_once=lambda check: ran.append(1) or
+                                       "rank 0: data_batch_2 is corrupt"), "rank 0: data_batch_2")
+    assert message == "rank 0: data_batch_2 is corrupt" and ran == [1]
+    with pytest.raises(UsageError):
+        load(name, tmp_path / "missing", verify_once=lambda check: "verdict of rank 0")
+
+
+def test_download_runs_inside_the_check_of_rank_0_only(tmp_path, monkeypatch):
+    patch_md5_table(CIFAR10, write_cifar10(tmp_path / "reference"), monkeypatch.setattr)
+    downloads = []
+
+    def fake_download(url, root, filename=None, md5=None):
+        downloads.append((url, filename, md5))
+        write_cifar10(root)  # what extracting the real archive leaves behind
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    data_dir = tmp_path / "data"
+    verdicts = []
+
+    def rank0(check):
+        verdicts.append(check())
+        return verdicts[-1]
+
+    load("cifar10", data_dir, download=True, verify_once=rank0)
+    assert downloads == [(CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)] and verdicts == [None]
+    load("cifar10", data_dir, download=True, verify_once=lambda check: None)  # another rank
+    load("cifar10", data_dir, download=True)  # rank 0 again: the files are intact, no download
+    assert len(downloads) == 1
+
+
+def test_a_failed_download_is_a_usage_error(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
+    usage_error(lambda: load("cifar100", tmp_path, download=True), "--download", "unreachable",
+                CIFAR100.url)
+    usage_error(lambda: load("food101", tmp_path, download=True), "--download", "food-101")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_unknown_dataset_lists_the_choices(tmp_path):
+    usage_error(lambda: load("mnist", tmp_path), "--dataset mnist", "cifar10", "cifar100",
+                "food101", "imagefolder")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "food101", "imagefolder"])
+def test_missing_data_dir(tmp_path, name):
+    usage_error(lambda: load(name, None), "--data-dir")
+    message = usage_error(lambda: load(name, tmp_path / "nowhere"), "--data-dir", "nowhere")
+    if name != "imagefolder":
+        assert "--download" in message
+
+
+def test_wrong_cifar_layout(tmp_path, monkeypatch):
+    usage_error(lambda: load("cifar10", tmp_path), "cifar-10-batches-py", "--download")
+    patch_md5_table(CIFAR100, write_cifar100(tmp_path, n_train=10, n_test=10), monkeypatch.setattr)
+    (tmp_path / "cifar-100-python" / "test").unlink()
+    usage_error(lambda: load("cifar100", tmp_path), "cifar-100-python lacks test")
+
+
+def test_wrong_food101_layout(tmp_path):
+    write_food101(tmp_path)
+    (tmp_path / "food-101" / "meta" / "test.json").unlink()
+    usage_error(lambda: load("food101", tmp_path), "meta/test.json", "food-101/images/<class>")
+    (tmp_path / "food-101" / "meta" / "test.json").write_text("[1, 2")
+    usage_error(lambda: load("food101", tmp_path), "test.json is not Food-101 metadata")
+
+
+def test_wrong_imagefolder_layout(tmp_path):
+    write_imagefolder(tmp_path / "d", per_class=1, val_per_class=1)
+    shutil.rmtree(tmp_path / "d" / "val")
+    usage_error(lambda: load("imagefolder", tmp_path / "d"), "val/", "train/<class>")
+    usage_error(lambda: load("imagefolder", tmp_path, download=True), "--download")
+
+
+def test_imagefolder_class_lists_that_differ_are_named(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog", "emu"), per_class=2, val_per_class=1)
+    (tmp_path / "val" / "emu").rename(tmp_path / "val" / "ferret")
+    usage_error(lambda: load("imagefolder", tmp_path), "only in training: emu",
+                "only in test: ferret")
+
+
+def test_food101_class_lists_that_differ_are_named(tmp_path):
+    write_food101(tmp_path, classes=("apple_pie", "churros"), per_class=1, test_per_class=1)
+    meta = tmp_path / "food-101" / "meta" / "test.json"
+    meta.write_text(meta.read_text().replace('"churros":', '"gyoza":'))
+    usage_error(lambda: load("food101", tmp_path), "churros", "gyoza")
+
+
+def test_an_empty_class_is_named(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog"), per_class=2, val_per_class=1)
+    (tmp_path / "train" / "gnu").mkdir()
+    (tmp_path / "val" / "gnu").mkdir()
+    (tmp_path / "train" / "gnu" / "notes.txt").write_text("not an image")
+    usage_error(lambda: load("imagefolder", tmp_path), str(tmp_path / "train" / "gnu"), "no image")
+
+
+def test_an_empty_food101_class_is_named(tmp_path):
+    write_food101(tmp_path, classes=("apple_pie", "churros"), per_class=1, test_per_class=1)
+    meta = tmp_path / "food-101" / "meta" / "train.json"
+    meta.write_text(meta.read_text().replace('"churros": ["churros/', '"churros": [], "x": ["churros/'))
+    meta_test = tmp_path / "food-101" / "meta" / "test.json"
+    meta_test.write_text(meta_test.read_text().replace('"churros": ["churros/', '"churros": [], "x": ["churros/'))
+    usage_error(lambda: load("food101", tmp_path), "churros", "no images")
+
+
+def test_an_unreadable_imagefolder_image_is_named_when_loaded(tmp_path):
+    write_imagefolder(tmp_path, per_class=2, val_per_class=1)
+    data = load("imagefolder", tmp_path)
+    index, (path, _) = 3, data.train.samples[3]
+    Path(path).write_bytes(b"this is not a png")
+    usage_error(lambda: data.train[index], path, "cannot read image")
+    data.train[0]  # the others still load
+
+
+def test_an_unreadable_first_image_is_named(tmp_path):
+    write_imagefolder(tmp_path, per_class=2, val_per_class=1)
+    first = sorted((tmp_path / "train" / "cat").iterdir())[0]
+    first.write_bytes(b"")
+    usage_error(lambda: load("imagefolder", tmp_path), str(first))
+
+
+def test_a_truncated_or_missing_food101_image_is_named_when_loaded(tmp_path):
+    write_food101(tmp_path, per_class=2, test_per_class=1)
+    data = load("food101", tmp_path)
+    path = data.train._image_files[1]
+    path.write_bytes(path.read_bytes()[:200])
+    usage_error(lambda: data.train[1], str(path), "cannot read image")
+    gone = data.test._image_files[0]
+    gone.unlink()
+    usage_error(lambda: data.test[0], str(gone), "FileNotFoundError")
+
+
+# ---------------------------------------------------------------------------- image files
+
+def test_food101_loads_with_the_imagenet_recipe(tmp_path):
+    write_food101(tmp_path, classes=("churros", "apple_pie", "bibimbap"), per_class=4, test_per_class=2)
+    data = load("food101", tmp_path, image_size=48)
+    assert data.class_names == ("apple_pie", "bibimbap", "churros")  # sorted, like torchvision
+    assert (data.num_classes, data.image_size, len(data.train), len(data.test)) == (3, 48, 12, 6)
+    assert (data.mean, data.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    for split in (data.train, data.test):
+        labels = []
+        for i in range(len(split)):
+            image, label = split[i]
+            assert image.shape == (3, 48, 48) and image.dtype == torch.float32
+            assert image.min() < 0 < image.max()  # normalised, not [0, 1]
+            assert Path(split._image_files[i]).parent.name == data.class_names[label]
+            labels.append(label)
+        assert sorted(set(labels)) == [0, 1, 2]
+    default = load("food101", tmp_path)
+    assert default.image_size == 224 and default.test[0][0].shape == (3, 224, 224)
+    pickle.loads(pickle.dumps(data.train))  # spawned DataLoader workers receive it pickled
+
+
+def test_imagefolder_small_images_keep_their_pixels(tmp_path):
+    write_imagefolder(tmp_path, classes=("emu", "cat", "dog"), per_class=3, val_per_class=2, size=16)
+    data = load("imagefolder", tmp_path)
+    assert data.class_names == ("cat", "dog", "emu") and data.num_classes == 3
+    assert data.image_size == 32 and data.train[0][0].shape == (3, 32, 32)
+    assert data.test[0][0].shape == (3, 32, 32)
+    assert [label for _, label in data.test] == [0, 0, 1, 1, 2, 2]
+
+    native = load("imagefolder", tmp_path, image_size=16)
+    image, label = native.test[5]
+    path = native.test.samples[5][0]
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+    expected = (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    assert label == 2 and torch.allclose(image, expected, atol=1e-6)
+    assert native.train[0][0].shape == (3, 16, 16)
+    pickle.loads(pickle.dumps(native.train))
+
+
+def test_imagefolder_large_images_get_the_imagenet_recipe(tmp_path):
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1, size=80)
+    data = load("imagefolder", tmp_path)
+    assert data.image_size == 224 and data.test[0][0].shape == (3, 224, 224)
+    small = load("imagefolder", tmp_path, image_size=40)
+    assert small.train[1][0].shape == (3, 40, 40) and small.test[1][0].shape == (3, 40, 40)
+
+
+# ---------------------------------------------------------------------------- caps
+
+def test_caps_take_the_same_mixed_subset_every_time(cifar10_dir):
+    data = load("cifar10", cifar10_dir, train_samples=12, test_samples=5)
+    again = load("cifar10", cifar10_dir, train_samples=12, test_samples=5)
+    full = load("cifar10", cifar10_dir)
+    assert data.train.images.shape == (12, 3, 32, 32) and len(data.test.labels) == 5
+    assert torch.equal(data.train.images, again.train.images)
+    assert torch.equal(data.test.labels, again.test.labels)
+    assert data.train.images.is_contiguous()
+    assert len(set(data.train.labels.tolist())) >= 5  # mixed, not the first class only
+    rows = [int(torch.nonzero((full.train.images == img).flatten(1).all(1))[0]) for img in data.train.images]
+    assert rows == sorted(rows) and len(set(rows)) == 12 and rows != list(range(12))
+    assert torch.equal(full.train.labels[rows], data.train.labels)
+
+    uncapped = load("cifar10", cifar10_dir, train_samples=1000, test_samples=20)
+    assert torch.equal(uncapped.train.images, full.train.images)
+    assert torch.equal(uncapped.test.labels, full.test.labels)
+
+
+def test_caps_on_image_file_datasets(tmp_path):
+    write_imagefolder(tmp_path, classes=("a", "b", "c", "d"), per_class=5, val_per_class=3)
+    data = load("imagefolder", tmp_path, train_samples=6, test_samples=100)
+    assert len(data.train) == 6 and len(data.test) == 12
+    labels = [label for _, label in data.train]
+    assert len(set(labels)) >= 3
+    again = load("imagefolder", tmp_path, train_samples=6)
+    assert [label for _, label in again.train] == labels
+    assert data.train[0][0].shape == (3, 32, 32)

@@ -1,0 +1,120 @@
+"""The whole method end to end, as real processes under the real launchers (gloo on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dd_mpi.checkpoint import checkpoint_path, load
+from dd_mpi.decompose import composed_spec, subnet_spec
+from dd_mpi.models import ModelSpec, build_model
+from dd_mpi.synthetic import make_synthetic
+
+from helpers import REPORT_KEYS, TINY, explain, read_metrics, read_report, run_dd
+
+pytestmark = pytest.mark.slow
+
+
+def check_report(out, *, world_size: int, subnets: int, strategy: str = "both") -> dict:
+    report = read_report(out)
+    assert REPORT_KEYS <= set(report)
+    assert report["world_size"] == world_size and report["backend"] == "torch"
+    size = world_size // subnets
+    assert report["groups"] == [list(range(k * size, (k + 1) * size)) for k in range(subnets)]
+    assert [s["index"] for s in report["sub_nets"]] == list(range(subnets))
+    assert [s["ranks"] for s in report["sub_nets"]] == report["groups"]
+    for net in [*report["sub_nets"], report["transfer"], report["transfer_T"]]:
+        assert 0 <= net["top1"] <= 100 and net["seconds"] >= 0
+    t = report["timing"]
+    assert t["dd_total"] == pytest.approx(t["subnets"] + t["compose"] + t["finetune"])
+    if strategy == "both":
+        assert report["random_T"]["top1"] >= 0 and t["baseline_total"] == report["random_T"]["seconds"]
+    # per-rank digests: replicas inside a group agree, groups differ (no cross-group traffic)
+    digests = report["checksums"]["subnets"]
+    assert len(digests) == world_size
+    for ranks in report["groups"]:
+        assert len({digests[r] for r in ranks}) == 1
+    assert len({digests[ranks[0]] for ranks in report["groups"]}) == subnets
+    # metrics.jsonl: one line per epoch per group and phase, consistent with the report
+    rows = read_metrics(out)
+    for k, sub in enumerate(report["sub_nets"]):
+        mine = [r for r in rows if r["phase"] == "subnet" and r["group"] == k]
+        assert [r["epoch"] for r in mine] == [1]
+        assert mine[-1]["test_top1"] == pytest.approx(sub["top1"])
+    finetune = [r for r in rows if r["phase"] == "finetune"]
+    assert finetune and finetune[-1]["test_top1"] == pytest.approx(report["transfer_T"]["top1"])
+    assert {"loss", "top1", "images_per_s", "seconds"} <= set(finetune[0])
+    return report
+
+
+@pytest.mark.parametrize("launcher, subnets, data", [
+    ("local", 2, "full"), ("local", 4, "shard"),
+    ("torchrun", 2, "shard"), ("torchrun", 4, "full"),
+    pytest.param("mpiexec", 2, "full", marks=pytest.mark.mpi),
+    pytest.param("mpiexec", 4, "shard", marks=pytest.mark.mpi),
+])
+def test_whole_pipeline_under_each_launcher(tmp_path, launcher, subnets, data):
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--subnets", str(subnets), "--subnet-data", data, "--strategy", "both",
+                     "--out", str(out)], launcher=launcher)
+    assert result.returncode == 0, explain(result)
+    report = check_report(out, world_size=4, subnets=subnets)
+    assert report["launcher"] == {"local": "local", "torchrun": "torchrun", "mpiexec": "mpi"}[launcher]
+    assert "| transfer_T |" in result.stdout  # rank 0 prints the table
+
+
+def test_phase1_groups_exchange_no_gradients(tmp_path):
+    """Sub-net k trained inside a 4-rank job equals, bit for bit, sub-net k trained alone on
+    2 ranks: nothing from the other group reached it."""
+    together = tmp_path / "together"
+    args = [*TINY, "--subnets", "2", "--strategy", "dd", "--threads", "1"]
+    result = run_dd([*args, "--out", str(together)], nproc=4)
+    assert result.returncode == 0, explain(result)
+    for k in range(2):
+        alone = tmp_path / f"alone{k}"
+        result = run_dd([*args, "--only-group", str(k), "--out", str(alone)], nproc=2)
+        assert result.returncode == 0, explain(result)
+        a = load(checkpoint_path(together, f"subnet{k}", "final"))["model"]
+        b = load(checkpoint_path(alone, f"subnet{k}", "final"))["model"]
+        assert all(torch.equal(a[key], b[key]) for key in a), f"sub-net {k} differs"
+    s0 = load(checkpoint_path(together, "subnet0", "final"))["model"]
+    s1 = load(checkpoint_path(together, "subnet1", "final"))["model"]
+    assert not torch.equal(s0["conv1.weight"], s1["conv1.weight"])
+
+
+def test_composed_net_scores_like_the_mean_of_the_subnets(tmp_path):
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--subnets", "2", "--strategy", "dd", "--out", str(out)], nproc=4)
+    assert result.returncode == 0, explain(result)
+    report = read_report(out)
+    cfg = report["config"]
+    data = make_synthetic(cfg["train_samples"], cfg["test_samples"], seed=cfg["seed"])
+    sub_spec = subnet_spec(ModelSpec("resnet20", 1.0, 10), 2)
+    subs = []
+    for k in range(2):
+        model = build_model(sub_spec).eval()
+        model.load_state_dict(load(checkpoint_path(out, f"subnet{k}", "final"))["model"])
+        subs.append(model)
+    composed = build_model(composed_spec(sub_spec, 2)).eval()
+    composed.load_state_dict(load(checkpoint_path(out, "composed", ""))["model"])
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    images = (data.test.images.float() / 255 - mean) / std
+    with torch.no_grad():
+        ensemble = torch.stack([m(images) for m in subs]).mean(0)
+        logits = composed(images)
+    assert (logits - ensemble).abs().max() < 1e-4
+    labels = data.test.labels
+    ensemble_top1 = 100 * (ensemble.argmax(1) == labels).float().mean().item()
+    assert report["transfer"]["top1"] == pytest.approx(ensemble_top1, abs=100 / len(labels) + 1e-9)
+
+
+@pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
+def test_world_not_a_multiple_of_subnets_fails_fast_on_every_rank(tmp_path, launcher):
+    result = run_dd([*TINY, "--subnets", "2", "--out", str(tmp_path / "run")], launcher=launcher,
+                    nproc=3, timeout=120)
+    assert result.returncode == 2, explain(result)
+    assert result.seconds < 60
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--subnets 2" in errors[0] and "3 ranks" in errors[0]
+    assert not (tmp_path / "run").exists()  # nothing written
