@@ -84,7 +84,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
     # --- outputs and recovery ---
-    out: str = "runs/dd"
+    out: str | None = None  # default: runs/<date>-<time>, named by rank 0
     resume: bool = False
     only_group: int | None = None  # run phase 1 of this group only, then exit
     preset: str | None = None

@@ -68,6 +68,8 @@ class Context:
 # ---------------------------------------------------------------------------------------
 def run(cfg: RunConfig, world: World, should_stop) -> dict | None:
     """The whole job. Returns the report on rank 0 (None elsewhere or in --only-group mode)."""
+    if cfg.out is None:  # one name for all ranks, chosen by rank 0
+        cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
     prepare_output(cfg, world.comm, out)
     data = load_data(cfg, world.comm)
