@@ -64,7 +64,8 @@ def load(path: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, corrupt, not a checkpoint
         raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}): delete it "
-                         "to retrain that phase, or point --out at another directory") from None
+                         "to retrain that phase, or point --out at another directory",
+                         everywhere=False) from None
 
 
 def rng_state() -> dict:

@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         world.close()
         return 0
     except UsageError as error:
-        if launch.rank == 0:
+        if launch.rank == 0 or not error.everywhere:
             print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+        if not error.everywhere and world is not None:
+            world.comm.abort(EXIT_USAGE)  # the other ranks may be waiting on this one
         return EXIT_USAGE
     except Exception as error:
         from .pipeline import PhaseFailed, Preempted

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .comm import Comm
 from .config import RunConfig
 from .datasets import DatasetBundle, InMemorySplit, load_dataset
+from .errors import UsageError
 from .synthetic import make_synthetic
 
 
@@ -79,9 +80,13 @@ class Batches:
         if isinstance(self.split, InMemorySplit):
             yield from self._in_memory()
         else:
-            for images, labels in self.loader:
-                yield (images.to(self.device, non_blocking=True),
-                       labels.to(self.device, non_blocking=True))
+            try:
+                for images, labels in self.loader:
+                    yield (images.to(self.device, non_blocking=True),
+                           labels.to(self.device, non_blocking=True))
+            except UsageError as error:  # from a worker: keep the one line, drop the traceback
+                last = str(error).strip().splitlines()[-1]
+                raise UsageError(last.split("UsageError: ", 1)[-1], everywhere=False) from None
 
     def _in_memory(self):
         for start in range(0, len(self.indices), self.batch_size):

@@ -192,7 +192,7 @@ class CheckedLoader:
             return tv_datasets.folder.default_loader(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
-                             f"replace or delete the file") from None
+                             f"replace or delete the file", everywhere=False) from None
 
 
 def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:

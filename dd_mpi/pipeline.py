@@ -71,8 +71,8 @@ def run(cfg: RunConfig, world: World, should_stop) -> dict | None:
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
+    data = load_data(cfg, world.comm)  # before anything is written: bad data leaves no run behind
     prepare_output(cfg, world.comm, out)
-    data = load_data(cfg, world.comm)
     spec = cfg.model_spec(data.num_classes)
     ctx = Context(cfg, world, DataPlan(data, cfg, world.comm.device), data.num_classes, spec, out, should_stop)
     results: dict = {"world_size": world.size}
@@ -113,6 +113,8 @@ def run_domain_decomposition(ctx: Context) -> dict:
         status = "preempted"
     except PhaseFailed as error:
         status = f"failed: {error}"
+    except UsageError as error:  # e.g. this group's checkpoint is corrupt: stop all groups alike
+        status = f"usage: {error}"
     if cfg.only_group_mode:
         _raise_for(status)
         log(f"sub-network {index} finished: run `dd-train --resume --out {ctx.out}` with all ranks "
@@ -150,6 +152,8 @@ def _raise_for(status: str) -> None:
         raise Preempted()
     if status.startswith("failed: "):
         raise PhaseFailed(status[len("failed: "):])
+    if status.startswith("usage: "):
+        raise UsageError(status[len("usage: "):])
 
 
 def _public(metrics: dict) -> dict:

@@ -252,3 +252,34 @@ def test_a_failing_rank_ends_the_horovodrun_job(tmp_path, freeze):
         assert "injected failure on rank 2" in output, explain(result)
     assert result.seconds < 150, f"the job took {result.seconds:.0f}s to end"
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+SKEW = """\
+import os, sys, time
+import dd_mpi.pipeline as pipeline
+from dd_mpi.cli import main
+
+original = pipeline.train_epoch
+calls = []
+
+def late(*args, **kwargs):  # rank 2 starts phase 1 {seconds}s late
+    calls.append(1)
+    if os.environ.get("HOROVOD_RANK") == "2" and len(calls) == 1:
+        time.sleep({seconds})
+    return original(*args, **kwargs)
+
+pipeline.train_epoch = late
+sys.exit(main())
+"""
+
+
+def test_a_late_group_outlasts_the_timeout(tmp_path):
+    """--timeout bounds a frozen rank, not a slow one: rank 3 waits for late rank 2 in a
+    group allreduce, ranks 0-1 wait for group 1 at the end of phase 1, both for twice
+    --timeout, and the job succeeds (Horovod's background threads keep talking)."""
+    script = tmp_path / "late.py"
+    script.write_text(SKEW.format(seconds=22))
+    result = run_job(horovodrun(sys.executable, script, "--backend", "horovod", *TINY, "--subnets", "2",
+                                "--timeout", 10, "--out", tmp_path / "run"))
+    assert result.returncode == 0, explain(result)
+    check_report(tmp_path / "run", subnets=2, backend="horovod", launcher="horovod")

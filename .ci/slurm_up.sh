@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Start a one-node Slurm cluster on this machine (Debian 12, as root, no systemd), so the
+# sbatch tests (tests/test_slurm.py) submit the real slurm/*.sh scripts to a real controller.
+#
+#   bash .ci/slurm_up.sh      # install if missing, configure, start, wait until idle
+#   bash .ci/slurm_down.sh    # stop the daemons
+#
+# Idempotent: daemons already running and answering are left alone. The recipe and what
+# was learned about it: /work/shared/slurm-localhost.md and slurm/NOTES.md.
+set -euo pipefail
+
+say() { printf '[slurm_up] %s\n' "$*"; }
+die() { say "ERROR: $*" >&2; exit 1; }
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+start=$SECONDS
+
+[[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts daemons)"
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v srun >/dev/null; then
+    say "installing slurm-wlm and munge"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
+
+# munge: the shared key authenticates every Slurm RPC.
+mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
+[[ -s /etc/munge/munge.key ]] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
+chmod 400 /etc/munge/munge.key
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    runuser -u munge -- munged --pid-file=/run/munge/munged.pid
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+    munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
+fi
+
+# slurm.conf: NodeName must be `hostname -s`, and RealMemory no more than slurmd measures
+# (more puts the node in state "inval").
+host=$(hostname -s)
+memory=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+conf=$(cat <<CONF
+ClusterName=ddlocal
+SlurmctldHost=$host
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# pmi2 is chosen per step by the job scripts (srun --mpi=pmi2); plain srun stays MPI-free
+MpiDefault=none
+ReturnToService=2
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+JobAcctGatherType=jobacct_gather/none
+# finished jobs leave the controller after 5 s, so sbatch --wait returns in seconds, not minutes
+MinJobAge=5
+# impossible requests fail at submission instead of pending forever
+EnforcePartLimits=ALL
+KillWait=5
+NodeName=$host CPUs=$(nproc) RealMemory=${memory:-1000} State=UNKNOWN
+# FORCE:8 lets 4-rank test jobs (and two of them at once) share a 2-core machine
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+CONF
+)
+changed=0
+if [[ ! -f /etc/slurm/slurm.conf ]] || [[ $(cat /etc/slurm/slurm.conf) != "$conf" ]]; then
+    printf '%s\n' "$conf" >/etc/slurm/slurm.conf
+    changed=1
+fi
+
+if (( changed )); then
+    # a new configuration: restart whatever runs under the old one
+    for pid in /run/slurmd.pid /run/slurmctld.pid; do
+        if alive "$pid"; then kill "$(cat "$pid")"; fi
+    done
+    for _ in $(seq 50); do alive /run/slurmd.pid || alive /run/slurmctld.pid || break; sleep 0.1; done
+fi
+# -i: ignore stale state from an earlier run of this script (old jobs, old node state)
+alive /run/slurmctld.pid || slurmctld -i
+alive /run/slurmd.pid || slurmd
+
+say "waiting for node $host to be idle"
+state=""
+for _ in $(seq 60); do
+    state=$(sinfo -h -o %t 2>/dev/null | head -n1) || true
+    [[ $state == idle || $state == mix || $state == alloc ]] && break
+    sleep 1
+done
+if [[ $state != idle && $state != mix && $state != alloc ]]; then
+    tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+    die "node state is '${state:-no answer}' after 60 s (logs above)"
+fi
+say "Slurm $(sinfo -V | cut -d' ' -f2) up on $host ($(nproc) CPUs, ${memory:-1000} MB, state $state) in $((SECONDS - start)) s"
