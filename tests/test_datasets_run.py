@@ -1,0 +1,102 @@
+"""4-rank runs on each real on-disk format, through torchvision's real loaders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import datagen
+from helpers import REPORT_KEYS, explain, read_report, run_dd
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--device", "cpu", "--arch", "resnet20", "--width", "1", "--subnets", "2", "--strategy", "both",
+        "--subnet-epochs", "1", "--finetune-epochs", "1", "--baseline-epochs", "1", "--batch-size", "8",
+        "--workers", "1"]
+
+
+def md5_patch_env(tmp_path, cls_name: str, md5s: dict) -> dict:
+    """A sitecustomize that points torchvision's md5 table at our tiny files, in every rank:
+    the real md5 check still runs (on rank 0), against sums of the files we wrote."""
+    (tmp_path / "md5s.json").write_text(json.dumps(md5s))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import json, sys, torchvision.datasets as d\n"
+        f"sys.path.insert(0, {str(datagen.__file__.rsplit('/', 1)[0])!r})\n"
+        "import datagen\n"
+        f"datagen.patch_md5_table(d.{cls_name}, json.load(open({str(tmp_path / 'md5s.json')!r})))\n")
+    return {"PYTHONPATH": str(tmp_path / "site")}
+
+
+def check(out, num_classes_over_10: bool) -> dict:
+    report = read_report(out)
+    assert REPORT_KEYS <= set(report) and report["world_size"] == 4
+    for net in [*report["sub_nets"], report["transfer"], report["transfer_T"], report["random_T"]]:
+        assert 0 <= net["top1"] <= 100
+        assert ("top5" in net) == num_classes_over_10
+    return report
+
+
+def test_cifar10_four_ranks(tmp_path):
+    md5s = datagen.write_cifar10(tmp_path / "data", n_train=60, n_test=24)
+    result = run_dd([*TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "run")], env=md5_patch_env(tmp_path, "CIFAR10", md5s))
+    assert result.returncode == 0, explain(result)
+    assert check(tmp_path / "run", False)["config"]["dataset"] == "cifar10"
+
+
+def test_cifar100_four_ranks_reports_top5(tmp_path):
+    md5s = datagen.write_cifar100(tmp_path / "data", n_train=200, n_test=100)
+    result = run_dd([*TINY, "--dataset", "cifar100", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "run")], env=md5_patch_env(tmp_path, "CIFAR100", md5s))
+    assert result.returncode == 0, explain(result)
+    check(tmp_path / "run", True)
+    assert "top-5" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_cifar10_with_the_real_md5_table_is_refused_on_every_rank(tmp_path):
+    """Without the patch our files do not match the real sums: one clear line, exit 2."""
+    datagen.write_cifar10(tmp_path / "data", n_train=20, n_test=10)
+    result = run_dd([*TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "run")], timeout=180)
+    assert result.returncode == 2, explain(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cifar-10-batches-py" in errors[0]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_food101_four_ranks_reports_top5(tmp_path):
+    classes = tuple(f"dish_{c:02d}" for c in range(12))
+    datagen.write_food101(tmp_path / "data", classes=classes, per_class=4, test_per_class=2)
+    result = run_dd([*TINY, "--dataset", "food101", "--data-dir", str(tmp_path / "data"), "--image-size", "32",
+                     "--out", str(tmp_path / "run")])
+    assert result.returncode == 0, explain(result)
+    check(tmp_path / "run", True)
+
+
+def test_imagefolder_four_ranks(tmp_path):
+    datagen.write_imagefolder(tmp_path / "data", per_class=8, val_per_class=4, size=24)
+    result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "run")])
+    assert result.returncode == 0, explain(result)
+    report = check(tmp_path / "run", False)
+    assert report["config"]["image_size"] is None  # chosen from the images (small: 32)
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+    result = run_dd([*TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"),
+                     "--out", str(tmp_path / "run")], timeout=180)
+    assert result.returncode == 2, explain(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--download" in errors[0]
+
+
+def test_help_lists_the_presets():
+    result = subprocess.run([sys.executable, "-m", "dd_mpi", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for preset in ("cifar10-resnet32", "cifar10-resnet56", "cifar10-resnet110", "cifar100-resnet32",
+                   "cifar100-resnet56", "cifar100-resnet110", "food101-resnet50", "food101-resnet101"):
+        assert preset in result.stdout
