@@ -287,7 +287,7 @@ def pick_device(requested: str, launch: LaunchInfo) -> torch.device:
 
 def init_world(launch: LaunchInfo, device: torch.device, timeout_seconds: float) -> World:
     """Join the world: MPI first where the job was launched by MPI, then torch.distributed."""
-    mpi_world = _mpi_world(launch)
+    mpi_world = mpi_world_for(launch)
     addr, port = launch.master_addr, launch.master_port
     if mpi_world is not None and (addr is None or port is None):
         proposal = _rendezvous_address(mpi_world)  # collective: every rank calls it
@@ -308,7 +308,7 @@ def init_world(launch: LaunchInfo, device: torch.device, timeout_seconds: float)
     return World(launch, comm, mpi_world, datetime.timedelta(seconds=timeout_seconds))
 
 
-def _mpi_world(launch: LaunchInfo):
+def mpi_world_for(launch: LaunchInfo):
     """COMM_WORLD when an MPI launcher started us; a loud error if srun gave singletons."""
     if launch.launcher not in ("mpi", "slurm"):
         return None
@@ -344,7 +344,8 @@ def exit_quietly_if_peer_lost(error: BaseException) -> bool:
     """True for the errors a rank sees when *another* rank died (gloo/NCCL/MPI)."""
     text = f"{type(error).__name__}: {error}"
     return any(s in text for s in ("Connection closed by peer", "Connection reset", "timed out",
-                                   "Timeout", "DistBackendError", "Broken pipe", "ECONNRESET"))
+                                   "Timeout", "DistBackendError", "Broken pipe", "ECONNRESET",
+                                   "HorovodInternalError"))
 
 
 def log(message: str, *, always: bool = False, rank: int = 0) -> None:

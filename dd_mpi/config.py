@@ -80,6 +80,8 @@ class RunConfig:
     backend: str = "auto"  # auto | torch | horovod
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch threads per rank (default: cores / local ranks)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model of each phase
     timeout: float = 60.0  # seconds a collective may wait for a dead or stuck rank
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
@@ -103,6 +105,9 @@ class RunConfig:
     def strategies(self) -> tuple[str, ...]:
         return {"dd": ("dd",), "baseline": ("baseline",), "both": ("dd", "baseline")}[self.strategy]
 
+    def bf16(self, device_type: str) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def phase_lr(self, phase: str) -> float:
         return {"subnet": self.subnet_lr or self.lr,
                 "finetune": self.finetune_lr or self.lr / 5,
@@ -118,6 +123,7 @@ class RunConfig:
         _choice("--backend", self.backend, ("auto", "torch", "horovod"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--shortcut", self.shortcut, ("A", "B"))
+        _choice("--precision", self.precision, ("auto", "fp32", "bf16"))
         if self.subnets < 1:
             raise UsageError(f"--subnets {self.subnets} is invalid: use 1 or more sub-networks")
         if not (self.width > 0 and math.isfinite(self.width)):

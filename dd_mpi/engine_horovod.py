@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .comm import Comm, World, _mpi_world, group_layout
+from .comm import Comm, World, mpi_world_for, group_layout
 from .errors import UsageError
 from .launch import LaunchInfo
 
@@ -83,7 +83,7 @@ def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> Horovod
         raise UsageError(f"--backend horovod needs horovodrun or an MPI launcher, but {launch.launcher} "
                          f"started this job: use `horovodrun --gloo -np {launch.world_size} -H "
                          f"localhost:{launch.world_size} dd-train ...`, mpiexec, or --backend torch")
-    mpi_world = _mpi_world(launch)  # COMM_WORLD under mpiexec / srun with PMI, else None
+    mpi_world = mpi_world_for(launch)  # COMM_WORLD under mpiexec / srun with PMI, else None
     if launch.launcher == "slurm" and mpi_world is None:
         raise UsageError("--backend horovod under srun needs MPI: launch with `srun --mpi=pmi2` "
                          "(pip's MPICH) or your site's PMI, or use --backend torch")

@@ -59,6 +59,10 @@ class Context:
     should_stop: object  # () -> bool
     metrics: list[dict] = field(default_factory=list)  # rank 0's rows of metrics.jsonl
 
+    @property
+    def bf16(self) -> bool:
+        return self.cfg.bf16(self.world.comm.device.type)
+
     def record(self, rows: list[dict]) -> None:
         if self.world.rank == 0 and not self.cfg.only_group_mode:
             self.metrics.extend(rows)
@@ -127,7 +131,7 @@ def run_domain_decomposition(ctx: Context) -> dict:
     start = time.perf_counter()
     composed, sub_reports, checksums = gather_and_compose(ctx, sub, sub_spec, leaders, layout)
     compose_seconds = time.perf_counter() - start
-    transfer = evaluate(composed, ctx.plan.test(world.comm), world.comm, ctx.num_classes)
+    transfer = evaluate(composed, ctx.plan.test(world.comm), world.comm, ctx.num_classes, ctx.bf16)
     transfer["seconds"] = compose_seconds
     log(f"phase 2: composed {composed_spec(sub_spec, cfg.subnets).arch} width {cfg.width:g} in "
         f"{compose_seconds:.2f}s; transfer (before fine-tune) top-1 {transfer['top1']:.2f}%", rank=world.rank)
@@ -224,6 +228,8 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
         if group is None:
             ctx.record(history)
     trained = comm.data_parallel(model)
+    if cfg.compile:
+        trained = torch.compile(trained)
     optimizer = comm.wrap_optimizer(optimizer, model)
 
     for epoch in range(start_epoch, recipe.epochs):
@@ -231,7 +237,7 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
         try:
             stats = train_epoch(trained, batches, optimizer, scheduler, comm,
                                 label_smoothing=recipe.label_smoothing, should_stop=ctx.should_stop,
-                                check_every=cfg.signal_check_steps)
+                                check_every=cfg.signal_check_steps, bf16=ctx.bf16)
         except NonFiniteLoss:
             raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss became NaN/inf; the last good "
                               f"checkpoint is kept in {ckpt.checkpoint_path(ctx.out, name, 'last').parent}; "
@@ -243,7 +249,7 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
         eval_seconds = 0.0
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == recipe.epochs:
             t0 = time.perf_counter()
-            test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes)
+            test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes, ctx.bf16)
             eval_seconds = time.perf_counter() - t0
         seconds += stats.seconds + eval_seconds
         row = {"phase": "subnet" if group is not None else name, "group": group, "epoch": epoch + 1,
@@ -266,7 +272,7 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
                 ckpt.save(ckpt.checkpoint_path(ctx.out, name, "best"), state)
             _progress_line(name, recipe.epochs, row, test)
     if not test:
-        test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes)
+        test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes, ctx.bf16)
     if comm.is_leader:
         ckpt.save(ckpt.checkpoint_path(ctx.out, name, "final"),
                   {"model": model.state_dict(), "history": history, "test": test, "seconds": seconds,

@@ -76,9 +76,14 @@ class EpochStats:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on GPU when asked (--precision); a no-op context otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm: Comm, *,
                 label_smoothing: float, should_stop: Callable[[], bool],
-                check_every: int, progress=None) -> EpochStats:
+                check_every: int, progress=None, bf16: bool = False) -> EpochStats:
     """One epoch. Every ``check_every`` steps the comm agrees on ``should_stop()``
     (a signal arrived on some rank): then the epoch ends early, marked ``stopped``."""
     model.train()
@@ -93,8 +98,9 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm: Comm, *,
         if step % check_every == 0 and step > 0 and comm.any(should_stop()):
             stopped = True
             break
-        logits = model(images)
-        loss = criterion(logits, labels)
+        with autocast(device, bf16):
+            logits = model(images)
+            loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -119,14 +125,15 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm: Comm, *,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, comm: Comm, num_classes: int) -> dict[str, float]:
+def evaluate(model: nn.Module, batches, comm: Comm, num_classes: int, bf16: bool = False) -> dict[str, float]:
     """Top-1 (and top-5 when there are more than 10 classes), every test sample counted once."""
     model.eval()
     device = comm.device
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     k = min(5, num_classes)
     for images, labels in batches:
-        logits = model(images)
+        with autocast(device, bf16):
+            logits = model(images).float()
         totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(k, dim=1).indices
         hits = top == labels[:, None]
