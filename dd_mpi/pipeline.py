@@ -234,14 +234,18 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
 
     for epoch in range(start_epoch, recipe.epochs):
         batches = ctx.plan.train(comm, pool, stream=stream, epoch=epoch)
+        bar = _progress_bar(ctx.world.rank, f"{name} {epoch + 1}/{recipe.epochs}", len(batches))
         try:
             stats = train_epoch(trained, batches, optimizer, scheduler, comm,
                                 label_smoothing=recipe.label_smoothing, should_stop=ctx.should_stop,
-                                check_every=cfg.signal_check_steps, bf16=ctx.bf16)
+                                check_every=cfg.signal_check_steps, bf16=ctx.bf16, progress=bar)
         except NonFiniteLoss:
             raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss became NaN/inf; the last good "
                               f"checkpoint is kept in {ckpt.checkpoint_path(ctx.out, name, 'last').parent}; "
                               "lower the learning rate for this phase") from None
+        finally:
+            if bar is not None:
+                bar.close()
         if stats.stopped:
             log(f"{name}: stop requested during epoch {epoch + 1}; resume from epoch {epoch}", rank=comm.rank)
             raise Preempted()
@@ -279,6 +283,14 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
                    "config": cfg.to_dict(), "phase": name})
     comm.barrier()  # the final checkpoint exists before anyone moves on
     return PhaseResult(name, model.state_dict(), history, test, seconds)
+
+
+def _progress_bar(world_rank: int, label: str, steps: int):
+    """A tqdm bar over the epoch's steps, on rank 0 and only on a terminal."""
+    if world_rank != 0 or not sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=steps, desc=label, leave=False, dynamic_ncols=True)
 
 
 def _progress_line(name: str, epochs: int, row: dict, test: dict) -> None:
