@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if "dd" in cfg.strategies:
             subnet_spec(cfg.model_spec(10), cfg.subnets)
     except UsageError as error:
-        if launch.rank == 0:
+        # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
+        # torch then (no handler for its SIGTERM yet): there, every rank says the same line
+        if launch.rank == 0 or launch.launcher == "torchrun":
             print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
 
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
         if not error.everywhere and world is not None:
             world.comm.abort(EXIT_USAGE)  # the other ranks may be waiting on this one
+        _close(world)
         return EXIT_USAGE
     except Exception as error:
         from .pipeline import PhaseFailed, Preempted
@@ -96,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             if launch.rank == 0:
                 print("dd-train: stopped by signal after checkpointing; run again with --resume",
                       file=sys.stderr, flush=True)
+            _close(world)
             return EXIT_PREEMPTED
         if isinstance(error, PhaseFailed):
             if launch.rank == 0:
                 print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+            _close(world)
             return EXIT_FAILURE
         if exit_quietly_if_peer_lost(error):
             print(f"dd-train: rank {launch.rank}: lost contact with another rank "
@@ -111,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         if world is not None:
             world.comm.abort(EXIT_FAILURE)  # MPI: the whole job; otherwise this process
         return EXIT_FAILURE
+
+
+def _close(world) -> None:
+    """Shut the process groups down while Python still runs, on exits every rank agreed on:
+    left to the interpreter's exit, gloo's threads may be torn down in the wrong order and
+    abort the process ("terminate called without an active exception"), turning a clean
+    exit 75 into a crash that the launcher reports instead."""
+    if world is not None:
+        world.close()
 
 
 def _init_engine(cfg, launch, device):

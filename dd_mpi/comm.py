@@ -148,15 +148,25 @@ class Comm:
     # --- data parallelism ---
     def data_parallel(self, model: nn.Module) -> nn.Module:
         """DDP over this comm's group. Buffers (BN statistics) are averaged once per epoch by
-        ``average_buffers`` instead of broadcast on every forward."""
+        ``average_buffers`` instead of broadcast on every forward.
+
+        Under ``--deterministic`` the gradient buckets are laid out once, here: DDP otherwise
+        reduces its first step in one bucket and re-builds the buckets after it, and on more
+        than 2 ranks the ring allreduce's summation order follows the bucket layout, so a run
+        resumed mid-phase (a new wrapper) would drift by rounding from an uninterrupted one.
+        (These are the calls DDP's own ``Join`` uses to fix the buckets.)"""
         if self.size == 1:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         with warnings.catch_warnings():  # its replacement flag still syncs at init, which we want
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
-            return nn.parallel.DistributedDataParallel(
+            ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=device_ids, process_group=self.process_group,
                 broadcast_buffers=False, gradient_as_bucket_view=True)
+        if torch.are_deterministic_algorithms_enabled():
+            ddp.reducer._push_all_rebuilt_params()  # parameter order, the same in every wrapper
+            ddp.reducer._rebuild_buckets()  # collective: every rank of the group builds one
+        return ddp
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         return optimizer  # DDP already averages gradients
@@ -341,11 +351,12 @@ def _rendezvous_address(mpi_world) -> tuple[str, int]:
 
 
 def exit_quietly_if_peer_lost(error: BaseException) -> bool:
-    """True for the errors a rank sees when *another* rank died (gloo/NCCL/MPI)."""
-    text = f"{type(error).__name__}: {error}"
-    return any(s in text for s in ("Connection closed by peer", "Connection reset", "timed out",
-                                   "Timeout", "DistBackendError", "Broken pipe", "ECONNRESET",
-                                   "HorovodInternalError"))
+    """True for the errors a rank sees when *another* rank died or hung (gloo/NCCL/MPI).
+    Case-blind: gloo says "Timed out waiting 5000ms for recv", NCCL "timeout"."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset", "timed out",
+                                   "timeout", "distbackenderror", "broken pipe", "econnreset",
+                                   "horovodinternalerror"))
 
 
 def log(message: str, *, always: bool = False, rank: int = 0) -> None:

@@ -56,8 +56,9 @@ def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, ran
 
 
 def eval_indices(num_samples: int, *, rank: int, size: int) -> torch.Tensor:
-    """Exact evaluation: every sample on exactly one rank, none dropped, none padded."""
-    return torch.arange(rank, num_samples, size)
+    """Exact evaluation: every sample on exactly one rank, none dropped, none padded (a rank
+    beyond the last sample gets none)."""
+    return torch.arange(rank, max(rank, num_samples), size)
 
 
 @dataclass

@@ -240,9 +240,11 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
                                 label_smoothing=recipe.label_smoothing, should_stop=ctx.should_stop,
                                 check_every=cfg.signal_check_steps, bf16=ctx.bf16, progress=bar)
         except NonFiniteLoss:
-            raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss became NaN/inf; the last good "
-                              f"checkpoint is kept in {ckpt.checkpoint_path(ctx.out, name, 'last').parent}; "
-                              "lower the learning rate for this phase") from None
+            kept = (f"the last good checkpoint, {ckpt.checkpoint_path(ctx.out, name, 'last')} (epoch "
+                    f"{epoch}), is kept" if epoch else f"{name} has no checkpoint yet")
+            flag = "--subnet-lr" if group is not None else f"--{name}-lr"
+            raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss or the weights became NaN/inf; "
+                              f"{kept}; lower {flag}") from None
         finally:
             if bar is not None:
                 bar.close()

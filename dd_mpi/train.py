@@ -21,7 +21,7 @@ REFERENCE_BATCH = 128  # --lr is the LR at this global batch (Goyal et al. 2017:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays."""
+    """The loss or the weights became NaN/inf: training stops, the last good checkpoint stays."""
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,17 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm: Comm, *,
             progress.update(1)
     if not stopped:
         stopped = comm.any(should_stop())
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    # the last step's update can overflow the weights while every loss seen was finite
+    broken = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).any().double()
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64),
+                          broken])
     comm.allreduce_sum_(totals)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_total, correct_total, count = totals.tolist()
-    if not math.isfinite(loss_total):
-        raise NonFiniteLoss("loss is not finite")
+    loss_total, correct_total, count, broken_ranks = totals.tolist()
+    if not math.isfinite(loss_total) or broken_ranks:
+        raise NonFiniteLoss("loss or weights are not finite")
     count = max(count, 1.0)
     return EpochStats(loss_total / count, 100.0 * correct_total / count, int(count), seconds, stopped)
 

@@ -1,0 +1,283 @@
+"""Pure pieces the reliability contract rests on, one process, no communication: rank
+discovery, data plans, config validation, checkpoint files, failure classification.
+
+    .venv/bin/python -m pytest -q tests/test_units.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dd_mpi import checkpoint as ckpt
+from dd_mpi.cli import _without_nproc, main
+from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, group_layout, group_of
+from dd_mpi.config import RunConfig, parse_config
+from dd_mpi.data import DataPlan, eval_indices, subset_for_group, train_indices
+from dd_mpi.errors import UsageError
+from dd_mpi.launch import _wait_all, cpu_threads_per_rank, detect_launch
+from dd_mpi.synthetic import make_synthetic
+
+
+# --- rank discovery: every launcher, and the traps of nested launchers --------------------
+TORCHRUN = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
+            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env, expected", [
+    pytest.param({}, ("single", 0, 1, 0, 1), id="no-launcher"),
+    pytest.param(TORCHRUN, ("torchrun", 2, 4, 2, 4), id="torchrun"),
+    pytest.param({**TORCHRUN, "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, ("torchrun", 2, 4, 2, 4),
+                 id="torchrun-inside-slurm"),
+    pytest.param({**TORCHRUN, "DD_MPI_LAUNCHER": "local"}, ("local", 2, 4, 2, 4), id="dd-train-nproc"),
+    pytest.param({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, ("mpi", 3, 4, 1, 2), id="openmpi"),
+    pytest.param({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"},
+                 ("mpi", 3, 4, 3, 4), id="mpich-hydra"),
+    pytest.param({"PMI_RANK": "0", "PMI_SIZE": "1"}, ("single", 0, 1, 0, 1), id="pmi-singleton"),
+    pytest.param({"PMIX_RANK": "1", "PMIX_SIZE": "4", "PMIX_LOCAL_RANK": "1", "PMIX_LOCAL_SIZE": "4"},
+                 ("mpi", 1, 4, 1, 4), id="pmix"),
+    pytest.param({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+                  "MASTER_ADDR": "node1"}, ("slurm", 5, 8, 1, 4), id="srun"),
+    pytest.param({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "PMI_RANK": "3", "PMI_SIZE": "4",
+                  "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}, ("mpi", 3, 4, 3, 4), id="mpirun-inside-slurm"),
+    pytest.param({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"},
+                 ("mpi", 2, 4, 0, 1), id="openmpi-inside-slurm"),
+    pytest.param({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "4"},
+                 ("horovod", 1, 4, 1, 4), id="horovodrun"),
+    pytest.param({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1",
+                  "OMPI_COMM_WORLD_SIZE": "4"}, ("horovod", 1, 4, 0, 1), id="horovodrun-over-mpirun"),
+])
+def test_detect_launch(env, expected):
+    info = detect_launch(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == expected
+
+
+def test_detect_launch_rendezvous_address():
+    assert (detect_launch(TORCHRUN).master_addr, detect_launch(TORCHRUN).master_port) == ("10.0.0.1", 29500)
+    slurm = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "123",
+                           "MASTER_ADDR": "node7"})
+    assert (slurm.master_addr, slurm.master_port) == ("node7", 20123)  # a port every task derives alike
+
+
+def test_threads_per_rank_do_not_oversubscribe():
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "6"}) == 6
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {}) == max(1, len(os.sched_getaffinity(0)) // 4)
+
+
+def test_group_layout_is_contiguous_blocks():
+    assert group_layout(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [group_of(r, group_layout(6, 2)) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(UsageError, match="6 ranks, not a multiple of --subnets 4"):
+        group_layout(6, 4)
+    with pytest.raises(UsageError, match="--subnets 0"):
+        group_layout(4, 0)
+
+
+# --- data plans: pure functions of (seed, stream, epoch, rank in the comm) ----------------
+@pytest.mark.parametrize("pool_size, size", [(64, 1), (64, 4), (63, 4), (10, 3), (7, 8)])
+def test_train_indices_split_each_epoch_disjointly(pool_size, size):
+    pool = torch.arange(100, 100 + pool_size)  # a shard: its own sample ids
+    orders = []
+    for epoch in range(3):
+        parts = [train_indices(pool, seed=5, stream=100, epoch=epoch, rank=r, size=size) for r in range(size)]
+        assert len({len(p) for p in parts}) == 1  # every rank takes the same number of steps
+        seen = torch.cat(parts)
+        assert len(seen) == pool_size // size * size  # the remainder (< size) is dropped
+        assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(pool.tolist())
+        if pool_size % size == 0:
+            assert sorted(seen.tolist()) == pool.tolist()  # every sample exactly once
+        again = [train_indices(pool, seed=5, stream=100, epoch=epoch, rank=r, size=size) for r in range(size)]
+        assert all(torch.equal(a, b) for a, b in zip(parts, again))  # pure: a resumed run sees the same
+        orders.append(seen)
+    if pool_size > 8:
+        assert not torch.equal(orders[0], orders[1])  # reshuffled per epoch
+        other = torch.cat([train_indices(pool, seed=5, stream=101, epoch=0, rank=r, size=size) for r in range(size)])
+        assert not torch.equal(orders[0], other)  # streams (groups, phases) differ
+
+
+@pytest.mark.parametrize("num_samples, size", [
+    (64, 4), (63, 4), (1, 1), (100, 3),
+    (5, 8),  # fewer test samples than ranks: the last ranks score none
+])
+def test_eval_indices_score_every_sample_exactly_once(num_samples, size):
+    seen = torch.cat([eval_indices(num_samples, rank=r, size=size) for r in range(size)])
+    assert sorted(seen.tolist()) == list(range(num_samples))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4])
+def test_shards_partition_the_training_set(groups):
+    shards = [subset_for_group(50, subnet_data="shard", group=k, groups=groups, seed=1) for k in range(groups)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(50))
+    assert torch.equal(subset_for_group(50, subnet_data="full", group=1, groups=groups, seed=1), torch.arange(50))
+
+
+def _batches(comm: Comm, epoch: int, stream: int = 100) -> list[torch.Tensor]:
+    data = make_synthetic(64, 16, seed=3)
+    cfg = RunConfig(batch_size=8, seed=3)
+    plan = DataPlan(data, cfg, torch.device("cpu"))  # a fresh plan, as after a restart
+    return [torch.cat([images.flatten(), labels.float()])
+            for images, labels in plan.train(comm, torch.arange(64), stream=stream, epoch=epoch)]
+
+
+def _comm(ranks: list[int], rank: int) -> Comm:
+    return Comm(ranks, rank, None, torch.device("cpu"))
+
+
+def test_batches_and_augmentation_depend_only_on_seed_stream_epoch_and_rank_in_comm():
+    first = _batches(_comm([0, 1], 1), epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, _batches(_comm([0, 1], 1), epoch=2)))
+    # the same place in another group (world ranks 2, 3): the same batches
+    assert all(torch.equal(a, b) for a, b in zip(first, _batches(_comm([2, 3], 1), epoch=2)))
+    assert not torch.equal(first[0], _batches(_comm([0, 1], 1), epoch=3)[0])
+    assert not torch.equal(first[0], _batches(_comm([0, 1], 0), epoch=2)[0])
+
+
+# --- flags: every bad value is refused with one line that names the flag -------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--subnets", "0"], "--subnets 0 is invalid"),
+    (["--arch", "resnet21"], "--arch 'resnet21' is unknown"),
+    (["--arch", "vgg16"], "--arch 'vgg16' is unknown"),
+    (["--dataset", "mnist"], "--dataset 'mnist' is unknown"),
+    (["--preset", "nope"], "--preset 'nope' is unknown"),
+    (["--strategy", "fast"], "--strategy 'fast' is unknown"),
+    (["--subnet-epochs", "-1"], "--subnet-epochs -1 is invalid"),
+    (["--finetune-epochs", "-2"], "--finetune-epochs -2 is invalid"),
+    (["--batch-size", "0"], "--batch-size 0 is invalid"),
+    (["--lr", "0"], "--lr 0.0 is invalid"),
+    (["--lr", "-0.1"], "--lr -0.1 is invalid"),
+    (["--finetune-lr", "nan"], "--finetune-lr nan is invalid"),
+    (["--subnet-lr", "inf"], "--subnet-lr inf is invalid"),
+    (["--width", "0"], "--width 0.0 is invalid"),
+    (["--timeout", "0"], "--timeout 0.0 is invalid"),
+    (["--signal-check-steps", "0"], "--signal-check-steps 0 is invalid"),
+    (["--subnets", "2", "--only-group", "2"], "--only-group 2 is invalid"),
+    (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
+])
+def test_config_validation_names_the_flag(argv, message):
+    with pytest.raises(UsageError) as error:
+        parse_config(argv)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr 0.0 is invalid"),
+    (["--width", "1", "--subnets", "3", "--only-group", "0"], "--subnets 3 does not divide layer1 of resnet20"),
+    (["--width", "0.3", "--subnets", "1"], "--width 0.3 gives 4.8 channels"),
+    (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
+])
+def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dd-train: error: ") and message in lines[0]
+    assert captured.out == ""
+    assert not out.exists()
+
+
+def test_resume_names_every_setting_that_differs():
+    saved = RunConfig(arch="resnet20", width=2.0, subnets=2).to_dict()
+    assert RunConfig(arch="resnet20", width=2.0, subnets=2, resume=True, timeout=5).incompatible_with(saved) == []
+    differences = RunConfig(arch="resnet32", width=4.0, subnets=2, dataset="cifar10").incompatible_with(saved)
+    assert differences == ["--arch: 'resnet20' -> 'resnet32'", "--width: 2.0 -> 4.0",
+                           "--dataset: 'synthetic' -> 'cifar10'"]
+
+
+def test_nproc_is_not_passed_on_to_the_ranks():
+    assert _without_nproc(["--nproc", "4", "--out", "x", "--nproc=2", "--lr", "0.1"]) == ["--out", "x", "--lr", "0.1"]
+
+
+# --- checkpoint files ---------------------------------------------------------------------
+def test_checkpoint_round_trip_and_names(tmp_path):
+    path = ckpt.checkpoint_path(tmp_path, "subnet1", "last")
+    assert path == tmp_path / "checkpoints" / "subnet1-last.pt"
+    assert ckpt.checkpoint_path(tmp_path, "composed", "").name == "composed.pt"
+    state = {"model": {"w": torch.arange(5.0)}, "epoch": 3, "rng": ckpt.rng_state()}
+    ckpt.save(path, state)
+    loaded = ckpt.load(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 3
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    assert ckpt.load(tmp_path / "checkpoints" / "missing.pt") is None
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    expected = torch.rand(3)
+    torch.rand(7)
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"", lambda b: b"not a checkpoint"],
+                         ids=["truncated", "empty", "garbage"])
+def test_a_damaged_checkpoint_is_a_usage_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "finetune-last.pt"
+    ckpt.save(path, {"model": {"w": torch.zeros(1000)}})
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UsageError) as error:
+        ckpt.load(path)
+    assert f"checkpoint {path} is unreadable" in str(error.value)
+    assert not error.value.everywhere  # only the ranks that read it know: each says so
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "baseline-last.pt"
+    ckpt.atomic_write_bytes(path, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        ckpt.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# --- failures: which errors mean "another rank died" (one line, not a traceback) -------------
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"), True),
+    (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"), True),
+    (RuntimeError("Connection reset by peer"), True),
+    (ValueError("invalid literal for int()"), False),
+    (RuntimeError("CUDA out of memory"), False),
+])
+def test_peer_loss_is_told_apart_from_a_real_error(error, lost):
+    assert exit_quietly_if_peer_lost(error) is lost
+
+
+class FakeRank:
+    """A child process for ``_wait_all``: exits with ``code`` after ``polls`` polls, or never."""
+
+    def __init__(self, code: int | None, polls: int = 0):
+        self.code, self.polls, self.returncode, self.killed = code, polls, None, False
+
+    def poll(self):
+        if self.returncode is None and self.code is not None:
+            self.polls -= 1
+            if self.polls < 0:
+                self.returncode = self.code
+        return self.returncode
+
+    def kill(self):
+        self.killed, self.returncode = True, -9
+
+    def wait(self):
+        return self.returncode
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ([0, 0, 0, 0], 0),
+    ([-9, None, None, None], 1),  # a killed rank: the others are stopped
+    ([1, None, None, 1], 1),
+    ([75, 75, 75, 75], 75),  # preempted after checkpointing
+    ([2, None, None, None], 2),  # a usage error beats the failures it causes
+    ([1, 75, 75, 75], 75),
+])
+def test_the_local_launcher_stops_the_others_and_reports_the_cause(codes, expected):
+    ranks = [FakeRank(code) for code in codes]
+    assert _wait_all(ranks, grace_seconds=0.2) == expected
+    assert all(r.returncode is not None for r in ranks)
+    assert [r.killed for r in ranks] == [code is None for code in codes]
