@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# 4 processes under Horovod (Gloo controller; build it with launch/build_horovod.sh),
+# gradients reduced by Horovod process sets instead of torch.distributed:
+#
+#   horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod ...
+#
+# Usage, from the repository root: bash launch/horovodrun.sh [DD_TRAIN_ARG...]
+# The arguments follow a tiny CPU default (2 sub-nets of a ResNet20, synthetic data, one
+# epoch per phase), so later flags win: e.g. --dataset cifar10 --device cuda --subnet-epochs 160.
+set -euo pipefail
+command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
+tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
+      --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
+exec horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod "${tiny[@]}" "$@"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# 4 MPI processes (pip's MPICH: pip install "dd_mpi[mpi]"; any MPI with mpi4py works).
+# The ranks agree on the torch.distributed address over MPI:
+#
+#   mpiexec -n 4 dd-train ...
+#
+# Usage, from the repository root: bash launch/mpirun.sh [DD_TRAIN_ARG...]
+# The arguments follow a tiny CPU default (2 sub-nets of a ResNet20, synthetic data, one
+# epoch per phase), so later flags win: e.g. --dataset cifar10 --device cuda --subnet-epochs 160.
+set -euo pipefail
+command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
+tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
+      --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
+exec mpiexec -n 4 dd-train "${tiny[@]}" "$@"

@@ -1,0 +1,38 @@
+#!/bin/bash
+# Phase 1 as a job array, one task per sub-network, then compose + fine-tune in a job that
+# waits for them (DESIGN.md §1). Small jobs start as resources free up instead of waiting
+# for all GPUs at once. Submit both with slurm/dd_array_submit.sh, or by hand:
+#
+#   sbatch --array=0-3 slurm/dd_array.sh --out runs/x               # phase 1, task k: group k
+#   sbatch --dependency=afterok:ARRAYID slurm/dd_array.sh --out runs/x   # then phase 2 + 3
+#
+# As an array task: `dd-train ... --only-group $SLURM_ARRAY_TASK_ID` trains that sub-network.
+# As a plain job: `dd-train ... --resume` composes the sub-networks found in the run
+# directory and fine-tunes. The run directory is --out, else $DD_OUT, else
+# runs/dd_array-ARRAYJOBID. Arguments after the script name go to dd-train, later flags win.
+#SBATCH --job-name=dd_array
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4      # one rank per GPU: each sub-network on one node
+#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%A_%a.out    # array job id _ task (dd_array_submit.sh names the final log %x-%j)
+#SBATCH --open-mode=append       # a requeued run appends to its log instead of erasing it
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120      # B: to the batch shell only, which forwards it to srun's
+#                                  ranks and requeues the job when they exit 75 (common.sh)
+set -eu
+# sbatch runs a spooled copy of this file: find common.sh beside the submitted script
+for dir in "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | awk 'sub(/^ *Command=/, "") {print $1; exit}')")" \
+           "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/slurm"; do
+    [[ -f $dir/common.sh ]] && break
+done
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$dir/common.sh"
+
+out=${DD_OUT:-runs/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}
+if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    dd_train --preset cifar10-resnet32 --out "$out" "$@" --only-group "$SLURM_ARRAY_TASK_ID"
+else
+    dd_train --preset cifar10-resnet32 --out "$out" "$@" --resume
+fi

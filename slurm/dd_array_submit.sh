@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Submit a domain-decomposition run as N+1 jobs: phase 1 as a job array of slurm/dd_array.sh
+# (task k trains sub-network k), then compose + fine-tune in one job that starts once every
+# task has succeeded (afterok), and is cancelled if one fails.
+#
+#   bash slurm/dd_array_submit.sh [SBATCH_OPTION...] [-- DD_TRAIN_ARG...]
+#
+#   bash slurm/dd_array_submit.sh                            # CIFAR-10 ResNet32, 4 sub-nets
+#   bash slurm/dd_array_submit.sh -p gpu -- --preset cifar100-resnet56 --subnets 8
+#   bash slurm/dd_array_submit.sh --wait --gpus-per-task=0 --cpus-per-task=1 -- --device cpu
+#
+# The sbatch options go to both submissions; the final job also gets --nodes=N (each
+# sub-network had a node, fine-tuning uses them all) unless the options set --nodes.
+# --wait waits for the final job and exits 1 unless it completed. The last line printed is
+# `array=ID final=ID out=DIR`.
+set -euo pipefail
+
+sbatch_opts=()
+while (( $# )) && [[ $1 != -- ]]; do sbatch_opts+=("$1"); shift; done
+(( $# )) && shift  # the --
+dd_args=("$@")
+
+last_value() {  # last_value FLAG DEFAULT: the value dd-train will see for FLAG
+    local value=$2 i
+    for ((i = 0; i < ${#dd_args[@]}; i++)); do
+        case ${dd_args[i]} in
+            "$1") value=${dd_args[i + 1]:-$value} ;;
+            "$1"=*) value=${dd_args[i]#*=} ;;
+        esac
+    done
+    echo "$value"
+}
+subnets=$(last_value --subnets 4)  # the presets split into 4
+out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
+
+wait=0 opts=()
+for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for
+    if [[ $opt == --wait || $opt == -W ]]; then wait=1; else opts+=("$opt"); fi
+done
+here=$(dirname "$0")
+
+array=$(DD_OUT=$out sbatch --parsable --array="0-$((subnets - 1))" "${opts[@]}" \
+        "$here/dd_array.sh" "${dd_args[@]}")
+array=${array%%;*}  # --parsable prints id[;cluster]
+echo "phase 1: job array $array, $subnets tasks, run directory $out"
+
+final_opts=(--parsable --nodes="$subnets" "${opts[@]}" --output=%x-%j.out
+            --dependency="afterok:$array" --kill-on-invalid-dep=yes)
+if (( ! wait )); then
+    final=$(DD_OUT=$out sbatch "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}")
+    echo "array=$array final=${final%%;*} out=$out"
+    exit 0
+fi
+rc=0
+final=$(DD_OUT=$out sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}") || rc=$?
+final=${final%%;*}
+# sbatch --wait exits 0 for a job cancelled before it started (here: a failed array task)
+state=$(scontrol show job "$final" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true
+echo "phase 2+3: job $final ${state:-finished}, exit $rc"
+echo "array=$array final=$final out=$out"
+if (( rc == 0 )) && [[ ${state:-COMPLETED} != COMPLETED ]]; then rc=1; fi
+exit "$rc"

@@ -1,0 +1,32 @@
+#!/bin/bash
+# CIFAR-10: a 4x-wide ResNet110 split into 4 standard ResNet110s (Gu et al., ETNA 2022, §5).
+#
+#   sbatch slurm/resnet110.sh                        # the paper's run (presets: dd-train --help)
+#   sbatch slurm/resnet110.sh --strategy dd --seed 1
+#   sbatch --gpus-per-task=0 --cpus-per-task=1 slurm/resnet110.sh --device cpu --dataset synthetic \
+#       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0
+#
+# Arguments after the script name are passed to dd-train after the preset: later flags win.
+# Writes runs/resnet110-JOBID/ (report.json, metrics.jsonl, checkpoints/) unless --out is
+# given, and the log resnet110-JOBID.out, both where sbatch was called.
+#SBATCH --job-name=resnet110
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4      # one rank per GPU
+#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append       # a requeued run appends to its log instead of erasing it
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120      # B: to the batch shell only, which forwards it to srun's
+#                                  ranks and requeues the job when they exit 75 (common.sh)
+set -eu
+# sbatch runs a spooled copy of this file: find common.sh beside the submitted script
+for dir in "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | awk 'sub(/^ *Command=/, "") {print $1; exit}')")" \
+           "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/slurm"; do
+    [[ -f $dir/common.sh ]] && break
+done
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$dir/common.sh"
+
+dd_train --preset cifar10-resnet110 --out "runs/$SLURM_JOB_NAME-$SLURM_JOB_ID" "$@"

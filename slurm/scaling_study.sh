@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Scaling study: one run of a job script per (nodes, sub-networks N) pair, then a report
+# job that summarises them all. Run on a login node:
+#
+#   bash slurm/scaling_study.sh [SBATCH_OPTION...] [-- DD_TRAIN_ARG...]
+#
+#   bash slurm/scaling_study.sh -- --strategy both          # DD and the baseline, each pair
+#   NODES="1 2" SUBNETS="2 4" bash slurm/scaling_study.sh -p gpu
+#
+# Environment (defaults in brackets):
+#   NODES ["1 2 4"]        node counts;  SUBNETS ["2 4 8"]  values of N
+#   TASKS_PER_NODE [4]     ranks (GPUs) per node; pairs whose rank count N does not divide
+#                          are skipped, since every sub-network needs the same number of ranks
+#   SCRIPT [slurm/resnet32.sh]   the job script of one run
+#   STUDY [runs/scaling-DATE]    runs go to STUDY/nodes<n>-N<N>/
+# The sbatch options go to every submission; --wait waits for the report job and exits 1
+# unless it completed. The last line printed is `runs=ID,... report=ID study=DIR`.
+set -euo pipefail
+
+here=$(dirname "$0")
+NODES=${NODES:-1 2 4}
+SUBNETS=${SUBNETS:-2 4 8}
+TASKS_PER_NODE=${TASKS_PER_NODE:-4}
+SCRIPT=${SCRIPT:-$here/resnet32.sh}
+STUDY=${STUDY:-runs/scaling-$(date +%Y%m%d-%H%M%S)}
+# What the report job runs after `dd-report RUN_DIR` for each run (flags not final yet):
+COLLECT_CMD=(dd-scaling --collect "$STUDY")
+
+sbatch_opts=()
+while (( $# )) && [[ $1 != -- ]]; do sbatch_opts+=("$1"); shift; done
+(( $# )) && shift  # the --
+dd_args=("$@")
+wait=0 opts=()
+for opt in "${sbatch_opts[@]}"; do  # only the report job is waited for
+    if [[ $opt == --wait || $opt == -W ]]; then wait=1; else opts+=("$opt"); fi
+done
+
+ids=() dirs=()
+for nodes in $NODES; do
+    for n in $SUBNETS; do
+        if (( nodes * TASKS_PER_NODE % n )); then
+            echo "skip: $nodes node(s) x $TASKS_PER_NODE ranks do not split into $n groups"
+            continue
+        fi
+        dir=$STUDY/nodes$nodes-N$n
+        id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
+             --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \
+             "$SCRIPT" "${dd_args[@]}" --subnets "$n" --out "$dir")
+        ids+=("${id%%;*}") dirs+=("$dir")
+        echo "run: job ${id%%;*}, $nodes node(s), N=$n, $dir"
+    done
+done
+(( ${#ids[@]} )) || { echo "no (nodes, N) pair fits" >&2; exit 2; }
+
+# The report job runs after all runs, failed ones included (afterany): it summarises what
+# finished and fails if a run left no report.json.
+report_opts=(--parsable "${opts[@]}" --job-name=scaling-report --nodes=1 --ntasks=1
+             --output=%x-%j.out --dependency="afterany:$(IFS=:; echo "${ids[*]}")")
+script=$(cat <<EOS
+#!/bin/bash
+set -eu
+# shellcheck source=/dev/null
+source $(printf %q "$here/common.sh")  # the SITE SETUP (modules, venv)
+missing=0
+for dir in $(printf '%q ' "${dirs[@]}"); do
+    if [[ -f \$dir/report.json ]]; then dd-report "\$dir"; else echo "no report: \$dir"; missing=1; fi
+done
+$(printf '%q ' "${COLLECT_CMD[@]}")
+exit \$missing
+EOS
+)
+if (( ! wait )); then
+    report=$(sbatch "${report_opts[@]}" <<<"$script")
+    echo "runs=$(IFS=,; echo "${ids[*]}") report=${report%%;*} study=$STUDY"
+    exit 0
+fi
+rc=0
+report=$(sbatch --wait "${report_opts[@]}" <<<"$script") || rc=$?
+report=${report%%;*}
+# sbatch --wait exits 0 for a job cancelled before it started
+state=$(scontrol show job "$report" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true
+echo "report: job $report ${state:-finished}, exit $rc"
+echo "runs=$(IFS=,; echo "${ids[*]}") report=$report study=$STUDY"
+if (( rc == 0 )) && [[ ${state:-COMPLETED} != COMPLETED ]]; then rc=1; fi
+exit "$rc"

@@ -1,0 +1,84 @@
+"""Each launch/*.sh as documented: its one launcher line, 4 ranks, a tiny run on CPU.
+
+    .venv/bin/python -m pytest -q tests/test_launchers.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import BIN, read_report
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh")])
+TIMEOUT = 600  # seconds: 2 shared cores, other suites may run beside us
+
+
+def launcher_env() -> dict:
+    """No enclosing launcher's variables (they would change rank discovery); our venv first."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_", "HOROVOD_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def have_horovod() -> bool:
+    code = "import horovod.torch"
+    return subprocess.run([str(BIN / "python"), "-c", code], capture_output=True).returncode == 0
+
+
+def slurm_answers() -> bool:
+    if shutil.which("srun") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                              timeout=30).stdout.strip() in ("idle", "mix", "alloc")
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [
+    "local.sh",
+    "torchrun.sh",
+    pytest.param("mpirun.sh", marks=pytest.mark.mpi),
+    pytest.param("srun.sh", marks=pytest.mark.slurm),
+    pytest.param("horovodrun.sh", marks=pytest.mark.horovod),
+])
+def test_launch_script_runs_the_tiny_default(tmp_path, script):
+    if script == "mpirun.sh" and not (BIN / "mpiexec").exists():
+        pytest.skip("pip's MPICH (mpiexec) is not installed: pip install 'dd_mpi[mpi]'")
+    if script == "srun.sh" and not slurm_answers():
+        pytest.skip("no Slurm controller answers: run `bash .ci/slurm_up.sh`")
+    if script == "horovodrun.sh" and not have_horovod():
+        pytest.skip("Horovod not built: run launch/build_horovod.sh")
+    out = tmp_path / "out"
+    # run from elsewhere than the repository: relative --out lands in the caller's directory
+    result = subprocess.run(["bash", str(REPO / "launch" / script), "--out", "out",
+                             "--train-samples", "256", "--test-samples", "128"],
+                            cwd=tmp_path, env=launcher_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    report = read_report(out)
+    assert report["world_size"] == 4 and report["groups"] == [[0, 1], [2, 3]]
+    assert report["backend"] == ("horovod" if script == "horovodrun.sh" else "torch")
+    assert report["config"]["dataset"] == "synthetic" and report["config"]["train_samples"] == 256
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shell_script_is_clean(script):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    # -x with the repository as cwd: follows `source` into slurm/common.sh
+    result = subprocess.run(["shellcheck", "-x", str(script.relative_to(REPO))], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

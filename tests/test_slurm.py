@@ -1,0 +1,225 @@
+"""The job scripts in slurm/ submitted to a real Slurm controller, as users submit them.
+
+`.ci/slurm_up.sh` starts a one-node cluster on localhost (slurm/NOTES.md: how it behaves).
+The scripts ask for 4 GPUs per node; here they run on CPU with the overrides a user of a
+CPU-only cluster would give: ``--gpus-per-task=0 --cpus-per-task=1`` on sbatch's command
+line, ``--device cpu --dataset synthetic`` and a tiny config after the script name.
+
+    bash .ci/slurm_up.sh && .venv/bin/python -m pytest -q tests/test_slurm.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import BIN, REPORT_KEYS
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM = REPO / "slurm"
+# Written by phase 1 once sub-network 0 has finished an epoch: the preemption test signals
+# the job only after it, so there is something to resume from.
+PHASE1_CHECKPOINT = "checkpoints/subnet0-last.pt"
+TIMEOUT = 600  # seconds per job: 2 shared cores, other suites may run beside us
+
+# sbatch options: the scripts' '#SBATCH --gpus-per-task=1' neutralised, one CPU per rank
+ON_CPU = ["--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--gpus-per-task=0"]
+# dd-train flags after the script name: they follow the preset, so they win
+TINY_ANY_N = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
+              "--strategy", "dd", "--subnet-epochs", "1", "--finetune-epochs", "1",
+              "--baseline-epochs", "0", "--train-samples", "256", "--test-samples", "128",
+              "--batch-size", "32"]
+TINY = [*TINY_ANY_N, "--subnets", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def controller():
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch is not on PATH: start a local cluster with `bash .ci/slurm_up.sh`")
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                                timeout=30).stdout.split()
+    except subprocess.TimeoutExpired:
+        states = []
+    if not set(states) & {"idle", "mix", "alloc"}:
+        pytest.skip(f"the Slurm controller does not answer or has no usable node "
+                    f"(sinfo: {states or 'no answer'}): run `bash .ci/slurm_up.sh`")
+
+
+def job_env(**extra: str) -> dict:
+    """The test's environment minus any enclosing job's or launcher's, with our venv first:
+    sbatch hands it to the job (--export=ALL), and common.sh finds dd-train on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_", "OMPI_", "HOROVOD_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
+def job_info(job_id: str) -> dict:
+    """`scontrol show job` as a dict ({} once the controller has forgotten the job)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
+
+
+class Submission:
+    """`sbatch --wait --parsable ...` in the background, its job's states recorded while it
+    waits: finished jobs leave the controller after MinJobAge (5 s here), so the final state
+    is caught on the way rather than asked for afterwards."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
+        self.proc = subprocess.Popen(["sbatch", "--wait", "--parsable", *args], cwd=cwd,
+                                     env=env or job_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.job_id = self.proc.stdout.readline().strip().split(";")[0]
+        assert self.job_id.isdigit(), f"sbatch did not submit: {self.proc.communicate()}"
+        self.seen: list[dict] = []
+
+    def poll(self) -> dict:
+        info = job_info(self.job_id)
+        if info:
+            self.seen.append(info)
+        return info
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", self.job_id])
+                self.proc.kill()
+                pytest.fail(f"job {self.job_id} still running after {timeout} s")
+            self.poll()
+            time.sleep(0.5)
+        self.poll()
+        self.stderr = self.proc.stderr.read()
+        return self.proc.returncode
+
+    @property
+    def state(self) -> str:
+        return self.seen[-1]["JobState"] if self.seen else "unknown (never seen)"
+
+
+def read_log(path: Path) -> str:
+    assert path.exists(), f"no job log {path.name}; files: {sorted(p.name for p in path.parent.iterdir())}"
+    return path.read_text()
+
+
+def check_report(out: Path, *, world_size: int, subnets: int) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report), f"missing keys: {REPORT_KEYS - set(report)}"
+    assert report["world_size"] == world_size and report["backend"] == "torch"
+    assert len(report["groups"]) == subnets and len(report["sub_nets"]) == subnets
+    for net in [*report["sub_nets"], report["transfer"], report["transfer_T"]]:
+        assert 0 <= net["top1"] <= 100
+    assert report["timing"]["dd_total"] > 0
+    return report
+
+
+# --- one run of a paper script -------------------------------------------------------------
+def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
+    job = Submission([*ON_CPU, str(SLURM / "resnet110.sh"), *TINY], cwd=tmp_path)
+    rc = job.wait()
+    log = read_log(tmp_path / f"resnet110-{job.job_id}.out")  # --output=%x-%j.out, in the submit dir
+    assert rc == 0, f"sbatch exit {rc}\n{job.stderr}\n{log[-4000:]}"
+    assert job.state == "COMPLETED", log[-4000:]
+    assert "--preset cifar10-resnet110" in log  # the script's preset, our flags after it
+    # default --out: runs/<job name>-<job id>, relative to the submit directory
+    check_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2)
+
+
+def test_failing_run_fails_the_job(tmp_path):
+    # 4 ranks do not split into 3 groups: dd-train exits 2 on every rank
+    job = Submission([*ON_CPU, str(SLURM / "resnet32.sh"), *TINY, "--subnets", "3"], cwd=tmp_path)
+    rc = job.wait()
+    log = read_log(tmp_path / f"resnet32-{job.job_id}.out")
+    assert rc == 2, f"sbatch exit {rc}, expected dd-train's usage error 2\n{log[-3000:]}"
+    assert job.state == "FAILED", log[-3000:]
+    assert "--subnets" in log  # dd-train's one-line reason names the flag
+
+
+# --- preemption: USR1 to the batch shell, checkpoint, requeue, resume ---------------------------
+def test_signal_checkpoints_requeues_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, "--subnet-epochs", "20", "--finetune-epochs", "2", "--train-samples", "1024",
+            "--signal-check-steps", "2", "--out", str(out)]
+    job = Submission([*ON_CPU, str(SLURM / "resnet110.sh"), *args], cwd=tmp_path)
+    log_path = tmp_path / f"resnet110-{job.job_id}.out"
+
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / PHASE1_CHECKPOINT).exists():
+        assert job.proc.poll() is None, f"job ended before {PHASE1_CHECKPOINT}\n{read_log(log_path)}"
+        assert time.monotonic() < deadline, f"no {PHASE1_CHECKPOINT} after {TIMEOUT} s"
+        time.sleep(0.5)
+    # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True)
+
+    # Requeued: pending again, same job id, Restarts=1. Slurm holds a requeued job ~2 min
+    # (EligibleTime = requeue + 121 s): start it now, a few seconds after the old step's
+    # slurmstepd has gone (it lingers ~2 s; slurm/NOTES.md).
+    while not (job.poll().get("JobState") == "PENDING" and job.seen[-1].get("Restarts") == "1"):
+        assert job.proc.poll() is None, f"job ended instead of requeueing\n{read_log(log_path)}"
+        assert time.monotonic() < deadline, f"not requeued: {job.seen[-1:]}\n{read_log(log_path)}"
+        time.sleep(0.5)
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+
+    rc = job.wait()
+    log = read_log(log_path)  # --open-mode=append: both runs in one log
+    assert rc == 0, f"sbatch exit {rc}\n{job.stderr}\n{log[-5000:]}"
+    assert job.state == "COMPLETED" and job.seen[-1]["Restarts"] == "1", log[-5000:]
+    assert f"job {job.job_id} restart 0:" in log and f"job {job.job_id} restart 1:" in log
+    assert "requeueing" in log
+    assert re.search(r"dd-train .*--resume$", log, re.M), "the restarted run was not given --resume"
+    report = check_report(out, world_size=4, subnets=2)
+    assert all(net["top1"] >= 0 for net in report["sub_nets"])
+
+
+# --- phase 1 as a job array, then compose + fine-tune ---------------------------------------
+def test_job_array_then_dependent_compose_and_finetune(tmp_path):
+    out = tmp_path / "out"
+    cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
+           "--cpus-per-task=1", "--gpus-per-task=0", "--", *TINY, "--out", str(out)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True,
+                            timeout=2 * TIMEOUT)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
+    explain = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}\n" + "\n".join(
+        f"== {name}\n{text[-2000:]}" for name, text in sorted(logs.items()))
+    assert result.returncode == 0, explain
+    ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1]))
+    assert ids["out"] == str(out), explain
+    for k in range(2):  # task k trained sub-network k, on its own 2 ranks
+        assert f"--only-group {k}" in logs[f"dd_array-{ids['array']}_{k}.out"], explain
+        assert (out / "checkpoints" / f"subnet{k}-final.pt").exists(), explain
+    assert "--resume" in logs[f"dd_array-{ids['final']}.out"], explain
+    check_report(out, world_size=2, subnets=2)
+
+
+# --- scaling study: one run per (nodes, N), then the report job -----------------------------------
+def test_scaling_study_tiny_sweep(tmp_path):
+    study = tmp_path / "study"
+    env = job_env(NODES="1", SUBNETS="1 2", TASKS_PER_NODE="2", STUDY=str(study))
+    cmd = ["bash", str(SLURM / "scaling_study.sh"), "--wait", "--cpus-per-task=1",
+           "--gpus-per-task=0", "--", *TINY_ANY_N]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=2 * TIMEOUT)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
+    explain = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}\n" + "\n".join(
+        f"== {name}\n{text[-2000:]}" for name, text in sorted(logs.items()))
+    assert result.returncode == 0, explain
+    ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1]))
+    assert len(ids["runs"].split(",")) == 2 and ids["study"] == str(study), explain
+    for n in (1, 2):
+        check_report(study / f"nodes1-N{n}", world_size=2, subnets=n)
+    assert f"scaling-report-{ids['report']}.out" in logs, explain
