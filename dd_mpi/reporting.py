@@ -1,0 +1,316 @@
+"""dd-report: the paper's table and plots for one or more finished runs.
+
+    dd-report runs/20250101-120000                  # writes next to the run's report.json
+    dd-report runs/study/P2-N2 runs/study/P4-N2 --out runs/study/report
+
+For every RUN_DIR (a directory holding dd-train's report.json and metrics.jsonl) it writes
+into --out (default: the run directory for one run, the runs' common parent for several):
+
+  dd_report.md              the paper's table per run: top-1/top-5 of every sub_net_k, of the
+                            composed net before (transfer) and after fine-tuning (transfer_T)
+                            and of the baseline (random_T); seconds per phase, totals, speedup
+  dd_report.csv             the same numbers, one row per net or phase
+  accuracy_vs_time.png      test top-1 vs wall-clock, DD and baseline on one axis
+  phase_times.png           seconds per phase as stacked bars, DD and baseline per run
+
+The DD curve follows the method's timeline (DESIGN.md §1): phase 1 at the slowest group's
+elapsed seconds (the groups run side by side; the phase ends when the last one does; the
+curve shows the sub-nets' mean test top-1), then the composed net (`transfer`) once phase 2
+has ended, then phase 3 offset by the seconds of phases 1 and 2. Times are dd-train's own
+(training + evaluation per epoch), so they add up to report.json's `timing`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+REPORT_FILES = ("dd_report.md", "dd_report.csv", "accuracy_vs_time.png", "phase_times.png")
+PHASES = (("subnets", "phase 1: sub-nets"), ("compose", "phase 2: compose"),
+          ("finetune", "phase 3: fine-tune"))
+CSV_FIELDS = ("run", "P", "N", "section", "name", "top1", "top5", "loss", "seconds", "ratio")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a run
+class RunFiles:
+    """One run directory: its report.json and metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        report_file = self.path / "report.json"
+        if not report_file.is_file():
+            raise FileNotFoundError(f"{self.path}: no report.json (is it a finished dd-train --out directory?)")
+        self.report = json.loads(report_file.read_text())
+        metrics_file = self.path / "metrics.jsonl"
+        self.metrics = ([json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+                        if metrics_file.is_file() else [])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.report.get("world_size") or 1)
+
+    @property
+    def subnets(self) -> int:
+        return int((self.report.get("config") or {}).get("subnets") or len(self.report.get("groups") or [1]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} (P={self.world_size}, N={self.subnets})"
+
+
+def load_runs(paths: list[Path]) -> list[RunFiles]:
+    return [RunFiles(p) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------
+# Curves: test accuracy vs wall-clock (pure functions of report.json and metrics.jsonl)
+def phase1_curve(metrics: list[dict]) -> list[tuple[float, float]]:
+    """Per epoch of phase 1: (slowest group's elapsed seconds, mean test top-1 of the sub-nets)."""
+    by_epoch: dict[int, list[dict]] = {}
+    for row in metrics:
+        if row.get("phase") == "subnet":
+            by_epoch.setdefault(row["epoch"], []).append(row)
+    points = []
+    for epoch in sorted(by_epoch):
+        rows = by_epoch[epoch]
+        tops = [r["test_top1"] for r in rows if r.get("test_top1") is not None]
+        if tops:
+            points.append((max(r["elapsed"] for r in rows), sum(tops) / len(tops)))
+    return points
+
+
+def phase_curve(metrics: list[dict], phase: str, offset: float = 0.0) -> list[tuple[float, float]]:
+    """(offset + elapsed, test top-1) per epoch of a world-wide phase (finetune, baseline)."""
+    return [(offset + r["elapsed"], r["test_top1"]) for r in metrics
+            if r.get("phase") == phase and r.get("test_top1") is not None]
+
+
+def dd_timeline(report: dict, metrics: list[dict]) -> dict:
+    """The DD curve in three parts, on one clock that starts with phase 1."""
+    timing = report.get("timing") or {}
+    if report.get("transfer") is None:
+        return {"phase1": [], "transfer": None, "finetune": []}
+    composed_at = (timing.get("subnets") or 0.0) + (timing.get("compose") or 0.0)
+    return {"phase1": phase1_curve(metrics),
+            "transfer": (composed_at, report["transfer"]["top1"]),
+            "finetune": phase_curve(metrics, "finetune", offset=composed_at)}
+
+
+def baseline_curve(metrics: list[dict]) -> list[tuple[float, float]]:
+    return phase_curve(metrics, "baseline")
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's table
+def table_rows(run: RunFiles) -> list[dict]:
+    """Rows of dd_report.csv for one run: every net, then every phase's seconds and the speedup."""
+    report = run.report
+    base = {"run": str(run.path), "P": run.world_size, "N": run.subnets}
+    rows = []
+
+    def net(name: str, result: dict | None) -> None:
+        if result:
+            rows.append({**base, "section": "net", "name": name, "top1": result.get("top1"),
+                         "top5": result.get("top5"), "loss": result.get("loss"),
+                         "seconds": result.get("seconds"), "ratio": None})
+
+    for sub in report.get("sub_nets") or []:
+        net(f"sub_net_{sub['index']}", sub)
+    for name in ("transfer", "transfer_T", "random_T"):
+        net(name, report.get(name))
+    timing = report.get("timing") or {}
+    for key, name in (("subnets", "phase1_subnets"), ("compose", "phase2_compose"),
+                      ("finetune", "phase3_finetune"), ("dd_total", "dd_total"),
+                      ("baseline_total", "baseline_total")):
+        if timing.get(key) is not None:
+            rows.append({**base, "section": "time", "name": name, "top1": None, "top5": None,
+                         "loss": None, "seconds": timing[key], "ratio": None})
+    if report.get("speedup"):
+        rows.append({**base, "section": "time", "name": "speedup", "top1": None, "top5": None,
+                     "loss": None, "seconds": None, "ratio": report["speedup"]})
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_block(run: RunFiles) -> str:
+    report, rows = run.report, table_rows(run)
+    nets = [r for r in rows if r["section"] == "net"]
+    has_top5 = any(r["top5"] is not None for r in nets)
+    lines = [f"## {run.path}", "",
+             f"P = {run.world_size} ranks, N = {run.subnets} sub-networks, groups {report.get('groups')}, "
+             f"backend {report.get('backend')}, device {report.get('device')}, "
+             f"launcher {report.get('launcher')}", ""]
+    lines.append("| net | top-1 (%) |" + (" top-5 (%) |" if has_top5 else "") + " loss | seconds |")
+    lines.append("|---|---:|" + ("---:|" if has_top5 else "") + "---:|---:|")
+    for r in nets:
+        top5 = f" {_fmt(r['top5'], '.2f')} |" if has_top5 else ""
+        lines.append(f"| {r['name']} | {_fmt(r['top1'], '.2f')} |{top5} {_fmt(r['loss'], '.4f')} | "
+                     f"{_fmt(r['seconds'], '.1f')} |")
+    timing = report.get("timing") or {}
+    lines += ["", "| phase | seconds |", "|---|---:|"]
+    for key, name in (*PHASES, ("dd_total", "DD total"), ("baseline_total", "baseline (random_T) total")):
+        if timing.get(key) is not None:
+            lines.append(f"| {name} | {timing[key]:.1f} |")
+    if report.get("speedup"):
+        lines.append(f"| speedup (baseline / DD) | {report['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def markdown(runs: list[RunFiles]) -> str:
+    head = ("# dd_mpi report\n\nPhase 1's time is the slowest group's; `transfer` is the composed "
+            "net before fine-tuning, `transfer_T` after, `random_T` the baseline.\n")
+    return head + "\n" + "\n\n".join(markdown_block(r) for r in runs) + "\n"
+
+
+def csv_text(runs: list[RunFiles]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        for row in table_rows(run):
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg: no display needed on a cluster node)
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
+    """One colour per run; line style per strategy (dotted: DD phase 1, solid: the composed
+    net and its fine-tune, star: the composed net, dashed: the baseline)."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    single = len(runs) == 1
+    fig, ax = plt.subplots(figsize=(7, 4.2) if single else (9.5, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        dd_color = colors[i % len(colors)]
+        base_color = colors[1] if single else dd_color
+        dd = dd_timeline(run.report, run.metrics)
+        if dd["phase1"]:
+            ax.plot(*zip(*dd["phase1"]), "o:", color=dd_color, alpha=0.7)
+        if dd["transfer"] is not None:
+            tx, ty = dd["transfer"]
+            ax.plot(*zip(dd["transfer"], *dd["finetune"]), "o-", color=dd_color)
+            ax.plot([tx], [ty], "*", color=dd_color, markersize=13)
+            if single:  # the phase boundaries, labelled
+                for x, text in ((run.report["timing"].get("subnets"), "end of phase 1"), (tx, "composed")):
+                    if x is not None:
+                        ax.axvline(x, color="0.5", linestyle=":", linewidth=0.8)
+                        ax.annotate(text, (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                                    fontsize=7, ha="right", va="bottom", color="0.3")
+        base = baseline_curve(run.metrics)
+        if base:
+            ax.plot(*zip(*base), "s--", color=base_color, alpha=0.9)
+    dd_key = colors[0]
+    handles = [Line2D([], [], color=dd_key, marker="o", linestyle=":", label="DD phase 1: sub-nets (mean top-1, "
+                      "slowest group's time)"),
+               Line2D([], [], color=dd_key, marker="*", markersize=11, linestyle="-",
+                      label="DD phases 2-3: composed (transfer), fine-tuned"),
+               Line2D([], [], color=colors[1] if single else dd_key, marker="s", linestyle="--",
+                      label="baseline (random_T)")]
+    if not single:
+        handles += [Line2D([], [], color=colors[i % len(colors)], linewidth=4, label=run.label)
+                    for i, run in enumerate(runs)]
+    ax.set_xlim(left=0)
+    ax.set_xlabel("wall-clock seconds (training + evaluation)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("test accuracy vs time: domain decomposition vs baseline")
+    ax.grid(alpha=0.3)
+    if single:
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    else:
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_phase_times(runs: list[RunFiles], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(min(12.0, max(4.5, 1.3 * 2 * len(runs) + 1.5)), 4.2))
+    labels, x = [], 0
+    colors = {"subnets": "#4c72b0", "compose": "#dd8452", "finetune": "#55a868", "baseline": "#8c8c8c"}
+    used = set()
+    for run in runs:
+        timing = run.report.get("timing") or {}
+        name = run.path.name if len(runs) > 1 else ""
+        if timing.get("dd_total") is not None:
+            bottom = 0.0
+            for key, text in PHASES:
+                value = timing.get(key) or 0.0
+                ax.bar(x, value, bottom=bottom, color=colors[key], label=None if key in used else text)
+                used.add(key)
+                bottom += value
+            labels.append((x, f"DD\n{name}".strip()))
+            x += 1
+        if timing.get("baseline_total") is not None:
+            ax.bar(x, timing["baseline_total"], color=colors["baseline"],
+                   label=None if "baseline" in used else "baseline (random_T)")
+            used.add("baseline")
+            labels.append((x, f"baseline\n{name}".strip()))
+            x += 1
+        x += 0.5
+    ax.set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=7 if len(runs) < 5 else 5.5)
+    ax.set_ylabel("seconds")
+    ax.set_title("time per phase")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+def default_out(paths: list[Path]) -> Path:
+    if len(paths) == 1:
+        return paths[0]
+    return Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+
+
+def write_all(runs: list[RunFiles], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in REPORT_FILES}
+    files["dd_report.md"].write_text(markdown(runs))
+    files["dd_report.csv"].write_text(csv_text(runs))
+    plot_accuracy_vs_time(runs, files["accuracy_vs_time.png"])
+    plot_phase_times(runs, files["phase_times.png"])
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dd-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="dd-train --out directories")
+    parser.add_argument("--out", type=Path, help="where to write (default: the run directory, or the "
+                                                  "runs' common parent)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"dd-report: {error}", file=sys.stderr)
+        return 2
+    files = write_all(runs, args.out or default_out(args.runs))
+    print(markdown(runs))
+    for path in files.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

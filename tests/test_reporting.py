@@ -1,0 +1,194 @@
+"""dd-report: the paper's table (Markdown, CSV) and plots, on hand-made runs and on a real one."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import explain, read_metrics, read_report, run_dd
+
+from dd_mpi import reporting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# a tiny real run: 2 ranks, 2 sub-nets of one rank each, then the baseline (2 epochs);
+# one torch thread per rank, so that ranks sharing a loaded machine do not oversubscribe it
+TINY_BOTH = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
+             "--subnets", "2", "--strategy", "both", "--threads", "1", "--subnet-epochs", "2",
+             "--finetune-epochs", "1", "--baseline-epochs", "2", "--train-samples", "256",
+             "--test-samples", "128", "--batch-size", "32"]
+
+
+def assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > 1024, f"{path} is only {len(data)} bytes"
+
+
+def fake_run(tmp: Path, name: str = "run", *, top5: bool = False, world: int = 2, subnets: int = 2) -> Path:
+    """A run directory as dd-train writes it, with round numbers to check against."""
+    out = tmp / name
+    out.mkdir(parents=True)
+    five = (lambda v: {"top5": v}) if top5 else (lambda v: {})
+    report = {
+        "sub_nets": [{"index": 0, "ranks": [0], "top1": 40.0, **five(70.0), "loss": 1.5, "seconds": 10.0},
+                     {"index": 1, "ranks": [1], "top1": 44.0, **five(72.0), "loss": 1.4, "seconds": 12.0}],
+        "transfer": {"top1": 50.0, **five(80.0), "loss": 1.2, "seconds": 1.0},
+        "transfer_T": {"top1": 60.0, **five(85.0), "loss": 1.0, "seconds": 8.0},
+        "random_T": {"top1": 55.0, **five(82.0), "loss": 1.1, "seconds": 30.0},
+        "timing": {"subnets": 12.0, "compose": 1.0, "finetune": 8.0, "dd_total": 21.0, "baseline_total": 30.0},
+        "speedup": 30.0 / 21.0, "world_size": world, "groups": [[0], [1]], "backend": "torch",
+        "device": "cpu", "launcher": "local", "checksums": None,
+        "config": {"subnets": subnets, "arch": "resnet20", "width": 1.0, "dataset": "synthetic",
+                   "train_samples": 256, "batch_size": 32, "subnet_data": "full",
+                   "subnet_epochs": 2, "finetune_epochs": 2, "baseline_epochs": 3},
+    }
+    def row(phase, group, epoch, top1, ips, seconds, elapsed):
+        return {"phase": phase, "group": group, "epoch": epoch, "test_top1": top1, "images_per_s": ips,
+                "seconds": seconds, "elapsed": elapsed}
+    rows = [row("subnet", 0, 1, 30.0, 100.0, 5.0, 5.0), row("subnet", 1, 1, 34.0, 90.0, 6.0, 6.0),
+            row("subnet", 0, 2, 40.0, 100.0, 5.0, 10.0), row("subnet", 1, 2, 44.0, 90.0, 6.0, 12.0),
+            row("finetune", None, 1, 56.0, 60.0, 4.0, 4.0), row("finetune", None, 2, 60.0, 60.0, 4.0, 8.0),
+            row("baseline", None, 1, 35.0, 50.0, 10.0, 10.0), row("baseline", None, 2, 50.0, 50.0, 10.0, 20.0),
+            row("baseline", None, 3, 55.0, 50.0, 10.0, 30.0)]
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions on hand-made runs
+def test_dd_timeline_follows_the_phases(tmp_path):
+    run = reporting.RunFiles(fake_run(tmp_path))
+    timeline = reporting.dd_timeline(run.report, run.metrics)
+    # phase 1: the slowest group's elapsed, the sub-nets' mean accuracy
+    assert timeline["phase1"] == [(6.0, 32.0), (12.0, 42.0)]
+    # the composed net once phases 1 and 2 are over, then the fine-tune offset by them
+    assert timeline["transfer"] == (13.0, 50.0)
+    assert timeline["finetune"] == [(17.0, 56.0), (21.0, 60.0)]
+    assert reporting.baseline_curve(run.metrics) == [(10.0, 35.0), (20.0, 50.0), (30.0, 55.0)]
+
+
+def test_table_rows_carry_the_report_numbers(tmp_path):
+    run = reporting.RunFiles(fake_run(tmp_path, top5=True))
+    rows = {r["name"]: r for r in reporting.table_rows(run)}
+    assert [n for n in rows if rows[n]["section"] == "net"] == ["sub_net_0", "sub_net_1", "transfer",
+                                                               "transfer_T", "random_T"]
+    assert rows["sub_net_1"]["top1"] == 44.0 and rows["sub_net_1"]["top5"] == 72.0
+    assert rows["transfer_T"]["top5"] == 85.0 and rows["random_T"]["seconds"] == 30.0
+    assert rows["phase1_subnets"]["seconds"] == 12.0 and rows["phase2_compose"]["seconds"] == 1.0
+    assert rows["phase3_finetune"]["seconds"] == 8.0 and rows["dd_total"]["seconds"] == 21.0
+    assert rows["baseline_total"]["seconds"] == 30.0
+    assert rows["speedup"]["ratio"] == pytest.approx(30 / 21)
+    text = reporting.markdown([run])
+    assert "| sub_net_0 | 40.00 | 70.00 | 1.5000 | 10.0 |" in text
+    assert "| transfer_T | 60.00 | 85.00 | 1.0000 | 8.0 |" in text
+    assert "| speedup (baseline / DD) | 1.43x |" in text
+    assert "top-5 (%)" in text
+
+
+def test_markdown_without_top5_has_no_top5_column(tmp_path):
+    text = reporting.markdown([reporting.RunFiles(fake_run(tmp_path))])
+    assert "top-5" not in text
+    assert "| random_T | 55.00 | 1.1000 | 30.0 |" in text
+
+
+def test_several_runs_one_block_each_and_plots(tmp_path):
+    a, b = fake_run(tmp_path, "P2-N2"), fake_run(tmp_path, "P4-N2", world=4)
+    out = tmp_path / "out"
+    assert reporting.main([str(a), str(b), "--out", str(out)]) == 0
+    md = (out / "dd_report.md").read_text()
+    assert md.count("## ") == 2 and str(a) in md and str(b) in md
+    rows = list(csv.DictReader(io.StringIO((out / "dd_report.csv").read_text())))
+    assert {r["run"] for r in rows} == {str(a), str(b)}
+    assert {r["P"] for r in rows} == {"2", "4"}
+    for name in ("accuracy_vs_time.png", "phase_times.png"):
+        assert_png(out / name)
+    assert reporting.default_out([a, b]) == tmp_path.resolve()
+    assert reporting.default_out([a]) == a
+
+
+def test_dd_only_and_baseline_only_runs(tmp_path):
+    dd_only = fake_run(tmp_path, "dd")
+    report = json.loads((dd_only / "report.json").read_text())
+    report["random_T"] = None
+    report["timing"]["baseline_total"] = None
+    report["speedup"] = None
+    (dd_only / "report.json").write_text(json.dumps(report))
+    base_only = fake_run(tmp_path, "base")
+    report = json.loads((base_only / "report.json").read_text())
+    report.update(sub_nets=[], transfer=None, transfer_T=None,
+                  timing={"subnets": None, "compose": None, "finetune": None, "dd_total": None,
+                          "baseline_total": 30.0}, speedup=None)
+    (base_only / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert reporting.main([str(dd_only), str(base_only), "--out", str(out)]) == 0
+    names = [r["name"] for r in csv.DictReader(io.StringIO((out / "dd_report.csv").read_text()))]
+    assert "random_T" in names and "transfer_T" in names and "speedup" not in names
+    assert_png(out / "phase_times.png")
+
+
+def test_missing_report_is_a_usage_error(tmp_path, capsys):
+    assert reporting.main([str(tmp_path)]) == 2
+    assert "no report.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# A real run
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    result = run_dd(TINY_BOTH + ["--out", str(out)], nproc=2, timeout=900)
+    assert result.returncode == 0, explain(result)
+    return out
+
+
+@pytest.mark.slow
+def test_report_on_a_real_run(real_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.reporting", str(real_run), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report, metrics = read_report(real_run), read_metrics(real_run)
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO((tmp_path / "dd_report.csv").read_text()))}
+    for sub in report["sub_nets"]:
+        assert float(rows[f"sub_net_{sub['index']}"]["top1"]) == pytest.approx(sub["top1"])
+        assert float(rows[f"sub_net_{sub['index']}"]["seconds"]) == pytest.approx(sub["seconds"])
+    for name in ("transfer", "transfer_T", "random_T"):
+        assert float(rows[name]["top1"]) == pytest.approx(report[name]["top1"])
+        assert float(rows[name]["loss"]) == pytest.approx(report[name]["loss"])
+    for key, name in (("subnets", "phase1_subnets"), ("compose", "phase2_compose"),
+                      ("finetune", "phase3_finetune"), ("dd_total", "dd_total"),
+                      ("baseline_total", "baseline_total")):
+        assert float(rows[name]["seconds"]) == pytest.approx(report["timing"][key])
+    assert float(rows["speedup"]["ratio"]) == pytest.approx(report["speedup"])
+    md = (tmp_path / "dd_report.md").read_text()
+    assert f"| transfer_T | {report['transfer_T']['top1']:.2f} |" in md
+    assert f"| DD total | {report['timing']['dd_total']:.1f} |" in md
+    assert md in result.stdout
+
+    # The curves end where the report says the phases end, at the report's accuracies.
+    timeline = reporting.dd_timeline(report, metrics)
+    subnet_rows = [r for r in metrics if r["phase"] == "subnet"]
+    assert timeline["phase1"][-1][0] == pytest.approx(max(r["elapsed"] for r in subnet_rows))
+    assert timeline["phase1"][-1][0] == pytest.approx(report["timing"]["subnets"])
+    assert len(timeline["phase1"]) == 2  # --subnet-epochs 2, both groups merged per epoch
+    assert timeline["transfer"] == pytest.approx((report["timing"]["subnets"] + report["timing"]["compose"],
+                                                 report["transfer"]["top1"]))
+    assert timeline["finetune"][-1] == pytest.approx((report["timing"]["dd_total"], report["transfer_T"]["top1"]))
+    base = reporting.baseline_curve(metrics)
+    assert len(base) == 2
+    assert base[-1] == pytest.approx((report["timing"]["baseline_total"], report["random_T"]["top1"]))
+    for name in ("accuracy_vs_time.png", "phase_times.png"):
+        assert_png(tmp_path / name)
+
+
+@pytest.mark.slow
+def test_report_defaults_to_the_run_directory(real_run):
+    assert reporting.main([str(real_run)]) == 0
+    for name in reporting.REPORT_FILES:
+        assert (real_run / name).stat().st_size > 0
+    assert (real_run / "report.md").exists()  # dd-train's own file is left alone

@@ -1,0 +1,333 @@
+"""dd-scaling: sweeps, the collected CSV (efficiency, speedup, time to accuracy) and the
+alpha-beta performance model, on hand-computed cases and on a real local sweep."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_reporting import assert_png, fake_run
+
+from dd_mpi import scaling
+from dd_mpi.reporting import RunFiles
+from dd_mpi.scaling import Network, Workload
+
+REPO = Path(__file__).resolve().parent.parent
+# The README's tiny sweep: one torch thread per rank (see the README's note on loaded machines)
+TINY = ["--threads", "1", "--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
+        "--subnet-epochs", "1", "--finetune-epochs", "1", "--baseline-epochs", "2",
+        "--train-samples", "256", "--test-samples", "128", "--batch-size", "32"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(Path(path).read_text())))
+
+
+def metrics_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def num(value: str) -> float | None:
+    return float(value) if value != "" else None
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments and sweeps
+def test_lists_and_pairs():
+    assert scaling.int_list("1,2,4") == [1, 2, 4]
+    assert scaling.gpu_list("8-64") == [8, 16, 32, 64]
+    assert scaling.gpu_list("8,24") == [8, 24]
+    assert scaling.valid_pairs([1, 2, 4], [1, 2, 4]) == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
+    assert scaling.valid_pairs([3], [2]) == []
+
+
+def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
+    for flag in ("--nproc", "--out", "--subnets"):
+        assert scaling.main(["--local", "--nprocs", "1", "--out", str(tmp_path), "--", flag, "2"]) == 2
+        assert flag in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_slurm_dry_run_command(capsys):
+    rc = scaling.main(["--slurm", "--dry-run", "--nodes", "1,2", "--subnets", "2,4", "--tasks-per-node", "8",
+                       "--out", "runs/study", "--sbatch", "-p gpu -A proj", "--",
+                       "--preset", "cifar10-resnet32"])
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("NODES='1 2' SUBNETS='2 4' TASKS_PER_NODE=8 STUDY=runs/study bash ")
+    assert line.endswith("slurm/scaling_study.sh -p gpu -A proj -- --strategy both --preset cifar10-resnet32")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_slurm_runs_the_study_script_with_our_environment(tmp_path):
+    """slurm/scaling_study.sh under a stand-in sbatch that records what it is asked."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(f"""#!/bin/bash
+n=$(( $(cat {record}/count 2>/dev/null || echo 0) + 1 )); echo $n > {record}/count
+echo "$*" >> {record}/calls
+if [[ " $* " == *" --job-name=scaling-report "* ]]; then cat > {record}/report_job.sh; fi
+echo "10$n"
+""")
+    fake.chmod(0o755)
+    study = tmp_path / "study"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.scaling", "--slurm", "--nodes", "1,2",
+                             "--subnets", "2,4", "--tasks-per-node", "2", "--out", str(study),
+                             "--", "--device", "cpu"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (record / "calls").read_text().splitlines()
+    runs = [c for c in calls if "scaling-report" not in c]
+    # 1 node x 2 ranks: N=2 only; 2 nodes x 2 ranks: N=2 and N=4
+    assert len(runs) == 3, calls
+    for nodes, n in ((1, 2), (2, 2), (2, 4)):
+        match = [c for c in runs if f"--nodes={nodes} " in c and f"--subnets {n} " in c]
+        assert len(match) == 1, (nodes, n, runs)
+        assert "--strategy both --device cpu" in match[0]
+        assert match[0].endswith(f"--out {study}/nodes{nodes}-N{n}")
+    assert f"dd-scaling --collect {study}" in (record / "report_job.sh").read_text()
+    assert f"study={study}" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Efficiency, speedup, time to accuracy
+def test_efficiency_arithmetic():
+    assert scaling.strong_efficiency(10.0, 1, 6.0, 2) == pytest.approx(10 / 12)  # t1 / (P tP)
+    assert scaling.strong_efficiency(10.0, 1, 2.5, 4) == pytest.approx(1.0)
+    assert scaling.strong_efficiency(8.0, 2, 5.0, 4) == pytest.approx(16 / 20)  # reference at P=2
+    assert scaling.weak_efficiency(100.0, 1, 180.0, 2) == pytest.approx(0.9)  # ips_P / (P ips_1)
+    assert scaling.weak_efficiency(200.0, 2, 320.0, 4) == pytest.approx(0.8)
+    assert scaling.speedup(30.0, 20.0) == pytest.approx(1.5)
+    assert scaling.speedup(None, 20.0) is None
+
+
+def test_time_to_target():
+    curve = [(1.0, 10.0), (2.0, 50.0), (3.0, 40.0), (4.0, 60.0)]
+    assert scaling.time_to_target(curve, 50.0) == 2.0
+    assert scaling.time_to_target(curve, 55.0) == 4.0
+    assert scaling.time_to_target(curve, 70.0) is None
+
+
+def test_add_efficiencies_against_the_smallest_p():
+    def row(P, N, strategy, phase, t, ips):
+        return {"P": P, "N": N, "strategy": strategy, "phase": phase, "seconds_per_epoch": t, "seconds": t,
+                "images_per_s": ips}
+    rows = [row(1, 1, "baseline", "baseline", 10.0, 100.0), row(2, 1, "baseline", "baseline", 6.0, 170.0),
+            row(2, 2, "baseline", "baseline", 5.0, 190.0), row(4, 2, "baseline", "baseline", 4.0, 250.0),
+            row(2, 2, "dd", "subnet", 3.0, 300.0), row(4, 2, "dd", "subnet", 2.0, 450.0),
+            row(4, 4, "dd", "subnet", 1.0, 900.0)]
+    scaling.add_efficiencies(rows)
+    base = [r for r in rows if r["strategy"] == "baseline"]
+    assert [r["P_ref"] for r in base] == [1, 1, 1, 1]  # the baseline's work does not depend on N
+    assert [r["strong_efficiency"] for r in base] == pytest.approx([1.0, 10 / 12, 1.0, 10 / 16])
+    assert [r["weak_efficiency"] for r in base] == pytest.approx([1.0, 0.85, 0.95, 0.625])
+    sub2 = [r for r in rows if r["phase"] == "subnet" and r["N"] == 2]
+    assert [r["P_ref"] for r in sub2] == [2, 2]  # phase 1 with N=2 needs P >= 2
+    assert sub2[1]["strong_efficiency"] == pytest.approx(3.0 * 2 / (4 * 2.0))
+    assert sub2[1]["weak_efficiency"] == pytest.approx((450 / 4) / (300 / 2))
+    sub4 = [r for r in rows if r["phase"] == "subnet" and r["N"] == 4]
+    assert sub4[0]["strong_efficiency"] == 1.0 and sub4[0]["P_ref"] == 4
+
+
+def test_run_rows_on_a_known_run(tmp_path):
+    run = RunFiles(fake_run(tmp_path))
+    rows = {(r["strategy"], r["phase"]): r for r in scaling.run_rows(run)}
+    sub = rows[("dd", "subnet")]
+    assert sub["images_per_s"] == 190.0 and sub["images_per_s_per_rank"] == 95.0  # groups summed
+    assert sub["seconds_per_epoch"] == 6.0 and sub["seconds"] == 12.0  # the slowest group
+    assert sub["final_top1"] == 42.0  # the sub-nets' mean
+    assert rows[("dd", "finetune")]["images_per_s"] == 60.0 and rows[("dd", "finetune")]["seconds_per_epoch"] == 4.0
+    assert rows[("baseline", "baseline")]["images_per_s"] == 50.0
+    assert rows[("dd", "compose")]["final_top1"] == 50.0 and rows[("dd", "compose")]["seconds"] == 1.0
+    total = rows[("dd", "total")]
+    # default target: min(transfer_T 60, random_T 55) = 55; DD reaches it at 13 + 4, the baseline at 30
+    assert total["target_top1"] == 55.0
+    assert total["time_to_target"] == 17.0 and rows[("baseline", "total")]["time_to_target"] == 30.0
+    assert total["tta_speedup"] == pytest.approx(30 / 17)
+    assert total["speedup"] == pytest.approx(30 / 21) and total["seconds"] == 21.0
+    rows50 = {(r["strategy"], r["phase"]): r for r in scaling.run_rows(run, target=50.0)}
+    assert rows50[("dd", "total")]["time_to_target"] == 13.0  # the composed net already has it
+    assert rows50[("baseline", "total")]["time_to_target"] == 20.0
+    assert scaling.run_rows(run, target=99.0)[-1]["time_to_target"] is None
+
+
+def test_collect_writes_csv_and_plot(tmp_path):
+    fake_run(tmp_path / "study", "P2-N2")
+    fake_run(tmp_path / "study", "P4-N2", world=4)
+    assert scaling.main(["--collect", str(tmp_path / "study")]) == 0
+    rows = read_csv(tmp_path / "study" / "scaling.csv")
+    assert set(scaling.SCALING_FIELDS) <= set(rows[0])
+    assert len(rows) == 2 * 6
+    assert_png(tmp_path / "study" / "scaling.png")
+    assert scaling.main(["--collect", str(tmp_path / "nothing-here")]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# The model's formulas, by hand
+NET = Network(alpha=1e-5, beta=1e9)
+
+
+def test_ring_allreduce_and_collectives():
+    # 2(p-1)α + 2((p-1)/p) n/β = 6e-5 + 1.5e-3
+    assert scaling.ring_allreduce_seconds(1e6, 4, NET) == pytest.approx(1.56e-3)
+    assert scaling.ring_allreduce_seconds(0, 2, NET) == pytest.approx(2e-5)
+    assert scaling.ring_allreduce_seconds(1e9, 1, NET) == 0.0
+    # (⌈log2 8⌉ + 7)α + 2(7/8) n/β
+    assert scaling.broadcast_seconds(1e6, 8, NET) == pytest.approx(1e-4 + 1.75e-3)
+    # ⌈log2 4⌉α + 3m/β
+    assert scaling.gather_seconds(1e6, 4, NET) == pytest.approx(2e-5 + 3e-3)
+    assert scaling.gather_seconds(1e6, 1, NET) == 0.0
+    # 60 MiB in DDP's 25 MiB buckets: 3 latency terms, one bandwidth term
+    net = Network(alpha=1e-5, beta=1e10)
+    assert scaling.gradient_allreduce_seconds(60 * 2 ** 20, 2, net) == pytest.approx(6e-5 + 60 * 2 ** 20 / 1e10)
+    assert scaling.gradient_allreduce_seconds(1e6, 4, NET) == scaling.ring_allreduce_seconds(1e6, 4, NET)
+
+
+def test_epoch_and_projection_by_hand():
+    # 1000 samples on 4 ranks: 250 each, 8 steps of 32; 2.5 s compute + 8 x 1.56 ms
+    assert scaling.epoch_seconds(1000, 4, 32, 0.01, 1e6, NET) == pytest.approx(2.5 + 8 * 1.56e-3)
+    w = Workload(samples=1024, batch=32, global_params=1_000_000, subnet_params=250_000, subnets=2,
+                 global_sample_s=0.004, subnet_sample_s=0.002, subnet_epochs=3, finetune_epochs=1,
+                 baseline_epochs=4, compose_s=0.1)
+    r = scaling.project(w, 8, NET)
+    # phase 1: 4 ranks per group, 256 samples each, 8 steps; allreduce of 1e6 B over 4 = 1.56e-3
+    assert r["subnet_epoch_s"] == pytest.approx(0.512 + 8 * 1.56e-3)
+    # global: 8 ranks, 128 samples each, 4 steps; allreduce of 4e6 B over 8 = 1.4e-4 + 7e-3
+    assert r["global_epoch_s"] == pytest.approx(0.512 + 4 * 7.14e-3)
+    # compose: gather 2 x 1e6 B (1.01e-3) + 0.1 s + broadcast 4e6 B to 8 (1e-4 + 7e-3)
+    assert r["compose_s"] == pytest.approx(1.01e-3 + 0.1 + 7.1e-3)
+    assert r["dd_seconds"] == pytest.approx(3 * 0.52448 + 0.10811 + 0.54056)
+    assert r["baseline_seconds"] == pytest.approx(4 * 0.54056)
+    assert r["speedup"] == pytest.approx(2.16224 / 2.22211)
+    assert r["comm_share_subnet"] == pytest.approx(8 * 1.56e-3 / 0.52448)
+    # shard: each group sees 1024/2 samples
+    shard = scaling.project(Workload(**{**w.__dict__, "subnet_data": "shard"}), 8, NET)
+    assert shard["subnet_epoch_s"] == pytest.approx(0.256 + 4 * 1.56e-3)
+    assert not scaling.projectable(w, 2048)  # fewer samples than ranks
+    assert not scaling.projectable(Workload(**{**w.__dict__, "subnets": 3}), 8)
+
+
+def test_fit_alpha_beta_recovers_the_line():
+    alpha, beta, p = 2e-5, 1e9, 4
+    timings = {n: 2 * (p - 1) * alpha + 2 * (p - 1) / p * n / beta for n in (4, 1024, 1 << 20, 4 << 20)}
+    net = scaling.fit_alpha_beta(timings, p)
+    assert net.alpha == pytest.approx(alpha, rel=1e-6) and net.beta == pytest.approx(beta, rel=1e-6)
+
+
+def test_subnet_has_about_a_quarter_of_the_parameters():
+    g, s, g_macs, s_macs = scaling.model_params({"arch": "resnet20", "width": 1.0, "dataset": "synthetic"}, 2)
+    assert g == 269_722  # ResNet20 with option A (akamaster's table)
+    assert s == pytest.approx(g / 4, rel=0.02) and s_macs == pytest.approx(g_macs / 4, rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------
+# A real local sweep, collected and modelled
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling") / "study"
+    cmd = [sys.executable, "-m", "dd_mpi.scaling", "--local", "--nprocs", "1,2", "--subnets", "1,2",
+           "--out", str(out), "--", *TINY]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_local_sweep_end_to_end(sweep):
+    out, result = sweep
+    runs = {name: json.loads((out / name / "report.json").read_text()) for name in ("P1-N1", "P2-N1", "P2-N2")}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["P1-N1", "P2-N1", "P2-N2"]
+    for name, report in runs.items():
+        assert report["world_size"] == int(name[1]) and report["config"]["subnets"] == int(name[-1])
+        assert report["config"]["strategy"] == "both"
+    rows = read_csv(out / "scaling.csv")
+    assert len(rows) == 3 * 6  # per run: subnet, compose, finetune, baseline, and the two totals
+    by = {(Path(r["run"]).name, r["strategy"], r["phase"]): r for r in rows}
+    for name, report in runs.items():
+        assert num(by[(name, "dd", "total")]["seconds"]) == pytest.approx(report["timing"]["dd_total"])
+        assert num(by[(name, "baseline", "total")]["seconds"]) == pytest.approx(report["timing"]["baseline_total"])
+        assert num(by[(name, "dd", "total")]["speedup"]) == pytest.approx(report["speedup"])
+        assert num(by[(name, "dd", "total")]["final_top1"]) == pytest.approx(report["transfer_T"]["top1"])
+        metrics = metrics_of(out / name)
+        base = [m for m in metrics if m["phase"] == "baseline"]
+        assert num(by[(name, "baseline", "baseline")]["images_per_s"]) == pytest.approx(
+            sum(m["images_per_s"] for m in base) / len(base))
+        for strategy in ("dd", "baseline"):
+            tta = num(by[(name, strategy, "total")]["time_to_target"])
+            assert tta is not None and 0 < tta <= num(by[(name, strategy, "total")]["seconds"]) + 1e-9
+    for r in rows:
+        if r["P"] == "1" and r["phase"] != "compose":
+            assert num(r["strong_efficiency"]) == pytest.approx(1.0)
+    t1 = num(by[("P1-N1", "baseline", "baseline")]["seconds_per_epoch"])
+    t2 = num(by[("P2-N1", "baseline", "baseline")]["seconds_per_epoch"])
+    assert num(by[("P2-N1", "baseline", "baseline")]["strong_efficiency"]) == pytest.approx(t1 / (2 * t2))
+    assert num(by[("P2-N2", "dd", "subnet")]["P_ref"]) == 2  # no N=2 run at P=1
+    for name in ("scaling.png", "accuracy_vs_time.png", "phase_times.png"):
+        assert_png(out / name)
+    assert "P2-N2" in (out / "dd_report.md").read_text()
+
+    # A second call keeps what is finished
+    again = subprocess.run([sys.executable, "-m", "dd_mpi.scaling", "--local", "--nprocs", "1,2", "--subnets",
+                            "1,2", "--out", str(out), "--", *TINY], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 3, again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_model_validates_and_projects_on_the_sweep(sweep, tmp_path):
+    study, _ = sweep
+    out = tmp_path / "model"
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.scaling", "--model", str(study), "--alpha", "1e-4",
+                             "--beta", "1e9", "--gpus", "8-64", "--samples", "50000", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "predicted vs measured" in result.stdout and "mean |relative error|" in result.stdout
+    checks = read_csv(out / "model_validation.csv")
+    assert len(checks) == 9  # 3 runs x (phase 1, fine-tune, baseline)
+
+    # Recompute one prediction by hand: the global net's c from the P=1 run (no communication:
+    # the mean of its three phases' seconds per sample), then the 2-rank baseline epoch.
+    net = Network(alpha=1e-4, beta=1e9)
+    g_params = 269_722
+    p1 = metrics_of(study / "P1-N1")
+    per_phase = []
+    for phase in ("subnet", "finetune", "baseline"):
+        rows = [m for m in p1 if m["phase"] == phase]
+        per_phase.append(sum(256 / m["images_per_s"] for m in rows) / len(rows) / 256)
+    c_g = sum(per_phase) / 3
+    expected = 128 * c_g + 4 * scaling.gradient_allreduce_seconds(4 * g_params, 2, net)
+    row = next(r for r in checks if Path(r["run"]).name == "P2-N1" and r["phase"] == "baseline")
+    assert num(row["predicted_s"]) == pytest.approx(expected, rel=1e-9)
+    measured = [m for m in metrics_of(study / "P2-N1") if m["phase"] == "baseline"]
+    assert num(row["measured_s"]) == pytest.approx(sum(256 / m["images_per_s"] for m in measured) / len(measured))
+    assert num(row["relative_error"]) == pytest.approx((expected - num(row["measured_s"])) / num(row["measured_s"]))
+    # phase 1 of P2-N2 (one rank per group) is its own calibration: exact
+    own = next(r for r in checks if Path(r["run"]).name == "P2-N2" and r["phase"] == "subnet")
+    assert own["calibration"] == "True" and abs(num(own["relative_error"])) < 1e-9
+
+    projection = read_csv(out / "model_projection.csv")
+    assert [int(r["P"]) for r in projection] == [8, 16, 32, 64]
+    for r in projection:
+        assert num(r["dd_seconds"]) > 0 and num(r["speedup"]) == pytest.approx(
+            num(r["baseline_seconds"]) / num(r["dd_seconds"]))
+    assert_png(out / "model.png")
+
+
+@pytest.mark.slow
+def test_measure_comm_with_gloo():
+    net, timings = scaling.measure_network(2, repeats=5)
+    assert sorted(timings) == sorted(timings, key=float) and len(timings) == 6
+    assert net.alpha > 0 and net.beta > 0 and math.isfinite(net.beta)
