@@ -1,0 +1,66 @@
+"""Shared by the benchmarks: the machine line, running dd-train, reading its outputs.
+
+Every benchmark prints the exact command and the machine first (timings mean nothing
+without them) and its headline ratio last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU model, usable cores, load (other jobs skew timings), GPU if any, torch."""
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu_model()}, {cores} cores (load average {load:.1f} at start){gpu}, torch {torch.__version__}"
+
+
+def print_header(title: str) -> None:
+    print(f"# {title}")
+    print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    print("machine: " + machine(), flush=True)
+
+
+def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 7200) -> tuple[dict, list[dict]]:
+    """One dd-train job on ``nproc`` local ranks; returns (report.json, metrics.jsonl rows).
+    Its output goes to OUT/log.txt; on failure the tail is shown and we stop."""
+    cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(nproc), *args, "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}  # we are no rank
+    out.mkdir(parents=True, exist_ok=True)
+    print("  $ " + shlex.join(["dd-train", *cmd[3:]]), flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    (out / "log.txt").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        sys.exit(f"dd-train failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
+    print(f"    done in {time.perf_counter() - start:.0f} s wall (incl. start-up), outputs in {out}", flush=True)
+    report = json.loads((out / "report.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return report, metrics
+
+
+def default_out(name: str) -> Path:
+    return REPO / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,81 @@
+"""Phase-1 speed: seconds per epoch of phase 1 (all N groups in parallel) vs one epoch of the
+global net on the same ranks, next to the FLOP-count ideal.
+
+    python benchmarks/phase_speed.py --quick            # ~3 minutes on 2 cores
+    python benchmarks/phase_speed.py --nproc 8 --arch resnet32 --width 4 --subnets 4
+
+One dd-train job trains the sub-nets (``--subnet-data full``) and the baseline for the same
+number of epochs, a second one the sub-nets on shards. Evaluation runs only after the last
+epoch, which is left out, so every epoch timed is pure training. The ideal ratio is the
+global net's multiply-accumulates over the work of one phase-1 rank: N (full: each group of
+P/N ranks sees all data with a net of ~1/N² the FLOPs) or N² (shard: 1/N of the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from harness import default_out, print_header, run_dd_train
+
+from dd_mpi.config import parse_config
+from dd_mpi.decompose import subnet_spec
+from dd_mpi.inspect import model_sizes
+
+QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
+         "--test-samples", "256", "--batch-size", "32"]
+NEVER = "1000000"  # --eval-every: evaluate only after the last epoch
+
+
+def seconds_per_epoch(metrics: list[dict], phase: str) -> float:
+    """Median training seconds of an epoch, the slowest group's (groups run side by side);
+    the last epoch (it also evaluates) is left out."""
+    rows = [r for r in metrics if r["phase"] == phase]
+    last = max(r["epoch"] for r in rows)
+    by_group: dict = {}
+    for r in rows:
+        if r["epoch"] < last:
+            by_group.setdefault(r["group"], []).append(r["seconds"])
+    return max(statistics.median(v) for v in by_group.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
+    parser.add_argument("--quick", action="store_true", help="small synthetic run")
+    parser.add_argument("--epochs", type=int, help="epochs per phase (default 3 with --quick, else 5)")
+    parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-speed-TIME)")
+    args, dd_args = parser.parse_known_args()
+    epochs = str(args.epochs or (3 if args.quick else 5))
+    dd_args = [*(QUICK if args.quick else []), *dd_args, "--subnet-epochs", epochs, "--baseline-epochs",
+               epochs, "--finetune-epochs", "0", "--eval-every", NEVER]
+    out = (args.out or default_out("speed")).resolve()
+    print_header("phase-1 epoch vs global epoch")
+
+    cfg = parse_config(dd_args)
+    n, spec = cfg.subnets, cfg.model_spec(10)
+    size = cfg.image_size or spec.default_image_size
+    global_flops, sub_flops = model_sizes(spec, size)[1], model_sizes(subnet_spec(spec, n), size)[1]
+    ideal = {"full": global_flops / sub_flops / n, "shard": global_flops / sub_flops}  # ~N, ~N²
+
+    full_report, full_metrics = run_dd_train([*dd_args, "--strategy", "both", "--subnet-data", "full"],
+                                             args.nproc, out / "full")
+    _, shard_metrics = run_dd_train([*dd_args, "--strategy", "dd", "--subnet-data", "shard"],
+                                    args.nproc, out / "shard")
+    global_epoch = seconds_per_epoch(full_metrics, "baseline")
+    print(f"setup: {cfg.arch} width {cfg.width:g}, {n} sub-nets, {args.nproc} ranks, batch "
+          f"{cfg.batch_size}/rank, {full_report['config']['dataset']}, {epochs} epochs per phase "
+          f"(the last, with evaluation, not timed)")
+    print(f"global net: {global_epoch:.2f} s/epoch on {args.nproc} ranks")
+    ratios = {}
+    for mode, metrics in (("full", full_metrics), ("shard", shard_metrics)):
+        phase1 = seconds_per_epoch(metrics, "subnet")
+        ratios[mode] = global_epoch / phase1
+        print(f"phase 1 ({mode}): {phase1:.2f} s/epoch; global / phase 1 = {ratios[mode]:.2f} "
+              f"(FLOP ideal {ideal[mode]:.2f}, {100 * ratios[mode] / ideal[mode]:.0f} % of it)")
+    print(f"speed ratio: {ratios['full']:.2f} (full; shard {ratios['shard']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Time to accuracy: DD (phase 1 + compose + phase 3) vs the conventional baseline.
+
+    python benchmarks/time_to_accuracy.py --quick      # ~3 minutes on 2 quiet cores
+    python benchmarks/time_to_accuracy.py              # dd-train's demo settings (~10 minutes)
+    python benchmarks/time_to_accuracy.py --nproc 8 --preset cifar10-resnet32 --data-dir ~/data
+
+Same P ranks, data, global architecture and evaluation cadence (every epoch) for both; any
+flag this script does not know goes to dd-train unchanged. Target = the baseline's final test
+top-1 (or --target). Baseline time-to-target = its ``elapsed`` at the first epoch at or above
+the target; DD's = phase 1 (the slowest group, ``timing.subnets``) + compose, plus the
+fine-tune's ``elapsed`` at its first epoch at or above the target, unless the composed net
+(``transfer``) is already there. Both include their per-epoch evaluations. Phase 1 runs once
+with ``--subnet-data full`` and once with ``shard``, against the same baseline run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness import default_out, print_header, run_dd_train
+
+# --quick: the synthetic task at a size that takes a few minutes on 2 cores. Epoch split
+# from the search in BENCHMARKS.md: most epochs in phase 1 (cheap), one fine-tune epoch;
+# the baseline gets the same total budget (5 + 1 = 6 epochs).
+QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
+         "--batch-size", "32", "--subnet-epochs", "5", "--finetune-epochs", "1", "--baseline-epochs", "6"]
+
+
+def time_to_target_baseline(metrics: list[dict], target: float) -> float | None:
+    rows = sorted((r for r in metrics if r["phase"] == "baseline"), key=lambda r: r["epoch"])
+    return next((r["elapsed"] for r in rows if r["test_top1"] >= target), None)
+
+
+def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple[float | None, str]:
+    """(seconds, where): at compose, after fine-tune epoch k, or (None, "never")."""
+    timing = report["timing"]
+    # The groups run in parallel: the slowest counts. The composed net's evaluation is in
+    # ``transfer_eval`` where dd-train records it (older reports leave it out: ~one evaluation).
+    composed = timing["subnets"] + timing["compose"] + (timing.get("transfer_eval") or 0.0)
+    if report["transfer"]["top1"] >= target:
+        return composed, "at compose"
+    rows = sorted((r for r in metrics if r["phase"] == "finetune"), key=lambda r: r["epoch"])
+    row = next((r for r in rows if r["test_top1"] >= target), None)
+    return (None, "never") if row is None else (composed + row["elapsed"], f"fine-tune epoch {row['epoch']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
+    parser.add_argument("--quick", action="store_true", help="small synthetic run (minutes on 2 cores)")
+    parser.add_argument("--target", type=float, help="test top-1 in %% (default: the baseline's final)")
+    parser.add_argument("--modes", default="full,shard", help="--subnet-data values to run for phase 1")
+    parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-tta-TIME)")
+    args, dd_args = parser.parse_known_args()
+    dd_args = (QUICK if args.quick else []) + dd_args  # flags given after --quick win
+    modes = args.modes.split(",")
+    out = (args.out or default_out("tta")).resolve()
+    print_header("time to accuracy: DD vs the conventional baseline")
+
+    runs = {}  # mode -> (report, metrics); the first run also trains the baseline
+    for i, mode in enumerate(modes):
+        strategy = "both" if i == 0 else "dd"
+        runs[mode] = run_dd_train([*dd_args, "--strategy", strategy, "--subnet-data", mode],
+                                  args.nproc, out / mode)
+    base_report, base_metrics = runs[modes[0]]
+    cfg = base_report["config"]
+    dd_epochs = cfg["subnet_epochs"] + cfg["finetune_epochs"]
+    print(f"setup: {cfg['arch']} width {cfg['width']:g}, {cfg['subnets']} sub-nets, {args.nproc} ranks, "
+          f"batch {cfg['batch_size']}/rank, {cfg['dataset']}; epochs: DD {cfg['subnet_epochs']} phase 1 + "
+          f"{cfg['finetune_epochs']} fine-tune = {dd_epochs}, baseline {cfg['baseline_epochs']}")
+    if cfg["baseline_epochs"] < dd_epochs:
+        print(f"WARNING: the baseline has fewer epochs ({cfg['baseline_epochs']}) than DD ({dd_epochs}): unfair")
+
+    base_final = base_report["random_T"]["top1"]
+    target = args.target if args.target is not None else base_final
+    base_total = base_report["timing"]["baseline_total"]
+    base_time = time_to_target_baseline(base_metrics, target)
+    print(f"target: {target:.2f} % test top-1")
+    if base_final < min(s["top1"] for s in base_report["sub_nets"]):  # a wide net losing to its own parts
+        print("WARNING: the baseline ends below every sub-net: it probably diverged early (LR too high for "
+              "its global batch?); the target is then too easy: check --baseline-lr / --batch-size")
+    print(f"baseline: final {base_final:.2f} %, total {base_total:.1f} s, to target "
+          + (f"{base_time:.1f} s" if base_time is not None else "never"))
+
+    results = {}
+    for mode, (report, metrics) in runs.items():
+        t = report["timing"]
+        final = report["transfer_T"]["top1"]
+        dd_time, where = time_to_target_dd(report, metrics, target)
+        if dd_time is not None and base_time is not None:
+            speedup, marker = base_time / dd_time, ""
+        else:  # one side never got there: fall back to total times, and say so
+            speedup, marker = base_total / t["dd_total"], " [ratio of TOTAL times: target not reached]"
+        results[mode] = (speedup, marker, final)
+        print(f"DD {mode}: phase 1 {t['subnets']:.1f} s + compose {t['compose']:.2f} s + fine-tune "
+              f"{t['finetune']:.1f} s = {t['dd_total']:.1f} s; sub-nets "
+              f"{', '.join(format(s['top1'], '.2f') for s in report['sub_nets'])} %, composed "
+              f"{report['transfer']['top1']:.2f} %, final {final:.2f} %; to target "
+              + (f"{dd_time:.1f} s ({where})" if dd_time is not None else "never")
+              + f"; speedup {speedup:.2f}{marker}")
+
+    # The better default: the fastest mode that reaches the target and ends at or above the
+    # baseline's final accuracy; if none does, the most accurate one.
+    fair = [m for m in modes if results[m][2] >= base_final and not results[m][1]]
+    best = max(fair, key=lambda m: results[m][0]) if fair else max(modes, key=lambda m: results[m][2])
+    if len(modes) > 1:
+        print(f"better default: --subnet-data {best} (speedup {results[best][0]:.2f}, final "
+              f"{results[best][2]:.2f} % vs baseline {base_final:.2f} %)")
+    speedup, marker, _ = results[modes[0]]
+    print(f"speedup: {speedup:.2f}{marker}")
+
+
+if __name__ == "__main__":
+    main()
