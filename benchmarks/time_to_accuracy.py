@@ -35,11 +35,11 @@ def time_to_target_baseline(metrics: list[dict], target: float) -> float | None:
 def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple[float | None, str]:
     """(seconds, where): at compose, after fine-tune epoch k, or (None, "never")."""
     timing = report["timing"]
-    # The groups run in parallel: the slowest counts. The composed net's evaluation is in
-    # ``transfer_eval`` where dd-train records it (older reports leave it out: ~one evaluation).
-    composed = timing["subnets"] + timing["compose"] + (timing.get("transfer_eval") or 0.0)
+    # The groups run in parallel: the slowest counts. Phase 3's elapsed starts with the
+    # composed net's evaluation (``transfer_eval``), which the at-compose case pays too.
+    composed = timing["subnets"] + timing["compose"]
     if report["transfer"]["top1"] >= target:
-        return composed, "at compose"
+        return composed + timing["transfer_eval"], "at compose"
     rows = sorted((r for r in metrics if r["phase"] == "finetune"), key=lambda r: r["epoch"])
     row = next((r for r in rows if r["test_top1"] >= target), None)
     return (None, "never") if row is None else (composed + row["elapsed"], f"fine-tune epoch {row['epoch']}")

@@ -203,8 +203,16 @@ class Comm:
 
 # --- flat buffers: one contiguous tensor per model, for broadcast, gather and checksums ---
 def flatten_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """All entries (integer counters too, exact below 2^24) as one float32 CPU vector."""
-    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in state.values()])
+    """All entries (integer counters too, exact below 2^24) as one float32 CPU vector.
+
+    Each entry is copied once, straight into its slice: ``reshape(-1)`` + ``cat`` would copy
+    every channels-last weight twice and hold both copies at once (phase 2's peak memory)."""
+    flat = torch.empty(sum(t.numel() for t in state.values()), dtype=torch.float32)
+    offset = 0
+    for t in state.values():
+        flat[offset:offset + t.numel()].view(t.shape).copy_(t.detach())  # logical (NCHW) order
+        offset += t.numel()
+    return flat
 
 
 def unflatten_state(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,9 +224,10 @@ def unflatten_state(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[s
 
 
 def unflatten_into(model: nn.Module, flat: torch.Tensor) -> None:
+    state = model.state_dict()  # once: building it per entry made this quadratic in the depth
     with torch.no_grad():
-        for key, value in unflatten_state(flat, model.state_dict()).items():
-            model.state_dict()[key].copy_(value)
+        for key, value in unflatten_state(flat, state).items():
+            state[key].copy_(value)
 
 
 def checksum(model: nn.Module) -> str:

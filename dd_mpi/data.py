@@ -90,24 +90,40 @@ class Batches:
                 raise UsageError(last.split("UsageError: ", 1)[-1], everywhere=False) from None
 
     def _in_memory(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[start:start + self.batch_size]
-            images = self.split.images[idx.to(self.split.images.device)].to(self.device, non_blocking=True)
-            labels = self.split.labels[idx.to(self.split.labels.device)].to(self.device, non_blocking=True)
-            if self.augment_generator is not None:
-                images = random_crop_flip(images, self.augment_generator)
+        # Everything random or indexed is drawn for the whole epoch and moved to the device
+        # once: per-batch host-to-device copies of small tensors each wait for the GPU queue.
+        images_device = self.split.images.device
+        indices = self.indices.to(images_device)
+        crops = None
+        if self.augment_generator is not None:
+            crops = [t.to(images_device) for t in draw_crop_flip(len(indices), self.split.images.shape[2],
+                                                                 self.augment_generator)]
+        for start in range(0, len(indices), self.batch_size):
+            idx = indices[start:start + self.batch_size]
+            images = self.split.images[idx].to(self.device, non_blocking=True)
+            labels = self.split.labels[idx].to(self.device, non_blocking=True)
+            if crops is not None:
+                dy, dx, flip = (t[start:start + self.batch_size].to(self.device) for t in crops)
+                images = random_crop_flip(images, dy, dx, flip)
             images = (images.float().div_(255) - self.mean) / self.std
             yield images.contiguous(memory_format=torch.channels_last), labels
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """CIFAR augmentation on a uint8 batch: zero-pad by size/8, random crop, random h-flip."""
+def draw_crop_flip(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Crop offsets (dy, dx in 0..2*size/8) and flips for ``n`` images, from ``generator``."""
+    pad = size // 8
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """CIFAR augmentation on a uint8 batch: zero-pad by size/8, crop at (dy, dx), h-flip
+    where ``flip``; one gather, no per-image loop."""
     n, _, h, w = images.shape
     pad = h // 8
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
     rows = dy[:, None] + torch.arange(h, device=images.device)
     cols = dx[:, None] + torch.arange(w, device=images.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)

@@ -131,7 +131,9 @@ def run_domain_decomposition(ctx: Context) -> dict:
     start = time.perf_counter()
     composed, sub_reports, checksums = gather_and_compose(ctx, sub, sub_spec, leaders, layout)
     compose_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     transfer = evaluate(composed, ctx.plan.test(world.comm), world.comm, ctx.num_classes, ctx.bf16)
+    transfer_eval_seconds = time.perf_counter() - start
     transfer["seconds"] = compose_seconds
     log(f"phase 2: composed {composed_spec(sub_spec, cfg.subnets).arch} width {cfg.width:g} in "
         f"{compose_seconds:.2f}s; transfer (before fine-tune) top-1 {transfer['top1']:.2f}%", rank=world.rank)
@@ -140,13 +142,15 @@ def run_domain_decomposition(ctx: Context) -> dict:
     recipe = _recipe(cfg, "finetune", cfg.finetune_epochs, cfg.finetune_warmup_epochs)
     finetuned = train_phase(ctx, "finetune", composed, world.comm, recipe, stream=200,
                             pool=torch.arange(split_size(ctx.plan.data.train)), group=None,
-                            initial_test=transfer)
+                            initial_test=transfer, initial_seconds=transfer_eval_seconds)
     subnets_seconds = max(r["seconds"] for r in sub_reports)
     return {
         "sub_nets": sub_reports, "transfer": _public(transfer),
         "transfer_T": _public({**finetuned.test, "seconds": finetuned.seconds}),
         "groups": layout, "checksums": checksums,
+        # the composed net's evaluation opens phase 3: inside "finetune", also given alone
         "timing": {"subnets": subnets_seconds, "compose": compose_seconds, "finetune": finetuned.seconds,
+                   "transfer_eval": transfer_eval_seconds,
                    "dd_total": subnets_seconds + compose_seconds + finetuned.seconds},
     }
 
@@ -197,8 +201,11 @@ def run_baseline(ctx: Context) -> dict:
 # ---------------------------------------------------------------------------------------
 def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: Recipe, *,
                 stream: int, pool: torch.Tensor, group: int | None,
-                initial_test: dict | None = None) -> PhaseResult:
-    """Train ``model`` on ``comm`` for ``recipe.epochs``, resuming from this phase's checkpoints."""
+                initial_test: dict | None = None, initial_seconds: float = 0.0) -> PhaseResult:
+    """Train ``model`` on ``comm`` for ``recipe.epochs``, resuming from this phase's checkpoints.
+
+    ``initial_test``/``initial_seconds``: an evaluation of the starting point already made
+    (the composed net's), whose time counts as this phase's."""
     cfg = ctx.cfg
     final = ckpt.load(ckpt.checkpoint_path(ctx.out, name, "final")) if cfg.resume else None
     if final is not None:
@@ -214,7 +221,7 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
     optimizer = make_optimizer(model, recipe, global_batch)
     steps = (len(pool) // comm.size + cfg.batch_size - 1) // cfg.batch_size
     scheduler = make_scheduler(optimizer, recipe, steps)
-    history, best, seconds, start_epoch = [], -1.0, 0.0, 0
+    history, best, seconds, start_epoch = [], -1.0, initial_seconds, 0
     test = dict(initial_test or {})
     last = ckpt.load(ckpt.checkpoint_path(ctx.out, name, "last")) if cfg.resume else None
     if last is not None:

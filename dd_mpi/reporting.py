@@ -97,8 +97,10 @@ def dd_timeline(report: dict, metrics: list[dict]) -> dict:
     if report.get("transfer") is None:
         return {"phase1": [], "transfer": None, "finetune": []}
     composed_at = (timing.get("subnets") or 0.0) + (timing.get("compose") or 0.0)
+    # phase 3's clock starts with the composed net's evaluation (its elapsed includes it)
+    scored_at = composed_at + (timing.get("transfer_eval") or 0.0)
     return {"phase1": phase1_curve(metrics),
-            "transfer": (composed_at, report["transfer"]["top1"]),
+            "transfer": (scored_at, report["transfer"]["top1"]),
             "finetune": phase_curve(metrics, "finetune", offset=composed_at)}
 
 

@@ -40,7 +40,8 @@ def fake_run(tmp: Path, name: str = "run", *, top5: bool = False, world: int = 2
         "transfer": {"top1": 50.0, **five(80.0), "loss": 1.2, "seconds": 1.0},
         "transfer_T": {"top1": 60.0, **five(85.0), "loss": 1.0, "seconds": 8.0},
         "random_T": {"top1": 55.0, **five(82.0), "loss": 1.1, "seconds": 30.0},
-        "timing": {"subnets": 12.0, "compose": 1.0, "finetune": 8.0, "dd_total": 21.0, "baseline_total": 30.0},
+        "timing": {"subnets": 12.0, "compose": 1.0, "finetune": 8.0, "transfer_eval": 0.5, "dd_total": 21.0,
+                   "baseline_total": 30.0},
         "speedup": 30.0 / 21.0, "world_size": world, "groups": [[0], [1]], "backend": "torch",
         "device": "cpu", "launcher": "local", "checksums": None,
         "config": {"subnets": subnets, "arch": "resnet20", "width": 1.0, "dataset": "synthetic",
@@ -67,8 +68,9 @@ def test_dd_timeline_follows_the_phases(tmp_path):
     timeline = reporting.dd_timeline(run.report, run.metrics)
     # phase 1: the slowest group's elapsed, the sub-nets' mean accuracy
     assert timeline["phase1"] == [(6.0, 32.0), (12.0, 42.0)]
-    # the composed net once phases 1 and 2 are over, then the fine-tune offset by them
-    assert timeline["transfer"] == (13.0, 50.0)
+    # the composed net once phases 1 and 2 are over and it is scored (phase 3's first 0.5 s),
+    # then the fine-tune offset by phases 1 and 2
+    assert timeline["transfer"] == (13.5, 50.0)
     assert timeline["finetune"] == [(17.0, 56.0), (21.0, 60.0)]
     assert reporting.baseline_curve(run.metrics) == [(10.0, 35.0), (20.0, 50.0), (30.0, 55.0)]
 
@@ -176,7 +178,9 @@ def test_report_on_a_real_run(real_run, tmp_path):
     assert timeline["phase1"][-1][0] == pytest.approx(max(r["elapsed"] for r in subnet_rows))
     assert timeline["phase1"][-1][0] == pytest.approx(report["timing"]["subnets"])
     assert len(timeline["phase1"]) == 2  # --subnet-epochs 2, both groups merged per epoch
-    assert timeline["transfer"] == pytest.approx((report["timing"]["subnets"] + report["timing"]["compose"],
+    t = report["timing"]
+    assert 0 < t["transfer_eval"] < t["finetune"]  # phase 3 opens with the composed net's evaluation
+    assert timeline["transfer"] == pytest.approx((t["subnets"] + t["compose"] + t["transfer_eval"],
                                                  report["transfer"]["top1"]))
     assert timeline["finetune"][-1] == pytest.approx((report["timing"]["dd_total"], report["transfer_T"]["top1"]))
     base = reporting.baseline_curve(metrics)

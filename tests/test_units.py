@@ -13,9 +13,10 @@ import torch
 
 from dd_mpi import checkpoint as ckpt
 from dd_mpi.cli import _without_nproc, main
-from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, group_layout, group_of
+from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, flatten_state, group_layout, group_of, unflatten_into
 from dd_mpi.config import RunConfig, parse_config
-from dd_mpi.data import DataPlan, eval_indices, subset_for_group, train_indices
+from dd_mpi.data import DataPlan, eval_indices, random_crop_flip, subset_for_group, train_indices
+from dd_mpi.models import ModelSpec, build_model
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, detect_launch
 from dd_mpi.synthetic import make_synthetic
@@ -112,6 +113,27 @@ def test_shards_partition_the_training_set(groups):
     shards = [subset_for_group(50, subnet_data="shard", group=k, groups=groups, seed=1) for k in range(groups)]
     assert sorted(torch.cat(shards).tolist()) == list(range(50))
     assert torch.equal(subset_for_group(50, subnet_data="full", group=1, groups=groups, seed=1), torch.arange(50))
+
+
+def test_crop_flip_shifts_and_mirrors_each_image_by_its_own_draw():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)  # pad = 8 // 8 = 1
+    same = random_crop_flip(images, torch.tensor([1, 1]), torch.tensor([1, 1]), torch.tensor([False, True]))
+    assert torch.equal(same[0], images[0]) and torch.equal(same[1], images[1].flip(-1))
+    moved = random_crop_flip(images, torch.tensor([0, 2]), torch.tensor([2, 0]), torch.tensor([False, False]))
+    assert torch.equal(moved[0, :, 1:, :-1], images[0, :, :-1, 1:]) and (moved[0, :, 0] == 0).all()
+    assert torch.equal(moved[1, :, :-1, 1:], images[1, :, 1:, :-1]) and (moved[1, :, :, 0] == 0).all()
+
+
+def test_flat_state_round_trips_channels_last_models_in_logical_order():
+    spec = ModelSpec("resnet20", 0.5, 10)
+    torch.manual_seed(0)
+    source = build_model(spec).to(memory_format=torch.channels_last)
+    target = build_model(spec).to(memory_format=torch.channels_last)
+    state = source.state_dict()
+    flat = flatten_state(state)
+    assert torch.equal(flat, torch.cat([t.reshape(-1).float() for t in state.values()]))
+    unflatten_into(target, flat)
+    assert all(torch.equal(state[k], v) for k, v in target.state_dict().items())
 
 
 def _batches(comm: Comm, epoch: int, stream: int = 100) -> list[torch.Tensor]:
