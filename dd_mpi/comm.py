@@ -345,8 +345,12 @@ def mpi_world_for(launch: LaunchInfo):
             raise UsageError(f"srun started {launch.world_size} tasks but each sees an MPI world of "
                              "size 1: launch with `srun --mpi=pmi2` (pip's MPICH) or your site's PMI")
     if size != launch.world_size:
-        raise UsageError(f"MPI reports {size} ranks but the launcher {launch.world_size}: "
-                         "is mpi4py built against the MPI of this mpiexec?")
+        under_srun = "SLURM_STEP_ID" in os.environ
+        hint = ("srun and this MPI do not share a PMI: launch with `srun --mpi=pmi2` (pip's MPICH) "
+                "or your site's PMI" if under_srun else
+                "use the mpiexec of the MPI that mpi4py was built against")
+        raise UsageError(f"the launcher started {launch.world_size} ranks but MPI sees {size}"
+                         f"{' (every rank alone in a world of its own)' if size == 1 else ''}: {hint}")
     return MPI.COMM_WORLD
 
 

@@ -149,6 +149,22 @@ def test_failing_run_fails_the_job(tmp_path):
     assert "--subnets" in log  # dd-train's one-line reason names the flag
 
 
+def test_ranks_that_get_no_shared_mpi_world_fail_at_once(tmp_path):
+    """srun's PMI withheld from MPI (a site MPI without pmi2, say): each rank comes up alone
+    in a world of size 1. dd-train must say so in one line, not train 2 separate jobs."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsrun --mpi=pmi2 env -u PMI_FD dd-train " + " ".join(TINY)
+                      + f" --out {tmp_path / 'run'}\n")
+    job = Submission(["--ntasks=2", "--cpus-per-task=1", "--gpus-per-task=0", "--output=%x-%j.out",
+                      "--job-name=alone", str(script)], cwd=tmp_path)
+    rc = job.wait(timeout=120)
+    log = read_log(tmp_path / f"alone-{job.job_id}.out")
+    assert rc == 2, f"sbatch exit {rc}\n{log[-3000:]}"
+    errors = [line for line in log.splitlines() if line.startswith("dd-train: error")]
+    assert len(errors) == 1 and "MPI sees 1" in errors[0] and "srun --mpi=pmi2" in errors[0], log
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
 # --- preemption: USR1 to the batch shell, checkpoint, requeue, resume ---------------------------
 def test_signal_checkpoints_requeues_and_resumes(tmp_path):
     out = tmp_path / "out"
