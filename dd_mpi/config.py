@@ -52,10 +52,10 @@ class RunConfig:
     subnet_data: str = "full"  # phase 1 data per group: full set, or shard k of N
     offdiag_std: float = 0.0  # std of off-diagonal blocks at composition (0 = exact mean)
     # --- data ---
-    dataset: str = "synthetic"
-    data_dir: str | None = None
+    dataset: str = "synthetic"  # synthetic (built in, offline) | cifar10 | cifar100 | food101 | imagefolder
+    data_dir: str | None = None  # where the dataset lies (torchvision's layout; imagefolder: train/ and val/)
     download: bool = False  # torchvision download (rank 0), for machines with internet
-    image_size: int | None = None  # default: the dataset's (32 CIFAR, 224 Food-101)
+    image_size: int | None = None  # pixels; None: the dataset's (32 CIFAR, 224 Food-101)
     train_samples: int | None = None  # cap the training set (smoke runs)
     test_samples: int | None = None  # cap the test set
     workers: int = 2  # DataLoader workers per rank for on-disk image datasets
@@ -67,15 +67,15 @@ class RunConfig:
     baseline_lr: float | None = None  # baseline LR (default --lr)
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4  # not applied to BN parameters and biases
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
     schedule: str = "cosine"  # cosine | step (x0.1 at 50% and 75% of the epochs)
     warmup_epochs: float = 1.0  # linear warm-up, in epochs (fractions allowed)
     finetune_warmup_epochs: float = 0.0  # the composed net starts trained: no warm-up
     # The demo's budget (presets carry the paper's): most epochs in cheap phase 1, one
     # fine-tune epoch, the baseline the same total (BENCHMARKS.md: the split that wins)
-    subnet_epochs: int = 5
-    finetune_epochs: int = 1
-    baseline_epochs: int = 6
+    subnet_epochs: int = 5  # phase 1: epochs of every sub-network
+    finetune_epochs: int = 1  # phase 3: epochs of the composed net
+    baseline_epochs: int = 6  # the conventional run (--strategy baseline|both)
     eval_every: int = 1  # evaluate every k epochs (and always after the last)
     # --- processes ---
     nproc: int | None = None  # start this many local processes (no launcher present)
@@ -85,13 +85,13 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model of each phase
     timeout: float = 60.0  # seconds a collective may wait for a dead or stuck rank
-    seed: int = 0
+    seed: int = 0  # weights, data order and augmentation (group k: its own seed from it)
     deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
     # --- outputs and recovery ---
     out: str | None = None  # default: runs/<date>-<time>, named by rank 0
-    resume: bool = False
+    resume: bool = False  # continue the run in --out from its checkpoints
     only_group: int | None = None  # run phase 1 of this group only, then exit
-    preset: str | None = None
+    preset: str | None = None  # the paper's runs (listed below); flags given win over it
     signal_check_steps: int = 20  # look for SIGTERM/SIGUSR1 every k steps (one tiny allreduce)
     extra: dict = field(default_factory=dict)
 
@@ -190,17 +190,48 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"presets (--preset NAME; later flags override):\n{presets}\n\n"
                "launch: dd-train --nproc 4 | torchrun --nproc-per-node 4 -m dd_mpi | "
                "mpiexec -n 4 dd-train | srun dd-train | horovodrun -np 4 dd-train --backend horovod")
+    comments, sections = _field_comments()
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):
         if f.name == "extra":
             continue
+        section = sections.get(f.name, "other")
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        text = comments.get(f.name, "")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text} (default: {'on' if default else 'off'})")
             continue
-        parser.add_argument(flag, type=_field_type(f), default=None, metavar=f.name.upper(),
-                            help=f"default: {default}")
+        shown = f" (default: {default})" if default is not None else ""  # None: the comment says
+        group.add_argument(flag, type=_field_type(f), default=None, metavar=f.name.upper(),
+                           help=f"{text}{shown}".replace("%", "%%"))
     return parser
+
+
+def _field_comments() -> tuple[dict[str, str], dict[str, str]]:
+    """Each field's help and section, from RunConfig's own source: the comment on a field's
+    line is its documentation, so --help and the code cannot drift apart."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(RunConfig)
+    except (OSError, TypeError):  # no source shipped: flags without help
+        return {}, {}
+    comments, sections, section = {}, {}, "other"
+    for line in source.splitlines():
+        heading = re.match(r"\s+# --- (.+?) (\(.*\) )?---", line)
+        if heading:
+            section = heading.group(1)
+            continue
+        match = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+        named = re.match(r"\s+(\w+): ", line)
+        if named:
+            sections[named.group(1)] = section
+    return comments, sections
 
 
 def _field_type(f: dataclasses.Field):

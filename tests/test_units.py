@@ -14,7 +14,7 @@ import torch
 from dd_mpi import checkpoint as ckpt
 from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, flatten_state, group_layout, group_of, unflatten_into
-from dd_mpi.config import RunConfig, parse_config
+from dd_mpi.config import RunConfig, build_parser, parse_config
 from dd_mpi.data import DataPlan, eval_indices, random_crop_flip, subset_for_group, train_indices
 from dd_mpi.models import ModelSpec, build_model
 from dd_mpi.errors import UsageError
@@ -303,3 +303,12 @@ def test_the_local_launcher_stops_the_others_and_reports_the_cause(codes, expect
     assert _wait_all(ranks, grace_seconds=0.2) == expected
     assert all(r.returncode is not None for r in ranks)
     assert [r.killed for r in ranks] == [code is None for code in codes]
+
+
+def test_every_flag_of_dd_train_has_help_in_its_section():
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    undocumented = [a.option_strings[0] for a in flags if not a.help or a.help.startswith(" (default")]
+    assert not undocumented, f"RunConfig fields without a comment: {undocumented}"
+    titles = {g.title for g in parser._action_groups if g._group_actions}
+    assert {"model", "method", "data", "optimisation", "processes", "outputs and recovery"} <= titles
