@@ -23,7 +23,7 @@ SUBNETS=${SUBNETS:-2 4 8}
 TASKS_PER_NODE=${TASKS_PER_NODE:-4}
 SCRIPT=${SCRIPT:-$here/resnet32.sh}
 STUDY=${STUDY:-runs/scaling-$(date +%Y%m%d-%H%M%S)}
-# What the report job runs after `dd-report RUN_DIR` for each run (flags not final yet):
+# What the report job runs after `dd-report RUN_DIR` for each run: the sweep's CSV and plot
 COLLECT_CMD=(dd-scaling --collect "$STUDY")
 
 sbatch_opts=()

@@ -82,3 +82,16 @@ def test_shell_script_is_clean(script):
     result = subprocess.run(["shellcheck", "-x", str(script.relative_to(REPO))], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """The README opens with exactly two set-up commands (the demo, the tests), and CI's last
+    command is the second one, so what CI checks is what a user is told to run."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    commands = [line for line in block if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    assert "dd-train --nproc" in commands[0] and "pytest" in commands[1]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == commands[1]
