@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from dd_mpi.config import PRESETS  # noqa: E402
+from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.models import ModelSpec, build_model  # noqa: E402
 
 CIFAR_TRAIN = 50_000
@@ -67,7 +68,7 @@ def main() -> None:
     preset = PRESETS[args.preset]
     subnets = preset["subnets"]
     global_spec = ModelSpec(preset["arch"], preset["width"])
-    sub_spec = ModelSpec(preset["arch"], preset["width"] / subnets)
+    sub_spec = subnet_spec(global_spec, subnets)
     print(f"# {' '.join(sys.argv)}\n# {torch.cuda.get_device_name()} torch {torch.__version__}")
     results = {}
     for precision in ("fp32", "bf16"):

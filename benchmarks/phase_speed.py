@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs per phase (default 3 with --quick, else 5)")
     parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-speed-TIME)")
     args, dd_args = parser.parse_known_args()
+    if args.epochs is not None and args.epochs < 2:
+        parser.error("--epochs: 2 or more (the last epoch, which evaluates, is not timed)")
     epochs = str(args.epochs or (3 if args.quick else 5))
     dd_args = [*(QUICK if args.quick else []), *dd_args, "--subnet-epochs", epochs, "--baseline-epochs",
                epochs, "--finetune-epochs", "0", "--eval-every", NEVER]

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from harness import default_out, print_header, run_dd_train
 
+from dd_mpi.reporting import baseline_curve, dd_timeline
+from dd_mpi.scaling import time_to_target
+
 # --quick: the synthetic task at a size that takes a few minutes on 2 cores. Epoch split
 # from the search in BENCHMARKS.md: most epochs in phase 1 (cheap), one fine-tune epoch;
 # the baseline gets the same total budget (5 + 1 = 6 epochs).
@@ -28,21 +31,20 @@ QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-sample
 
 
 def time_to_target_baseline(metrics: list[dict], target: float) -> float | None:
-    rows = sorted((r for r in metrics if r["phase"] == "baseline"), key=lambda r: r["epoch"])
-    return next((r["elapsed"] for r in rows if r["test_top1"] >= target), None)
+    return time_to_target(baseline_curve(metrics), target)
 
 
 def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple[float | None, str]:
-    """(seconds, where): at compose, after fine-tune epoch k, or (None, "never")."""
-    timing = report["timing"]
-    # The groups run in parallel: the slowest counts. Phase 3's elapsed starts with the
-    # composed net's evaluation (``transfer_eval``), which the at-compose case pays too.
-    composed = timing["subnets"] + timing["compose"]
-    if report["transfer"]["top1"] >= target:
-        return composed + timing["transfer_eval"], "at compose"
-    rows = sorted((r for r in metrics if r["phase"] == "finetune"), key=lambda r: r["epoch"])
-    row = next((r for r in rows if r["test_top1"] >= target), None)
-    return (None, "never") if row is None else (composed + row["elapsed"], f"fine-tune epoch {row['epoch']}")
+    """(seconds, where): at compose, after fine-tune epoch k, or (None, "never"). The clock is
+    dd-report's: the slowest group's phase 1, then phase 2, then phase 3, whose elapsed time
+    starts with the composed net's evaluation (the at-compose point includes it too)."""
+    timeline = dd_timeline(report, metrics)
+    curve = [timeline["transfer"], *timeline["finetune"]]
+    seconds = time_to_target(curve, target)
+    if seconds is None:
+        return None, "never"
+    index = next(i for i, (t, _) in enumerate(curve) if t == seconds)
+    return seconds, "at compose" if index == 0 else f"fine-tune epoch {index}"
 
 
 def main() -> None:

@@ -27,11 +27,12 @@ from .launch import cpu_threads_per_rank, detect_launch, run_local
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; training looks at it at safe points (between steps)."""
+    """SIGTERM/SIGUSR1/SIGINT (Ctrl-C) set a flag; training looks at it at safe points
+    (between steps), checkpoints and exits 75."""
 
     def __init__(self):
         self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, _frame):
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.resume = True  # a requeued Slurm job continues from its checkpoints
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             return run_local(cfg.nproc, _without_nproc(argv))
+        if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
+            print(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
+                  f"{launch.world_size} ranks", file=sys.stderr, flush=True)
         # Everything that needs no communication is checked first, identically on every rank.
         if not cfg.only_group_mode and "dd" in cfg.strategies:
             group_layout(launch.world_size, cfg.subnets)

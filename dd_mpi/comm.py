@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -143,6 +142,8 @@ class Comm:
                 verdict = check()
             except UsageError as error:
                 verdict = str(error)
+            except OSError as error:  # disk full, unreadable file: the others are waiting on us
+                verdict = f"{getattr(error, 'filename', None) or 'a file'}: {error.strerror or error}"
         return self.broadcast_object(verdict)
 
     # --- data parallelism ---
@@ -357,10 +358,20 @@ def mpi_world_for(launch: LaunchInfo):
 def _rendezvous_address(mpi_world) -> tuple[str, int]:
     """Rank 0's address and a free port; loopback when the whole job is on this host."""
     hosts = set(mpi_world.allgather(socket.gethostname()))
-    addr = "127.0.0.1"
-    if len(hosts) > 1:
-        addr = socket.gethostbyname(socket.gethostname())
-    return addr, free_port()
+    return ("127.0.0.1" if len(hosts) == 1 else reachable_address()), free_port()
+
+
+def reachable_address() -> str:
+    """This host's address as other nodes see it: not the 127.0.1.1 that Debian's /etc/hosts
+    gives the host name, but an address of its own host name that is not loopback, else the
+    name itself (the other nodes resolve it)."""
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        return name
+    outside = sorted(a for a in addresses if not a.startswith("127."))
+    return outside[0] if outside else name
 
 
 def exit_quietly_if_peer_lost(error: BaseException) -> bool:
@@ -372,6 +383,7 @@ def exit_quietly_if_peer_lost(error: BaseException) -> bool:
                                    "horovodinternalerror"))
 
 
-def log(message: str, *, always: bool = False, rank: int = 0) -> None:
-    if always or rank == 0:
+def log(message: str, *, rank: int = 0) -> None:
+    """Progress goes to stdout from rank 0 only (the rank of the comm passed in)."""
+    if rank == 0:
         print(message, flush=True, file=sys.stdout)

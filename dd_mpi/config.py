@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UsageError
 from .models import ModelSpec, parse_depth
@@ -93,7 +92,6 @@ class RunConfig:
     only_group: int | None = None  # run phase 1 of this group only, then exit
     preset: str | None = None  # the paper's runs (listed below); flags given win over it
     signal_check_steps: int = 20  # look for SIGTERM/SIGUSR1 every k steps (one tiny allreduce)
-    extra: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------
     def model_spec(self, num_classes: int) -> ModelSpec:
@@ -144,10 +142,18 @@ class RunConfig:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 1 or more")
-        if self.timeout <= 0:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise UsageError(f"--timeout {self.timeout} is invalid: use a positive number of seconds")
-        if self.workers < 0 or self.warmup_epochs < 0 or self.finetune_warmup_epochs < 0:
-            raise UsageError("--workers and --warmup-epochs must be 0 or more")
+        for flag in ("workers", "warmup_epochs", "finetune_warmup_epochs", "momentum", "weight_decay",
+                     "offdiag_std"):
+            value = getattr(self, flag)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 0 or more")
+        if self.momentum >= 1:
+            raise UsageError(f"--momentum {self.momentum} is invalid: use [0, 1)")
+        if self.image_size not in (None, 32) and self.dataset in ("cifar10", "cifar100"):
+            raise UsageError(f"--image-size {self.image_size} does not apply to --dataset {self.dataset} "
+                             "(32x32 images): leave it out")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing {self.label_smoothing} is invalid: use [0, 1)")
         if self.only_group is not None and not 0 <= self.only_group < self.subnets:
@@ -193,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     comments, sections = _field_comments()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):
-        if f.name == "extra":
-            continue
         section = sections.get(f.name, "other")
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
@@ -253,8 +257,3 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         values.update({k: v for k, v in PRESETS[args["preset"]].items() if not k.startswith("_")})
     values.update({k: v for k, v in args.items() if v is not None})
     return RunConfig(**values).validate()
-
-
-def load_saved_config(path: str) -> dict:
-    with open(path) as handle:
-        return json.load(handle)

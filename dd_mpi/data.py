@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .comm import Comm
 from .config import RunConfig
@@ -164,29 +164,47 @@ class DataPlan:
         if id(split) not in self._loaders:
             sampler = _IndexBatches(self.cfg.batch_size)
             workers = self.cfg.workers
-            loader = DataLoader(split, batch_sampler=sampler, num_workers=workers,
+            loader = DataLoader(_SeededSamples(split), batch_sampler=sampler, num_workers=workers,
                                 pin_memory=self.device.type == "cuda",
                                 persistent_workers=workers > 0)
             self._loaders[id(split)] = (loader, sampler)
         loader, sampler = self._loaders[id(split)]
-        sampler.indices = indices.tolist()
-        if gen is not None:  # the workers' augmentation seeds follow the epoch's generator
-            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+        seeds = [None] * len(indices) if gen is None else \
+            torch.randint(2 ** 62, (len(indices),), generator=gen).tolist()
+        sampler.keys = list(zip(indices.tolist(), seeds))
         return loader
 
 
+class _SeededSamples(Dataset):
+    """Each sample's augmentation seeded by its own key, (index, seed): the same crops and
+    flips whichever worker loads it and however long the workers have lived, so persistent
+    workers and a resumed run see exactly the data of an uninterrupted one."""
+
+    def __init__(self, split: Dataset):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int | None]):
+        index, seed = key
+        if seed is not None:
+            torch.manual_seed(seed)  # torchvision's random transforms draw from torch's RNG
+        return self.split[index]
+
+
 class _IndexBatches:
-    """A batch sampler whose indices are set per epoch (works with persistent workers)."""
+    """A batch sampler of (index, seed) keys set per epoch (works with persistent workers)."""
 
     def __init__(self, batch_size: int):
-        self.batch_size, self.indices = batch_size, []
+        self.batch_size, self.keys = batch_size, []
 
     def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            yield self.indices[start:start + self.batch_size]
+        for start in range(0, len(self.keys), self.batch_size):
+            yield self.keys[start:start + self.batch_size]
 
     def __len__(self):
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+        return (len(self.keys) + self.batch_size - 1) // self.batch_size
 
 
 def split_size(split) -> int:

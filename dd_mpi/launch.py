@@ -30,10 +30,6 @@ class LaunchInfo:
     master_addr: str | None = None
     master_port: int | None = None
 
-    @property
-    def uses_mpi(self) -> bool:
-        return self.launcher == "mpi"
-
 
 def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
     for name in names:

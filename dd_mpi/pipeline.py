@@ -118,6 +118,8 @@ def run_domain_decomposition(ctx: Context) -> dict:
     except PhaseFailed as error:
         status = f"failed: {error}"
     except UsageError as error:  # e.g. this group's checkpoint is corrupt: stop all groups alike
+        if not error.everywhere:  # one rank's own trouble (an unreadable image): it must say so
+            raise
         status = f"usage: {error}"
     if cfg.only_group_mode:
         _raise_for(status)
@@ -225,6 +227,10 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
     test = dict(initial_test or {})
     last = ckpt.load(ckpt.checkpoint_path(ctx.out, name, "last")) if cfg.resume else None
     if last is not None:
+        if last.get("ranks", comm.size) != comm.size:  # LR scaling, steps and data split would change
+            raise UsageError(f"--resume: {name} was trained on {last['ranks']} ranks and would resume on "
+                             f"{comm.size}: relaunch with the same number of ranks, or delete "
+                             f"{ckpt.checkpoint_path(ctx.out, name, 'last')} to retrain this phase")
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
@@ -259,31 +265,35 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
             log(f"{name}: stop requested during epoch {epoch + 1}; resume from epoch {epoch}", rank=comm.rank)
             raise Preempted()
         comm.average_buffers_(model)
-        eval_seconds = 0.0
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == recipe.epochs:
+        eval_seconds, evaluated = 0.0, (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == recipe.epochs
+        if evaluated:
             t0 = time.perf_counter()
             test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes, ctx.bf16)
             eval_seconds = time.perf_counter() - t0
         seconds += stats.seconds + eval_seconds
+        scored = test if evaluated else {}  # an epoch not evaluated has no test score of its own
         row = {"phase": "subnet" if group is not None else name, "group": group, "epoch": epoch + 1,
-               "loss": stats.loss, "top1": stats.top1, "test_top1": test.get("top1"),
-               "test_top5": test.get("top5"), "images_per_s": stats.images_per_s,
+               "loss": stats.loss, "top1": stats.top1, "test_top1": scored.get("top1"),
+               "test_top5": scored.get("top5"), "images_per_s": stats.images_per_s,
                "seconds": stats.seconds + eval_seconds, "elapsed": seconds,
                "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
         if group is None:
             ctx.record([row])
-        improved = test.get("top1", -1.0) > best
-        best = max(best, test.get("top1", -1.0))
+        improved = scored.get("top1", -1.0) > best
+        best = max(best, scored.get("top1", -1.0))
         if comm.is_leader:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                      "best": best, "seconds": seconds, "test": test, "rng": ckpt.rng_state(),
-                     "config": cfg.to_dict(), "phase": name}
+                     "ranks": comm.size, "config": cfg.to_dict(), "phase": name}
             ckpt.save(ckpt.checkpoint_path(ctx.out, name, "last"), state)
             if improved:
                 ckpt.save(ckpt.checkpoint_path(ctx.out, name, "best"), state)
-            _progress_line(name, recipe.epochs, row, test)
+            _progress_line(name, recipe.epochs, row, scored)
+        if stats.stop_requested:  # the epoch was complete: it is kept, then we stop
+            log(f"{name}: stop requested; epoch {epoch + 1} is checkpointed", rank=comm.rank)
+            raise Preempted()
     if not test:
         test = evaluate(model, ctx.plan.test(comm), comm, ctx.num_classes, ctx.bf16)
     if comm.is_leader:
@@ -320,7 +330,7 @@ def gather_and_compose(ctx: Context, sub: PhaseResult, sub_spec: ModelSpec, lead
     if leaders is not None:
         flat = flatten_state(sub.state)
         stacked = leaders.gather_flat(flat)  # [N, |S|] on the root
-        infos = leaders.gather_object({"index": sub_index(layout, world.rank), "history": sub.history,
+        infos = leaders.gather_object({"index": group_of(world.rank, layout), "history": sub.history,
                                        "test": sub.test, "seconds": sub.seconds})
         if world.rank == 0:
             states = [unflatten_state(stacked[k], sub.state) for k in range(cfg.subnets)]
@@ -343,10 +353,6 @@ def gather_and_compose(ctx: Context, sub: PhaseResult, sub_spec: ModelSpec, lead
         raise RuntimeError(f"ranks {bad} hold different global weights after the broadcast")
     checksums = {"subnets": [d[0] for d in digests], "global": global_digests[0]}
     return composed, sub_reports, checksums
-
-
-def sub_index(layout: list[list[int]], rank: int) -> int:
-    return group_of(rank, layout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,3 +389,21 @@ def prepare_output(cfg: RunConfig, world: Comm, out: Path) -> None:
     verdict = world.verdict_of_root(check)
     if verdict:
         raise UsageError(verdict)
+    # Every rank reads checkpoints from --out: a node-local directory would leave ranks on
+    # other nodes deciding differently (and waiting in different collectives).
+    blind = [r for r, sees in enumerate(world.allgather_object(_sees(out / "config.json"))) if not sees]
+    if blind:
+        if world.rank == 0:
+            (out / "config.json").unlink(missing_ok=True)  # no run was started here
+        raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
+                         "put --out on a file system that every rank shares")
+
+
+def _sees(path: Path, patience: float = 5.0) -> bool:
+    """True once ``path`` exists here; a shared file system may show a new file late."""
+    deadline = time.monotonic() + patience
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -30,6 +30,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UsageError
+
 REPORT_FILES = ("dd_report.md", "dd_report.csv", "accuracy_vs_time.png", "phase_times.png")
 PHASES = (("subnets", "phase 1: sub-nets"), ("compose", "phase 2: compose"),
           ("finetune", "phase 3: fine-tune"))
@@ -70,12 +72,18 @@ def load_runs(paths: list[Path]) -> list[RunFiles]:
 
 # ---------------------------------------------------------------------------------------
 # Curves: test accuracy vs wall-clock (pure functions of report.json and metrics.jsonl)
-def phase1_curve(metrics: list[dict]) -> list[tuple[float, float]]:
-    """Per epoch of phase 1: (slowest group's elapsed seconds, mean test top-1 of the sub-nets)."""
+def subnet_rows_by_epoch(metrics: list[dict]) -> dict[int, list[dict]]:
+    """Phase 1's metrics rows, every group's, gathered per epoch (the groups run side by side)."""
     by_epoch: dict[int, list[dict]] = {}
     for row in metrics:
         if row.get("phase") == "subnet":
             by_epoch.setdefault(row["epoch"], []).append(row)
+    return by_epoch
+
+
+def phase1_curve(metrics: list[dict]) -> list[tuple[float, float]]:
+    """Per epoch of phase 1: (slowest group's elapsed seconds, mean test top-1 of the sub-nets)."""
+    by_epoch = subnet_rows_by_epoch(metrics)
     points = []
     for epoch in sorted(by_epoch):
         rows = by_epoch[epoch]
@@ -186,7 +194,10 @@ def csv_text(runs: list[RunFiles]) -> str:
 # ---------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg: no display needed on a cluster node)
 def pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("the plots need matplotlib: pip install 'dd_mpi[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -304,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
-    except (FileNotFoundError, ValueError) as error:
+        files = write_all(runs, args.out or default_out(args.runs))
+    except (FileNotFoundError, ValueError, UsageError) as error:
         print(f"dd-report: {error}", file=sys.stderr)
         return 2
-    files = write_all(runs, args.out or default_out(args.runs))
     print(markdown(runs))
     for path in files.values():
         print(f"wrote {path}")

@@ -62,7 +62,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .reporting import RunFiles, baseline_curve, dd_timeline, pyplot
+from .errors import UsageError
+from .reporting import RunFiles, baseline_curve, dd_timeline, pyplot, subnet_rows_by_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY_SCRIPT = REPO / "slurm" / "scaling_study.sh"
@@ -216,12 +217,8 @@ def _mean(values: list[float]) -> float | None:
 
 def phase1_epochs(metrics: list[dict]) -> list[dict]:
     """Phase 1 per epoch over all groups: images/s summed (all ranks), seconds of the slowest."""
-    by_epoch: dict[int, list[dict]] = {}
-    for row in metrics:
-        if row.get("phase") == "subnet":
-            by_epoch.setdefault(row["epoch"], []).append(row)
     return [{"epoch": e, "images_per_s": sum(r["images_per_s"] for r in rows),
-             "seconds": max(r["seconds"] for r in rows)} for e, rows in sorted(by_epoch.items())]
+             "seconds": max(r["seconds"] for r in rows)} for e, rows in sorted(subnet_rows_by_epoch(metrics).items())]
 
 
 def time_to_target(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -650,12 +647,10 @@ def fit_alpha_beta(timings: dict[int, float], p: int) -> Network:
 
 
 def measure_network(p: int = 2, repeats: int = 20) -> tuple[Network, dict[int, float]]:
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+
+    from .launch import free_port
+    port = free_port()
     sizes = [4, 1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -773,8 +768,7 @@ def run_model(args, dirs: list[Path]) -> int:
     print(f"network: alpha {net.alpha * 1e6:.2f} us, beta {net.beta / 1e9:.3f} GB/s ({source}); "
           f"DDP buckets of {net.bucket_bytes >> 20} MiB; fp32 gradients")
 
-    local_net = net  # validation on the runs made here uses the network they ran on
-    checks = validation_rows(runs, local_net, args.classes)
+    checks = validation_rows(runs, net, args.classes)
     print("\nvalidation on the runs: training seconds per epoch, predicted vs measured")
     print(f"{'run':<28} {'P':>4} {'N':>3} {'phase':<9} {'ranks':>5} {'measured':>9} {'predicted':>9} {'error':>7}")
     for r in checks:
@@ -868,6 +862,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.epochs is not None and len(args.epochs) != 3:
         parser.error("--epochs: give SUBNET,FINETUNE,BASELINE")
+    if args.measure_comm == 1:
+        parser.error("--measure-comm 1: an allreduce needs 2 or more ranks")
+    for flag in ("global_ips", "subnet_ips"):
+        try:
+            _ips_overrides(getattr(args, flag))
+        except ValueError:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give images/s per rank, "
+                         "X or N=X,N=Y")
     return args, unknown + passthrough
 
 
@@ -896,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             return run_collect(args, args.collect)
         return run_model(args, args.model)
-    except ScalingError as error:
+    except (ScalingError, UsageError) as error:
         print(f"dd-scaling: {error}", file=sys.stderr)
         return 2
 

@@ -69,7 +69,8 @@ class EpochStats:
     top1: float  # percent, on the training batches seen
     samples: int  # over the whole comm
     seconds: float
-    stopped: bool = False  # a stop was requested (signal) before the epoch ended
+    stopped: bool = False  # a stop was requested (signal) and the epoch was cut short
+    stop_requested: bool = False  # a stop was requested after the epoch's last check: it is whole
 
     @property
     def images_per_s(self) -> float:
@@ -77,7 +78,7 @@ class EpochStats:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on GPU when asked (--precision); a no-op context otherwise."""
+    """bf16 autocast when asked (--precision bf16, or auto on a GPU); a no-op context otherwise."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -110,21 +111,21 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm: Comm, *,
         seen += labels.numel()
         if progress is not None:
             progress.update(1)
-    if not stopped:
-        stopped = comm.any(should_stop())
     # the last step's update can overflow the weights while every loss seen was finite
     broken = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).any().double()
+    late_stop = 0.0 if stopped else float(should_stop())  # agreed by the one reduction below
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64),
-                          broken])
+                          broken, torch.tensor(late_stop, device=device, dtype=torch.float64)])
     comm.allreduce_sum_(totals)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_total, correct_total, count, broken_ranks = totals.tolist()
+    loss_total, correct_total, count, broken_ranks, late_stops = totals.tolist()
     if not math.isfinite(loss_total) or broken_ranks:
         raise NonFiniteLoss("loss or weights are not finite")
     count = max(count, 1.0)
-    return EpochStats(loss_total / count, 100.0 * correct_total / count, int(count), seconds, stopped)
+    return EpochStats(loss_total / count, 100.0 * correct_total / count, int(count), seconds, stopped,
+                      stop_requested=late_stops > 0)
 
 
 @torch.no_grad()

@@ -20,6 +20,20 @@ REPORT_KEYS = {"sub_nets", "transfer", "transfer_T", "random_T", "timing", "worl
                "backend", "config"}
 
 
+LAUNCHER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_", "OMPI_", "HOROVOD_")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_free_env(**extra: str) -> dict:
+    """This environment without any enclosing launcher's or job's variables (they would change
+    rank discovery), our venv first on PATH, unbuffered output; then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARIABLES}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
 def launcher_command(launcher: str, nproc: int) -> list[str]:
     if launcher == "local":
         return [sys.executable, "-m", "dd_mpi", "--nproc", str(nproc)]
@@ -37,8 +51,7 @@ def launcher_command(launcher: str, nproc: int) -> list[str]:
 def run_dd(args: list[str], *, launcher: str = "local", nproc: int = 4, timeout: float = 600,
            env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
     cmd = launcher_command(launcher, nproc) + list(args)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("RANK", None)
+    full_env = launcher_free_env(**(env or {}))
     start = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     result.seconds = time.monotonic() - start

@@ -338,3 +338,28 @@ def test_caps_on_image_file_datasets(tmp_path):
     again = load("imagefolder", tmp_path, train_samples=6)
     assert [label for _, label in again.train] == labels
     assert data.train[0][0].shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------- augmentation with workers
+
+def test_image_file_augmentation_is_the_same_with_any_workers_and_after_a_restart(tmp_path):
+    """Each sample's crops and flips follow its own seed: 0 or 2 workers, persistent workers
+    several epochs old, or a fresh plan (a resumed run) all give the same batches."""
+    from dd_mpi.comm import Comm
+    from dd_mpi.config import RunConfig
+    from dd_mpi.data import DataPlan
+
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=4, val_per_class=1, size=80)
+    data = load("imagefolder", tmp_path, image_size=32)  # RandomResizedCrop + flip
+    comm = Comm([0], 0, None, torch.device("cpu"))
+    pool = torch.arange(len(data.train))
+
+    def epochs(workers: int, which: list[int]) -> list[torch.Tensor]:
+        plan = DataPlan(data, RunConfig(batch_size=3, workers=workers), torch.device("cpu"))
+        return [torch.cat([images.flatten() for images, _ in plan.train(comm, pool, stream=100, epoch=e)])
+                for e in which]
+
+    long_lived = epochs(2, [0, 1, 2])
+    assert torch.equal(long_lived[2], epochs(0, [2])[0])  # resumed at epoch 2, no workers
+    assert torch.equal(long_lived[1], epochs(2, [1])[0])  # resumed at epoch 1, fresh workers
+    assert not torch.equal(long_lived[0], long_lived[1])  # and the epochs do differ

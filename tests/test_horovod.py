@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, REPORT_KEYS, TINY, explain, read_metrics, read_report
+from helpers import BIN, REPORT_KEYS, TINY, explain, launcher_free_env, read_metrics, read_report
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -50,10 +50,7 @@ LOSS_RTOL = 1e-2
 
 # --- running jobs: own process group, killed whole on timeout (never a hang, never orphans) ---
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HOROVOD_", "PMI_", "OMPI_", "PMIX_", "SLURM_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env = launcher_free_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env

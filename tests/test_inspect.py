@@ -32,7 +32,7 @@ def test_bad_split_is_one_line_and_exit_2():
     assert result.stderr.count("\n") == 1 and "--subnets 3" in result.stderr
 
 
-def test_verify_fails_when_not_exact(monkeypatch, tmp_path):
+def test_verify_fails_when_not_exact(tmp_path):
     """--verify's exit code is real: a sitecustomize that breaks compose makes it exit 1."""
     (tmp_path / "sitecustomize.py").write_text(
         "import dd_mpi.decompose as d\n"

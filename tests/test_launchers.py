@@ -5,29 +5,22 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import BIN, read_report
+from helpers import BIN, launcher_free_env, read_report
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh")])
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), REPO / ".ci" / "run"])
 TIMEOUT = 600  # seconds: 2 shared cores, other suites may run beside us
 
 
 def launcher_env() -> dict:
     """No enclosing launcher's variables (they would change rank discovery); our venv first."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_", "HOROVOD_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                         "MASTER_PORT")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return launcher_free_env()
 
 
 def have_horovod() -> bool:

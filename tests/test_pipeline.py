@@ -109,6 +109,21 @@ def test_composed_net_scores_like_the_mean_of_the_subnets(tmp_path):
     assert report["transfer"]["top1"] == pytest.approx(ensemble_top1, abs=100 / len(labels) + 1e-9)
 
 
+def test_epochs_without_evaluation_carry_no_test_score(tmp_path):
+    """--eval-every 2: epoch 1 of each phase has no test score of its own (not the one before
+    it), and the 'best' checkpoint is an evaluated epoch."""
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--subnets", "2", "--strategy", "dd", "--subnet-epochs", "2",
+                     "--finetune-epochs", "2", "--eval-every", "2", "--out", str(out)], nproc=2)
+    assert result.returncode == 0, explain(result)
+    rows = read_metrics(out)
+    for phase in ("subnet", "finetune"):
+        mine = sorted((r for r in rows if r["phase"] == phase), key=lambda r: r["epoch"])
+        assert [r["test_top1"] is None for r in mine] == [True, False] * (len(mine) // 2), mine
+    for name in ("subnet0", "subnet1", "finetune"):
+        assert load(checkpoint_path(out, name, "best"))["epoch"] == 2
+
+
 @pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_world_not_a_multiple_of_subnets_fails_fast_on_every_rank(tmp_path, launcher):
     result = run_dd([*TINY, "--subnets", "2", "--out", str(tmp_path / "run")], launcher=launcher,

@@ -329,5 +329,6 @@ def test_model_validates_and_projects_on_the_sweep(sweep, tmp_path):
 @pytest.mark.slow
 def test_measure_comm_with_gloo():
     net, timings = scaling.measure_network(2, repeats=5)
-    assert sorted(timings) == sorted(timings, key=float) and len(timings) == 6
+    assert len(timings) == 6 and all(t > 0 for t in timings.values())
+    assert timings[max(timings)] > timings[min(timings)]  # 4 MiB takes longer than 4 bytes
     assert net.alpha > 0 and net.beta > 0 and math.isfinite(net.beta)

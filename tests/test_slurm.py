@@ -11,7 +11,6 @@ line, ``--device cpu --dataset synthetic`` and a tiny config after the script na
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, REPORT_KEYS
+from helpers import REPORT_KEYS, launcher_free_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -58,13 +57,7 @@ def controller():
 def job_env(**extra: str) -> dict:
     """The test's environment minus any enclosing job's or launcher's, with our venv first:
     sbatch hands it to the job (--export=ALL), and common.sh finds dd-train on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_", "OMPI_", "HOROVOD_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                         "MASTER_PORT")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return {**env, **extra}
+    return launcher_free_env(**extra)
 
 
 def job_info(job_id: str) -> dict:

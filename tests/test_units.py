@@ -177,6 +177,14 @@ def test_batches_and_augmentation_depend_only_on_seed_stream_epoch_and_rank_in_c
     (["--signal-check-steps", "0"], "--signal-check-steps 0 is invalid"),
     (["--subnets", "2", "--only-group", "2"], "--only-group 2 is invalid"),
     (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
+    (["--timeout", "nan"], "--timeout nan is invalid"),
+    (["--momentum", "-0.5"], "--momentum -0.5 is invalid"),
+    (["--momentum", "1"], "--momentum 1.0 is invalid"),
+    (["--weight-decay", "-0.0001"], "--weight-decay -0.0001 is invalid"),
+    (["--offdiag-std", "-0.01"], "--offdiag-std -0.01 is invalid"),
+    (["--finetune-warmup-epochs", "-1"], "--finetune-warmup-epochs -1.0 is invalid"),
+    (["--workers", "-1"], "--workers -1 is invalid"),
+    (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
 ])
 def test_config_validation_names_the_flag(argv, message):
     with pytest.raises(UsageError) as error:
