@@ -16,7 +16,7 @@ from torch import nn
 
 from .decompose import compose, composed_spec, subnet_spec
 from .errors import EXIT_FAILURE, EXIT_USAGE, UsageError
-from .models import ModelSpec, build_model, count_flops, count_parameters
+from .models import BOTTLENECK_LAYERS, ModelSpec, build_model, count_flops, count_parameters, parse_depth
 
 RELATIVE_TOLERANCE = 1e-4
 
@@ -107,7 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dd-inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet32", help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101")
-    parser.add_argument("--width", type=float, default=4.0, help="width factor of the global net")
+    parser.add_argument("--width", type=float, default=None,
+                        help="width factor of the global net (default: the paper's, 4 for the CIFAR "
+                             "nets, 1 for resnet50/101)")
     parser.add_argument("--subnets", type=int, default=4, help="number of sub-networks N")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--shortcut", choices=("A", "B"), default="A", help="CIFAR shortcut option")
@@ -121,7 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec = ModelSpec(args.arch, args.width, args.num_classes, args.shortcut)
+        width = args.width if args.width is not None else (
+            1.0 if parse_depth(args.arch) in BOTTLENECK_LAYERS else 4.0)
+        spec = ModelSpec(args.arch, width, args.num_classes, args.shortcut)
         if args.num_classes < 1:
             raise UsageError(f"--num-classes {args.num_classes} is invalid: use 1 or more")
         image_size = args.image_size or spec.default_image_size

@@ -26,6 +26,14 @@ def test_json_verify_contract():
     assert info["max_abs_err_eval"] <= 1e-5 and info["max_abs_err_train"] <= 1e-5
 
 
+def test_default_width_is_the_papers_for_each_family():
+    """4x for the CIFAR nets (the paper's ResNet32 x 4), standard for resnet50 (its Food-101 runs)."""
+    cifar = json.loads(run("--arch", "resnet32", "--subnets", "4", "--json").stdout)
+    assert cifar["global_params"] == 7_386_186
+    bottleneck = json.loads(run("--arch", "resnet50", "--subnets", "8", "--num-classes", "1000", "--json").stdout)
+    assert bottleneck["global_params"] == 25_557_032  # torchvision's resnet50
+
+
 def test_bad_split_is_one_line_and_exit_2():
     result = run("--arch", "resnet32", "--width", "4", "--subnets", "3")
     assert result.returncode == 2
