@@ -1,0 +1,85 @@
+"""The benchmarks run from a checkout and end with their headline line.
+
+Tiny settings (2 ranks, 64 images): these check that each script works end to end and that
+its headline agrees with the run it measured, not the figures (those are in BENCHMARKS.md).
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import launcher_free_env
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--nproc", "2", "--arch", "resnet20", "--width", "2", "--subnets", "2",
+        "--train-samples", "64", "--test-samples", "64", "--batch-size", "16"]
+
+pytestmark = pytest.mark.slow
+
+
+def run_benchmark(script: str, *args: str, header: bool = True) -> list[str]:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=300, env=launcher_free_env())
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    if header:  # the command and the machine come first: timings mean nothing without them
+        assert lines[1].startswith("command: ") and lines[2].startswith("machine: "), lines[:3]
+    return lines
+
+
+def headline_numbers(line: str, pattern: str) -> list[float]:
+    match = re.fullmatch(pattern, line)
+    assert match, f"last line {line!r} does not match {pattern!r}"
+    values = [float(v) for v in match.groups()]
+    assert all(math.isfinite(v) and v > 0 for v in values), values
+    return values
+
+
+def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
+    out = tmp_path / "tta"
+    lines = run_benchmark("time_to_accuracy.py", *TINY, "--subnet-epochs", "1", "--finetune-epochs", "1",
+                          "--baseline-epochs", "2", "--out", str(out))
+    (speedup,) = headline_numbers(lines[-1], r"speedup: ([0-9.]+)(?: \[ratio of TOTAL times: target not reached\])?")
+    report = json.loads((out / "full" / "report.json").read_text())
+    assert json.loads((out / "shard" / "report.json").read_text())["config"]["subnet_data"] == "shard"
+    target = next(line for line in lines if line.startswith("target: "))
+    assert target == f"target: {report['random_T']['top1']:.2f} % test top-1"
+    if lines[-1].endswith("target not reached]"):
+        assert speedup == pytest.approx(report["timing"]["baseline_total"] / report["timing"]["dd_total"], abs=0.006)
+    assert any(line.startswith("better default: --subnet-data ") for line in lines)
+
+
+def test_phase_speed_headline(tmp_path):
+    lines = run_benchmark("phase_speed.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "speed"))
+    full, shard = headline_numbers(lines[-1], r"speed ratio: ([0-9.]+) \(full; shard ([0-9.]+)\)")
+    assert any(line.startswith("phase 1 (full): ") and f"= {full:.2f} " in line for line in lines)
+    assert any(line.startswith("phase 1 (shard): ") and f"= {shard:.2f} " in line for line in lines)
+
+
+def test_overhead_headline():
+    lines = run_benchmark("overhead.py", "--nproc", "2", "--arch", "resnet20", "--width", "1",
+                          "--train-samples", "64", "--batch-size", "16", "--reps", "2")
+    (ratio,) = headline_numbers(lines[-1], r"throughput ratio: ([0-9.]+)")
+    pairs = [float(m.group(1)) for line in lines if (m := re.search(r", ratio ([0-9.]+)$", line))]
+    assert len(pairs) == 2 and min(pairs) - 0.001 <= ratio <= max(pairs) + 0.001, (ratio, pairs)
+
+
+def test_comm_headline(tmp_path):
+    out = tmp_path / "comm"
+    lines = run_benchmark("comm.py", *TINY, "--subnet-epochs", "1", "--finetune-epochs", "1", "--out", str(out))
+    share, peak = headline_numbers(lines[-1], r"compose share: ([0-9.]+) %, peak memory: ([0-9.]+)x model")
+    timing = json.loads((out / "report.json").read_text())["timing"]
+    assert share == pytest.approx(100 * timing["compose"] / timing["dd_total"], abs=0.006)
+    assert peak >= 1.0  # rank 0 holds at least the composed model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu_throughput measures a GPU; none visible")
+def test_gpu_throughput_headline():
+    lines = run_benchmark("gpu_throughput.py", "--quick", "--batch-size", "32", header=False)
+    headline_numbers(lines[-1], r"projected speedup: ([0-9.]+)")
