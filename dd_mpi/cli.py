@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             _close(world)
             return EXIT_FAILURE
         if exit_quietly_if_peer_lost(error):
+            # one line, but with the message: the match is by substring, so a genuine local
+            # timeout (a DataLoader's, say) must still say what it was
+            detail = (str(error).strip().splitlines() or [""])[0][:200]
             print(f"dd-train: rank {launch.rank}: lost contact with another rank "
-                  f"({type(error).__name__}); stopping", file=sys.stderr, flush=True)
+                  f"({type(error).__name__}: {detail}); stopping", file=sys.stderr, flush=True)
         else:
             print(f"dd-train: rank {launch.rank} failed:", file=sys.stderr)
             traceback.print_exc()
