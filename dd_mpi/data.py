@@ -48,11 +48,32 @@ def subset_for_group(num_samples: int, *, subnet_data: str, group: int, groups: 
 
 
 def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's samples for one training epoch: the pool reshuffled per epoch, cut into
-    equal parts (the remainder is dropped, so every rank takes the same number of steps)."""
+    """This rank's samples for one training epoch: the pool reshuffled per epoch and dealt
+    out whole, every sample to exactly one rank; the first ``len(pool) % size`` ranks get one
+    more than the rest (it rides in their last batch, see ``train_steps``)."""
     shuffled = pool[torch.randperm(len(pool), generator=_generator(seed, stream, epoch))]
-    per_rank = len(shuffled) // size
-    return shuffled[rank * per_rank:(rank + 1) * per_rank]
+    base, extra = divmod(len(shuffled), size)
+    start = rank * base + min(rank, extra)
+    return shuffled[start:start + base + (rank < extra)]
+
+
+def train_steps(pool_size: int, size: int, batch_size: int) -> int:
+    """Optimizer steps per training epoch, the same on every rank (DDP needs that): the
+    batches of the smaller parts. A rank with one sample more puts it into its last batch
+    instead of taking a step the others would not. (With fewer samples than ranks there is
+    nothing to step on and the epoch is empty.)"""
+    return -(-(pool_size // size) // batch_size)
+
+
+def batch_slices(count: int, batch_size: int, steps: int | None = None) -> list[slice]:
+    """Batches of ``batch_size`` over ``count`` samples; with ``steps``, exactly that many,
+    the last taking the rest (so it may hold one more than ``batch_size``)."""
+    if steps is None:
+        steps = -(-count // batch_size)
+    if steps == 0:
+        return []
+    last = (steps - 1) * batch_size
+    return [slice(i * batch_size, (i + 1) * batch_size) for i in range(steps - 1)] + [slice(last, count)]
 
 
 def eval_indices(num_samples: int, *, rank: int, size: int) -> torch.Tensor:
@@ -73,9 +94,10 @@ class Batches:
     std: torch.Tensor
     augment_generator: torch.Generator | None = None  # None: no augmentation (evaluation)
     loader: DataLoader | None = None
+    steps: int | None = None  # training: the step count every rank takes (train_steps)
 
     def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+        return len(batch_slices(len(self.indices), self.batch_size, self.steps))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(self.split, InMemorySplit):
@@ -98,12 +120,12 @@ class Batches:
         if self.augment_generator is not None:
             crops = [t.to(images_device) for t in draw_crop_flip(len(indices), self.split.images.shape[2],
                                                                  self.augment_generator)]
-        for start in range(0, len(indices), self.batch_size):
-            idx = indices[start:start + self.batch_size]
+        for part in batch_slices(len(indices), self.batch_size, self.steps):
+            idx = indices[part]
             images = self.split.images[idx].to(self.device, non_blocking=True)
             labels = self.split.labels[idx].to(self.device, non_blocking=True)
             if crops is not None:
-                dy, dx, flip = (t[start:start + self.batch_size].to(self.device) for t in crops)
+                dy, dx, flip = (t[part].to(self.device) for t in crops)
                 images = random_crop_flip(images, dy, dx, flip)
             images = (images.float().div_(255) - self.mean) / self.std
             yield images.contiguous(memory_format=torch.channels_last), labels
@@ -148,19 +170,19 @@ class DataPlan:
         indices = train_indices(pool, seed=self.cfg.seed, stream=stream, epoch=epoch,
                                 rank=comm.rank, size=comm.size)
         gen = _generator(self.cfg.seed, stream, epoch, comm.rank, 1)  # rank in the comm: placement-free
-        return self._batches(self.data.train, indices, gen)
+        return self._batches(self.data.train, indices, gen, train_steps(len(pool), comm.size, self.cfg.batch_size))
 
     def test(self, comm: Comm) -> Batches:
         indices = eval_indices(split_size(self.data.test), rank=comm.rank, size=comm.size)
-        return self._batches(self.data.test, indices, None)
+        return self._batches(self.data.test, indices, None, None)
 
-    def _batches(self, split, indices: torch.Tensor, gen: torch.Generator | None) -> Batches:
+    def _batches(self, split, indices: torch.Tensor, gen: torch.Generator | None, steps: int | None) -> Batches:
         loader = None
         if not isinstance(split, InMemorySplit):
-            loader = self._loader(split, indices, gen)
-        return Batches(split, indices, self.cfg.batch_size, self.device, self.mean, self.std, gen, loader)
+            loader = self._loader(split, indices, gen, steps)
+        return Batches(split, indices, self.cfg.batch_size, self.device, self.mean, self.std, gen, loader, steps)
 
-    def _loader(self, split, indices: torch.Tensor, gen: torch.Generator | None) -> DataLoader:
+    def _loader(self, split, indices: torch.Tensor, gen: torch.Generator | None, steps: int | None) -> DataLoader:
         if id(split) not in self._loaders:
             sampler = _IndexBatches(self.cfg.batch_size)
             workers = self.cfg.workers
@@ -171,7 +193,7 @@ class DataPlan:
         loader, sampler = self._loaders[id(split)]
         seeds = [None] * len(indices) if gen is None else \
             torch.randint(2 ** 62, (len(indices),), generator=gen).tolist()
-        sampler.keys = list(zip(indices.tolist(), seeds))
+        sampler.keys, sampler.steps = list(zip(indices.tolist(), seeds)), steps
         return loader
 
 
@@ -197,14 +219,14 @@ class _IndexBatches:
     """A batch sampler of (index, seed) keys set per epoch (works with persistent workers)."""
 
     def __init__(self, batch_size: int):
-        self.batch_size, self.keys = batch_size, []
+        self.batch_size, self.keys, self.steps = batch_size, [], None
 
     def __iter__(self):
-        for start in range(0, len(self.keys), self.batch_size):
-            yield self.keys[start:start + self.batch_size]
+        for part in batch_slices(len(self.keys), self.batch_size, self.steps):
+            yield self.keys[part]
 
     def __len__(self):
-        return (len(self.keys) + self.batch_size - 1) // self.batch_size
+        return len(batch_slices(len(self.keys), self.batch_size, self.steps))
 
 
 def split_size(split) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .comm import Comm, World, checksum, checksum_state, flatten_state, group_layout, group_of, log, unflatten_state
 from .config import RunConfig
-from .data import DataPlan, load_data, split_size, subset_for_group
+from .data import DataPlan, load_data, split_size, subset_for_group, train_steps
 from .decompose import compose, composed_spec, subnet_spec
 from .errors import UsageError
 from .models import ModelSpec, build_model
@@ -221,7 +221,7 @@ def train_phase(ctx: Context, name: str, model: nn.Module, comm: Comm, recipe: R
 
     global_batch = cfg.batch_size * comm.size
     optimizer = make_optimizer(model, recipe, global_batch)
-    steps = (len(pool) // comm.size + cfg.batch_size - 1) // cfg.batch_size
+    steps = train_steps(len(pool), comm.size, cfg.batch_size)
     scheduler = make_scheduler(optimizer, recipe, steps)
     history, best, seconds, start_epoch = [], -1.0, initial_seconds, 0
     test = dict(initial_test or {})

@@ -447,11 +447,10 @@ def gather_seconds(piece_bytes: float, n: int, net: Network) -> float:
 
 def epoch_seconds(samples: int, ranks: int, batch: int, per_sample_s: float, grad_bytes: float,
                   net: Network) -> float:
-    """One epoch of data-parallel training: (D/p)·c + steps·allreduce (the remainder of D/p is
-    dropped, as dd_mpi.data.train_indices does)."""
-    per_rank = samples // ranks
-    steps = math.ceil(per_rank / batch)
-    return per_rank * per_sample_s + steps * gradient_allreduce_seconds(grad_bytes, ranks, net)
+    """One epoch of data-parallel training: ⌈D/p⌉·c (the busiest rank) + steps·allreduce, with
+    dd_mpi.data's step count (batches of ⌊D/p⌋; a rank's extra sample rides in its last batch)."""
+    steps = math.ceil((samples // ranks) / batch)
+    return math.ceil(samples / ranks) * per_sample_s + steps * gradient_allreduce_seconds(grad_bytes, ranks, net)
 
 
 @dataclass(frozen=True)

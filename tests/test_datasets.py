@@ -359,6 +359,12 @@ def test_image_file_augmentation_is_the_same_with_any_workers_and_after_a_restar
         return [torch.cat([images.flatten() for images, _ in plan.train(comm, pool, stream=100, epoch=e)])
                 for e in which]
 
+    # an uneven split over 3 ranks (3, 3, 2 images): one step each, every image once
+    uneven = [DataPlan(data, RunConfig(batch_size=2, workers=0), torch.device("cpu"))
+              .train(Comm([0, 1, 2], r, None, torch.device("cpu")), pool, stream=100, epoch=0) for r in range(3)]
+    assert [len(b) for b in uneven] == [1, 1, 1]
+    assert sorted(len(labels) for b in uneven for _, labels in b) == [2, 3, 3]
+
     long_lived = epochs(2, [0, 1, 2])
     assert torch.equal(long_lived[2], epochs(0, [2])[0])  # resumed at epoch 2, no workers
     assert torch.equal(long_lived[1], epochs(2, [1])[0])  # resumed at epoch 1, fresh workers

@@ -197,6 +197,8 @@ def test_ring_allreduce_and_collectives():
 def test_epoch_and_projection_by_hand():
     # 1000 samples on 4 ranks: 250 each, 8 steps of 32; 2.5 s compute + 8 x 1.56 ms
     assert scaling.epoch_seconds(1000, 4, 32, 0.01, 1e6, NET) == pytest.approx(2.5 + 8 * 1.56e-3)
+    # 1002 over 4: the busiest rank trains 251 samples, still in 8 steps (ceil(250 / 32))
+    assert scaling.epoch_seconds(1002, 4, 32, 0.01, 1e6, NET) == pytest.approx(2.51 + 8 * 1.56e-3)
     w = Workload(samples=1024, batch=32, global_params=1_000_000, subnet_params=250_000, subnets=2,
                  global_sample_s=0.004, subnet_sample_s=0.002, subnet_epochs=3, finetune_epochs=1,
                  baseline_epochs=4, compose_s=0.1)

@@ -15,7 +15,8 @@ from dd_mpi import checkpoint as ckpt
 from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, flatten_state, group_layout, group_of, unflatten_into
 from dd_mpi.config import RunConfig, build_parser, parse_config
-from dd_mpi.data import DataPlan, eval_indices, random_crop_flip, subset_for_group, train_indices
+from dd_mpi.data import (DataPlan, batch_slices, eval_indices, random_crop_flip, subset_for_group, train_indices,
+                         train_steps)
 from dd_mpi.models import ModelSpec, build_model
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, detect_launch
@@ -78,18 +79,24 @@ def test_group_layout_is_contiguous_blocks():
 
 
 # --- data plans: pure functions of (seed, stream, epoch, rank in the comm) ----------------
-@pytest.mark.parametrize("pool_size, size", [(64, 1), (64, 4), (63, 4), (10, 3), (7, 8)])
+@pytest.mark.parametrize("pool_size, size", [(64, 1), (64, 4), (63, 4), (65, 4), (10, 3), (7, 8), (24, 3)])
 def test_train_indices_split_each_epoch_disjointly(pool_size, size):
     pool = torch.arange(100, 100 + pool_size)  # a shard: its own sample ids
     orders = []
     for epoch in range(3):
         parts = [train_indices(pool, seed=5, stream=100, epoch=epoch, rank=r, size=size) for r in range(size)]
-        assert len({len(p) for p in parts}) == 1  # every rank takes the same number of steps
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= (pool_size % size > 0)
         seen = torch.cat(parts)
-        assert len(seen) == pool_size // size * size  # the remainder (< size) is dropped
-        assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(pool.tolist())
-        if pool_size % size == 0:
-            assert sorted(seen.tolist()) == pool.tolist()  # every sample exactly once
+        assert sorted(seen.tolist()) == pool.tolist()  # every sample exactly once, none dropped
+        for batch_size in (1, 3, 8):  # every rank takes the same number of steps
+            steps = train_steps(pool_size, size, batch_size)
+            assert {len(batch_slices(len(p), batch_size, steps)) for p in parts} == {steps}
+            covered = [i for p in parts if steps for part in batch_slices(len(p), batch_size, steps)
+                       for i in p[part].tolist()]
+            if pool_size >= size:  # fewer samples than ranks: nothing to step on
+                assert sorted(covered) == pool.tolist()
+                assert all(part.stop - part.start <= batch_size + 1 for p in parts
+                           for part in batch_slices(len(p), batch_size, steps))
         again = [train_indices(pool, seed=5, stream=100, epoch=epoch, rank=r, size=size) for r in range(size)]
         assert all(torch.equal(a, b) for a, b in zip(parts, again))  # pure: a resumed run sees the same
         orders.append(seen)
@@ -155,6 +162,16 @@ def test_batches_and_augmentation_depend_only_on_seed_stream_epoch_and_rank_in_c
     assert all(torch.equal(a, b) for a, b in zip(first, _batches(_comm([2, 3], 1), epoch=2)))
     assert not torch.equal(first[0], _batches(_comm([0, 1], 1), epoch=3)[0])
     assert not torch.equal(first[0], _batches(_comm([0, 1], 0), epoch=2)[0])
+
+
+def test_an_uneven_epoch_trains_every_sample_once_in_the_same_number_of_steps_per_rank():
+    data = make_synthetic(66, 16, seed=3)  # 66 over 4 ranks: 17, 17, 16, 16
+    plan = DataPlan(data, RunConfig(batch_size=8, seed=3), torch.device("cpu"))
+    per_rank = [[labels for _, labels in plan.train(_comm([0, 1, 2, 3], r), torch.arange(66), stream=1, epoch=0)]
+                for r in range(4)]
+    assert [len(b) for b in per_rank] == [2, 2, 2, 2]  # the 17th sample rides in the last batch
+    assert [sum(len(x) for x in b) for b in per_rank] == [17, 17, 16, 16]
+    assert sorted(torch.cat([x for b in per_rank for x in b]).tolist()) == sorted(data.train.labels.tolist())
 
 
 # --- flags: every bad value is refused with one line that names the flag -------------------
