@@ -4,7 +4,8 @@
     mpiexec -n 4 dd-train --backend horovod ...                            # MPI (mpi4py)
 
 Horovod wants every process set up front: ``hvd.init(process_sets=...)`` registers one set
-per sub-network group of ``group_layout(P, --subnets)`` and the set of group leaders.
+per sub-network group of ``group_layout(P, --subnets)`` and the set of group leaders, from
+rank lists under Gloo and from ``mpi4py`` communicator splits where Horovod runs on MPI.
 Sets of one rank need no traffic and are not registered; a set equal to the world is
 ``hvd.global_process_set`` (Horovod rejects a second copy of it, and of any set), so for
 ``--subnets 1`` (one group = the world) and ``--subnets P`` (leaders = the world) nothing
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .comm import Comm, World, mpi_world_for, group_layout
+from .comm import Comm, World, group_layout, log, mpi_world_for
 from .errors import UsageError
 from .launch import LaunchInfo
 
@@ -76,6 +77,22 @@ def registered_sets(world_size: int, cfg) -> list[list[int]]:
     return unique
 
 
+def sets_from_mpi_splits(hvd, mpi_world, rank_lists: list[list[int]], subnets: int) -> list:
+    """The same sets as ``rank_lists``, from communicator splits (where Horovod has MPI):
+    every rank hands Horovod the communicator of its own part, in the same order on every
+    rank. The leaders' split gives the other ranks a set of their own too (never used)."""
+    rank = mpi_world.Get_rank()
+    layout = group_layout(mpi_world.Get_size(), subnets)
+    leaders = [group[0] for group in layout]
+    sets = []
+    if any(ranks in layout for ranks in rank_lists):  # all groups have one size: all or none
+        mine = next(k for k, group in enumerate(layout) if rank in group)
+        sets.append(hvd.ProcessSet(mpi_world.Split(color=mine, key=rank)))
+    if leaders in rank_lists:
+        sets.append(hvd.ProcessSet(mpi_world.Split(color=0 if rank in leaders else 1, key=rank)))
+    return sets
+
+
 def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> HorovodWorld:
     """Join the Horovod world (Gloo under horovodrun, MPI under mpiexec/srun)."""
     hvd = _import_horovod()
@@ -90,16 +107,21 @@ def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> Horovod
     # A frozen rank ends the Gloo exchanges after this long (see the module docstring).
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(1, int(round(cfg.timeout)))))
     rank_lists = registered_sets(launch.world_size, cfg)
-    sets = [hvd.ProcessSet(ranks) for ranks in rank_lists]
-    if mpi_world is not None:
+    if mpi_world is not None and hvd.mpi_built():
+        sets = sets_from_mpi_splits(hvd, mpi_world, rank_lists, cfg.subnets)
         hvd.init(comm=mpi_world, process_sets=sets)
+        source = "MPI communicator splits"
     else:
+        sets = [hvd.ProcessSet(ranks) for ranks in rank_lists]
         hvd.init(process_sets=sets)
+        source = "rank lists"
+    if sets:
+        log(f"horovod: {len(sets)} process sets from {source}", rank=launch.rank)
     if hvd.size() != launch.world_size or hvd.rank() != launch.rank:
         raise UsageError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher "
                          f"{launch.launcher} rank {launch.rank} of {launch.world_size}: start the job with "
                          "horovodrun or mpiexec (with the MPI that Horovod and mpi4py were built against)")
-    by_ranks = {tuple(ranks): ps for ranks, ps in zip(rank_lists, sets)}
+    by_ranks = {tuple(ps.ranks): ps for ps in sets}  # comm-built sets learn their ranks at init
     world_ranks = list(range(launch.world_size))
     comm = HorovodComm(world_ranks, launch.rank, hvd.global_process_set if launch.world_size > 1 else None,
                        device, mpi_world, tag="world")

@@ -149,6 +149,10 @@ def check_report(out: Path, *, subnets: int, backend: str, launcher: str, baseli
 def test_whole_pipeline_under_horovodrun(runs, subnets):
     result, out = runs("horovodrun", subnets)
     check_report(out, subnets=subnets, backend="horovod", launcher="horovod")
+    # 4 ranks: N = 2 registers both groups and the leaders [0, 2]; for N = 4 and 1 every set
+    # has one rank or is the world, so nothing is registered
+    assert ("horovod: 3 process sets from rank lists" in result.stdout) == (subnets == 2)
+    assert ("process sets from" in result.stdout) == (subnets == 2)
     assert "| transfer_T |" in result.stdout
 
 
@@ -157,6 +161,8 @@ def test_whole_pipeline_under_mpiexec(runs):
     result, out = runs("mpiexec", 2)
     check_report(out, subnets=2, backend="horovod", launcher="mpi")
     assert "| transfer_T |" in result.stdout
+    # the groups' sets (and the leaders' with their complement) come from the MPI split
+    assert "horovod: 2 process sets from MPI communicator splits" in result.stdout
 
 
 @pytest.mark.parametrize("launcher, subnets", [
