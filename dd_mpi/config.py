@@ -41,7 +41,7 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class RunConfig:
-    # --- model (DESIGN.md §2) ---
+    # --- model ---
     arch: str = "resnet20"  # resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101
     width: float = 2.0  # width factor w of the global net
     subnets: int = 2  # N: sub-networks = rank groups

@@ -1,6 +1,6 @@
 """Model surgery: split a wide net's configuration into N narrow ones, compose, extract.
 
-Pure functions on specs and state dicts: no processes, no communication (DESIGN.md §1).
+Pure functions on specs and state dicts: no processes, no communication.
 
 Composition rule, per tensor of the global net G from the N sub-nets S_1..S_N:
 

@@ -1,6 +1,6 @@
 """Who am I in this job? Rank discovery for every launcher, and our own local launcher.
 
-Order matters (DESIGN.md §3): under ``mpirun`` inside a Slurm allocation every rank sees
+Order matters: under ``mpirun`` inside a Slurm allocation every rank sees
 ``SLURM_PROCID=0``, and under torchrun too. So: ``RANK`` (torchrun, our ``--nproc``), then
 Horovod's, then the MPI launchers' (``OMPI_COMM_WORLD_RANK``, ``PMI_RANK`` when ``PMI_SIZE``
 > 1, ``PMIX_RANK``), and ``SLURM_PROCID`` last.

@@ -1,6 +1,6 @@
 """ResNets with a width factor, built so that N narrow copies compose exactly into one wide net.
 
-Two families (DESIGN.md §2):
+Two families:
 
 * CIFAR ResNets of depth 6n+2 (He et al. 2016, §4.2): stages of 16w, 32w, 64w channels.
   Parameter counts at w=1 with shortcut option A, 10 classes (checked by the tests):
@@ -19,7 +19,7 @@ Two families (DESIGN.md §2):
 
 A composed global net differs from a conventional one in one place only: option A's
 parameter-free zero-padding shortcut pads each of its ``channel_groups`` channel groups
-separately, so that sub-network k's channels stay in block k (DESIGN.md §1, last table row).
+separately, so that sub-network k's channels stay in block k (see ``decompose.compose``).
 """
 
 from __future__ import annotations

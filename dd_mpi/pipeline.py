@@ -1,5 +1,5 @@
 """The method, top-down: phase 1 (groups train sub-nets), phase 2 (gather, compose,
-broadcast), phase 3 (all ranks fine-tune), and the conventional baseline (DESIGN.md §1).
+broadcast), phase 3 (all ranks fine-tune), and the conventional baseline.
 
 Every phase writes atomic checkpoints and resumes from them: a finished phase is loaded,
 an unfinished one continues from its last epoch. Rank 0 owns the run's files; a group's

@@ -13,7 +13,7 @@ into --out (default: the run directory for one run, the runs' common parent for 
   accuracy_vs_time.png      test top-1 vs wall-clock, DD and baseline on one axis
   phase_times.png           seconds per phase as stacked bars, DD and baseline per run
 
-The DD curve follows the method's timeline (DESIGN.md §1): phase 1 at the slowest group's
+The DD curve follows the method's timeline: phase 1 at the slowest group's
 elapsed seconds (the groups run side by side; the phase ends when the last one does; the
 curve shows the sub-nets' mean test top-1), then the composed net (`transfer`) once phase 2
 has ended, then phase 3 offset by the seconds of phases 1 and 2. Times are dd-train's own

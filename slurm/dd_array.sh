@@ -1,6 +1,6 @@
 #!/bin/bash
 # Phase 1 as a job array, one task per sub-network, then compose + fine-tune in a job that
-# waits for them (DESIGN.md §1). Small jobs start as resources free up instead of waiting
+# waits for them. Small jobs start as resources free up instead of waiting
 # for all GPUs at once. Submit both with slurm/dd_array_submit.sh, or by hand:
 #
 #   sbatch --array=0-3 slurm/dd_array.sh --out runs/x               # phase 1, task k: group k
