@@ -29,13 +29,13 @@ PRESETS: dict[str, dict] = {
         _doc=f"{ds.upper()}, 4x-wide ResNet{d} split into 4 standard ResNet{d}s; sub-nets "
              "160 epochs, fine-tune 40 at LR/5, baseline 200; cosine schedule")
         for ds in ("cifar10", "cifar100") for d in (32, 56, 110)},
-    **{f"food101-resnet{d}": dict(
-        dataset="food101", arch=f"resnet{d}", width=1.0, subnets=4, batch_size=64, lr=0.1,
+    **{f"food101-resnet{d}{suffix}": dict(
+        dataset="food101", arch=f"resnet{d}", width=1.0, subnets=n, batch_size=64, lr=0.1,
         schedule="cosine", subnet_epochs=60, finetune_epochs=20, baseline_epochs=90,
         finetune_lr=0.02, subnet_data="full", image_size=224,
-        _doc=f"Food-101, ResNet{d} (standard width) split into 4 (use --subnets 8 for 8); "
+        _doc=f"Food-101, ResNet{d} (standard width) split into {n}; "
              "sub-nets 60 epochs, fine-tune 20 at LR/5, baseline 90 (ImageNet-style); cosine")
-        for d in (50, 101)},
+        for d in (50, 101) for n, suffix in ((4, ""), (8, "-n8"))},
 }
 
 

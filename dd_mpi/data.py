@@ -23,13 +23,46 @@ from .synthetic import make_synthetic
 
 
 def load_data(cfg: RunConfig, world: Comm) -> DatasetBundle:
-    """The dataset named by --dataset; integrity checks run once, on rank 0 (see datasets)."""
+    """The dataset named by --dataset; integrity checks run once, on rank 0 (see datasets).
+
+    After rank 0's check every rank parses its own view of --data-dir, and on a cluster that
+    may be another copy (node-local disks): the ranks then compare what they read, so that a
+    rank with other classes or other sample counts, or one whose parse failed, stops every
+    rank with one line instead of training on other labels or leaving the others waiting."""
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg.train_samples, cfg.test_samples, image_size=cfg.image_size or 32,
                               seed=cfg.seed)
-    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-                        train_samples=cfg.train_samples, test_samples=cfg.test_samples,
-                        verify_once=world.verdict_of_root)
+    data, error = None, None
+    try:
+        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                            train_samples=cfg.train_samples, test_samples=cfg.test_samples,
+                            verify_once=world.verdict_of_root)
+    except UsageError as raised:
+        error = str(raised)
+    except (OSError, ValueError) as raised:  # this rank's copy would not parse (files, formats)
+        error = f"--data-dir {cfg.data_dir}: {type(raised).__name__}: {raised}"
+    seen = None if data is None else (data.class_names, split_size(data.train), split_size(data.test))
+    views = world.allgather_object((error, seen))
+    failed = [(rank, message) for rank, (message, _) in enumerate(views) if message is not None]
+    if failed:
+        if len(failed) == world.size and len({m for _, m in failed}) == 1:
+            raise UsageError(failed[0][1])  # the same on every rank (a flag, rank 0's verdict)
+        rank, message = failed[0]
+        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise UsageError(f"rank {rank}{others}: {message}")
+    differ = [rank for rank, (_, view) in enumerate(views) if view != views[0][1]]
+    if differ:
+        (classes, train, test), (root_classes, root_train, root_test) = views[differ[0]][1], views[0][1]
+        odd = sorted(set(classes) ^ set(root_classes))
+        if odd:
+            what = f"class {odd[0]!r} on one and not the other"
+        elif classes != root_classes:
+            what = "the same classes in another order"
+        else:
+            what = f"{train} train / {test} test samples, rank 0 {root_train} / {root_test}"
+        raise UsageError(f"--data-dir {cfg.data_dir}: rank {differ[0]} reads other data than rank 0 ({what}; "
+                         f"another copy on its node?): give every rank the same data")
+    return data
 
 
 def _generator(*keys: int) -> torch.Generator:

@@ -98,5 +98,54 @@ def test_help_lists_the_presets():
     result = subprocess.run([sys.executable, "-m", "dd_mpi", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for preset in ("cifar10-resnet32", "cifar10-resnet56", "cifar10-resnet110", "cifar100-resnet32",
-                   "cifar100-resnet56", "cifar100-resnet110", "food101-resnet50", "food101-resnet101"):
+                   "cifar100-resnet56", "cifar100-resnet110", "food101-resnet50", "food101-resnet101",
+                   "food101-resnet50-n8", "food101-resnet101-n8"):
         assert preset in result.stdout
+
+
+def rank_patch_env(tmp_path, rank: str, patch: str) -> dict:
+    """A sitecustomize that changes what one rank reads (as another copy of the data on its
+    node would): ``patch`` runs in that rank only, with torchvision's datasets as ``d``."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if os.environ.get('RANK') == {rank!r}:\n"
+        "    import torchvision.datasets as d\n"
+        + "".join(f"    {line}\n" for line in patch.splitlines()))
+    return {"PYTHONPATH": str(tmp_path / "site")}
+
+
+@pytest.mark.parametrize("patch, message", [
+    # rank 3 lacks a class in both splits: its own checks pass, the comparison does not
+    ("find = d.ImageFolder.find_classes\n"
+     "def fewer(self, directory):\n"
+     "    classes, _ = find(self, directory)\n"
+     "    classes = classes[:-1]\n"
+     "    return classes, {c: i for i, c in enumerate(classes)}\n"
+     "d.ImageFolder.find_classes = fewer",
+     "rank 3 reads other data than rank 0 (class 'dog' on one and not the other"),
+    # rank 3's own parse fails: its error, named, from rank 0 and with every rank stopping
+    ("def broken(self, directory):\n"
+     "    raise FileNotFoundError(f'no class folders in {directory}')\n"
+     "d.ImageFolder.find_classes = broken",
+     "rank 3: ")])
+def test_a_rank_that_reads_other_data_stops_every_rank_with_one_line(tmp_path, patch, message):
+    datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
+    result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "run")], env=rank_patch_env(tmp_path, "3", patch), timeout=180)
+    assert result.returncode == 2, explain(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], explain(result)
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_an_unreadable_image_ends_the_four_rank_job_naming_the_file(tmp_path):
+    root = datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
+    broken = sorted((root / "train" / "dog").iterdir())[-1]  # not the first image: found when loaded
+    broken.write_bytes(b"not an image")
+    result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(tmp_path / "run")],
+                    timeout=180)
+    assert result.returncode != 0, explain(result)
+    named = [line for line in result.stderr.splitlines() if f"cannot read image {broken}" in line]
+    assert len(named) == 1 and named[0].startswith("dd-train: error: "), explain(result)
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "report.json").exists()

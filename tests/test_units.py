@@ -14,10 +14,11 @@ import torch
 from dd_mpi import checkpoint as ckpt
 from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm, exit_quietly_if_peer_lost, flatten_state, group_layout, group_of, unflatten_into
-from dd_mpi.config import RunConfig, build_parser, parse_config
+from dd_mpi.config import PRESETS, RunConfig, build_parser, parse_config
 from dd_mpi.data import (DataPlan, batch_slices, eval_indices, random_crop_flip, subset_for_group, train_indices,
                          train_steps)
-from dd_mpi.models import ModelSpec, build_model
+from dd_mpi.decompose import composed_spec, subnet_spec
+from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, detect_launch
 from dd_mpi.synthetic import make_synthetic
@@ -172,6 +173,24 @@ def test_an_uneven_epoch_trains_every_sample_once_in_the_same_number_of_steps_pe
     assert [len(b) for b in per_rank] == [2, 2, 2, 2]  # the 17th sample rides in the last batch
     assert [sum(len(x) for x in b) for b in per_rank] == [17, 17, 16, 16]
     assert sorted(torch.cat([x for b in per_rank for x in b]).tolist()) == sorted(data.train.labels.tolist())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_run_whose_sub_nets_compose_back(name):
+    cfg = parse_config(["--preset", name])
+    classes = {"cifar10": 10, "cifar100": 100, "food101": 101}[cfg.dataset]
+    assert name.startswith(cfg.dataset) and cfg.arch in name and cfg.subnets == (8 if name.endswith("-n8") else 4)
+    global_spec = cfg.model_spec(classes)
+    sub = subnet_spec(global_spec, cfg.subnets)  # raises if a width is not divisible by N
+    with torch.device("meta"):
+        wide, narrow = build_model(global_spec), build_model(sub)
+        composed = build_model(composed_spec(sub, cfg.subnets))
+    assert count_parameters(composed) == count_parameters(wide)  # composes into the preset's net
+    assert count_parameters(narrow) * cfg.subnets ** 2 < 1.5 * count_parameters(wide)  # ~1/N² each
+    doc = PRESETS[name]["_doc"]  # what --help says is what runs
+    for value in (cfg.subnet_epochs, cfg.finetune_epochs, cfg.baseline_epochs, cfg.subnets):
+        assert str(value) in doc
+    assert parse_config(["--preset", name, "--subnet-epochs", "3"]).subnet_epochs == 3  # later flags win
 
 
 # --- flags: every bad value is refused with one line that names the flag -------------------
