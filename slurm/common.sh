@@ -9,7 +9,8 @@
 # `scancel --signal=USR1 --batch JOBID` -- is passed to every rank as USR1 through srun
 # (srun forwards USR1 to its tasks; a TERM to srun would kill them before they checkpoint).
 # The ranks checkpoint and exit 75, and the job requeues itself: same job id, same log,
-# SLURM_RESTART_COUNT=1, and dd-train resumes from its checkpoints. Slurm holds a requeued
+# SLURM_RESTART_COUNT=1, and dd-train resumes from its checkpoints. After a TERM it does so
+# only for a time limit or a preemption: a plain `scancel` checkpoints and stays cancelled. Slurm holds a requeued
 # job for about two minutes before it starts again. Details: slurm/NOTES.md.
 
 # ---- SITE SETUP: edit for your cluster ------------------------------------------------
@@ -73,7 +74,17 @@ dd_train() {
     # 75: checkpointed and stopped. Over 128 after a stop request: ranks ended by a signal
     # (Slurm's own TERM, say) while stopping; checkpoints are atomic, the last one is intact.
     if (( rc == 75 )) || { [[ -n $_dd_stop ]] && (( rc > 128 )); }; then
-        echo "dd_mpi: stopped (exit $rc${_dd_stop:+ after SIG$_dd_stop}): requeueing job $SLURM_JOB_ID"
+        # TERM comes from a time limit and a preemption, but also from a plain `scancel`:
+        # only Slurm's reason tells them apart, and a cancelled job must stay cancelled.
+        local reason
+        reason=$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Reason=[^ ]*' | cut -d= -f2)
+        if [[ $_dd_stop == TERM && $reason != TimeLimit && $reason != *Preempt* ]]; then
+            echo "dd_mpi: stopped (exit $rc after SIGTERM, reason ${reason:-unknown}: cancelled):" \
+                 "not requeueing; the checkpoints in --out resume with --resume"
+            exit 75
+        fi
+        echo "dd_mpi: stopped (exit $rc${_dd_stop:+ after SIG$_dd_stop}${reason:+, reason $reason}):" \
+             "requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID" \
             || echo "dd_mpi: requeue refused (--no-requeue?): resubmit with --resume" >&2
         exit 75

@@ -29,6 +29,7 @@ SLURM = REPO / "slurm"
 # the job only after it, so there is something to resume from.
 PHASE1_CHECKPOINT = "checkpoints/subnet0-last.pt"
 TIMEOUT = 600  # seconds per job: 2 shared cores, other suites may run beside us
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 # sbatch options: the scripts' '#SBATCH --gpus-per-task=1' neutralised, one CPU per rank
 ON_CPU = ["--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--gpus-per-task=0"]
@@ -99,6 +100,15 @@ class Submission:
         self.stderr = self.proc.stderr.read()
         return self.proc.returncode
 
+    def follow(self, seconds: float, until: tuple[str, ...] = ()) -> None:
+        """Record the job's states for ``seconds`` (or until one in ``until``, or until the
+        controller forgets it), also after ``sbatch --wait`` has returned."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not self.poll() or self.state in until:
+                return
+            time.sleep(0.5)
+
     @property
     def state(self) -> str:
         return self.seen[-1]["JobState"] if self.seen else "unknown (never seen)"
@@ -158,41 +168,91 @@ def test_ranks_that_get_no_shared_mpi_world_fail_at_once(tmp_path):
     assert not (tmp_path / "run" / "report.json").exists()
 
 
-# --- preemption: USR1 to the batch shell, checkpoint, requeue, resume ---------------------------
-def test_signal_checkpoints_requeues_and_resumes(tmp_path):
+# --- preemption: USR1 to the batch shell, or a time limit; checkpoint, requeue, resume -------
+def start_preemptible(tmp_path, sbatch_options: list[str], epochs: int) -> tuple[Submission, Path, Path]:
+    """A job that trains long enough to be stopped, once phase 1 has a checkpoint."""
     out = tmp_path / "out"
-    args = [*TINY, "--subnet-epochs", "20", "--finetune-epochs", "2", "--train-samples", "1024",
+    args = [*TINY, "--subnet-epochs", str(epochs), "--finetune-epochs", "2", "--train-samples", "1024",
             "--signal-check-steps", "2", "--out", str(out)]
-    job = Submission([*ON_CPU, str(SLURM / "resnet110.sh"), *args], cwd=tmp_path)
+    job = Submission([*ON_CPU, *sbatch_options, str(SLURM / "resnet110.sh"), *args], cwd=tmp_path)
     log_path = tmp_path / f"resnet110-{job.job_id}.out"
-
     deadline = time.monotonic() + TIMEOUT
     while not (out / PHASE1_CHECKPOINT).exists():
         assert job.proc.poll() is None, f"job ended before {PHASE1_CHECKPOINT}\n{read_log(log_path)}"
         assert time.monotonic() < deadline, f"no {PHASE1_CHECKPOINT} after {TIMEOUT} s"
         time.sleep(0.5)
-    # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True)
+    return job, out, log_path
 
-    # Requeued: pending again, same job id, Restarts=1. Slurm holds a requeued job ~2 min
-    # (EligibleTime = requeue + 121 s): start it now, a few seconds after the old step's
-    # slurmstepd has gone (it lingers ~2 s; slurm/NOTES.md).
+
+def resume_after_requeue(job: Submission, log_path: Path, **updates: str) -> str:
+    """Wait for the requeue (pending again, same job id, Restarts=1), start it at once (Slurm
+    holds a requeued job ~2 min; a few seconds after the old step's slurmstepd has gone,
+    slurm/NOTES.md), and return the job's log once it has finished."""
+    deadline = time.monotonic() + TIMEOUT
     while not (job.poll().get("JobState") == "PENDING" and job.seen[-1].get("Restarts") == "1"):
-        assert job.proc.poll() is None, f"job ended instead of requeueing\n{read_log(log_path)}"
+        assert job.seen and job.state not in FINAL, f"job ended instead of requeueing\n{read_log(log_path)}"
         assert time.monotonic() < deadline, f"not requeued: {job.seen[-1:]}\n{read_log(log_path)}"
         time.sleep(0.5)
     time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
-
-    rc = job.wait()
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now",
+                    *(f"{k}={v}" for k, v in updates.items())], check=True)
+    if job.proc.poll() is None:
+        rc = job.wait()
+    else:  # after a time-out `sbatch --wait` returns before the job requeues itself: follow it
+        job.follow(TIMEOUT, until=FINAL)
+        rc = 0 if job.state == "COMPLETED" else 1
     log = read_log(log_path)  # --open-mode=append: both runs in one log
-    assert rc == 0, f"sbatch exit {rc}\n{job.stderr}\n{log[-5000:]}"
+    assert rc == 0, f"job ended {job.state}\n{log[-5000:]}"
     assert job.state == "COMPLETED" and job.seen[-1]["Restarts"] == "1", log[-5000:]
     assert f"job {job.job_id} restart 0:" in log and f"job {job.job_id} restart 1:" in log
-    assert "requeueing" in log
     assert re.search(r"dd-train .*--resume$", log, re.M), "the restarted run was not given --resume"
-    report = check_report(out, world_size=4, subnets=2)
-    assert all(net["top1"] >= 0 for net in report["sub_nets"])
+    return log
+
+
+def check_resumed_without_loss(out: Path, log: str, epochs: int) -> None:
+    """The restarted run went on from the checkpoint: every epoch of every phase recorded
+    exactly once, the complete report, and the log saying where it resumed."""
+    check_report(out, world_size=4, subnets=2)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for group in (0, 1):
+        mine = [r["epoch"] for r in rows if r["phase"] == "subnet" and r["group"] == group]
+        assert mine == list(range(1, epochs + 1)), f"sub-net {group} epochs {mine}"
+    assert [r["epoch"] for r in rows if r["phase"] == "finetune"] == [1, 2]
+    resumed = [int(n) for n in re.findall(r"^subnet\d: resuming after epoch (\d+)$", log, re.M)]
+    assert len(resumed) == 2 and all(0 < n < epochs for n in resumed), log[-3000:]
+
+
+def test_signal_checkpoints_requeues_and_resumes(tmp_path):
+    job, out, log_path = start_preemptible(tmp_path, [], epochs=20)
+    # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True)
+    log = resume_after_requeue(job, log_path)
+    assert "after SIGUSR1" in log and "requeueing" in log
+    check_resumed_without_loss(out, log, epochs=20)
+
+
+def test_time_limit_checkpoints_requeues_and_resumes(tmp_path):
+    """A plain time limit (no lead signal: URG is ignored by the shell): Slurm's TERM reaches
+    every rank and the batch shell; the job checkpoints and, because the reason is the time
+    limit, requeues itself. The restarted job gets more time."""
+    job, out, log_path = start_preemptible(tmp_path, ["--time=1", "--signal=B:URG@1"], epochs=80)
+    log = resume_after_requeue(job, log_path, TimeLimit="15")
+    assert "after SIGTERM, reason TimeLimit" in log and "requeueing" in log
+    check_resumed_without_loss(out, log, epochs=80)
+
+
+def test_scancel_checkpoints_and_stays_cancelled(tmp_path):
+    """`scancel` sends the same TERM as a time limit: the ranks checkpoint, and the job must
+    not requeue itself (a user could never cancel it)."""
+    job, out, log_path = start_preemptible(tmp_path, [], epochs=200)
+    subprocess.run(["scancel", job.job_id], check=True)
+    job.wait()
+    job.follow(30, until=("CANCELLED",))  # through COMPLETING, and no requeue after it
+    log = read_log(log_path)
+    assert job.state in ("CANCELLED", "COMPLETING"), (job.seen[-1:], log[-3000:])
+    assert all(seen["Restarts"] == "0" and seen["JobState"] != "PENDING" for seen in job.seen[1:]), log[-3000:]
+    assert "requeueing job" not in log and not (out / "report.json").exists()
+    assert (out / PHASE1_CHECKPOINT).exists()  # the stop's checkpoint (or the one before) is intact
 
 
 # --- phase 1 as a job array, then compose + fine-tune ---------------------------------------
