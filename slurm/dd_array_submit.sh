@@ -8,7 +8,10 @@
 #   bash slurm/dd_array_submit.sh                            # CIFAR-10 ResNet32, 4 sub-nets
 #   bash slurm/dd_array_submit.sh -p gpu -- --preset cifar100-resnet56 --subnets 8
 #   bash slurm/dd_array_submit.sh --wait --gpus-per-task=0 --cpus-per-task=1 -- --device cpu
+#   bash slurm/dd_array_submit.sh --array=2 -- --out runs/x      # task 2 failed: it alone again
 #
+# --array=LIST resubmits only those sub-networks on an existing --out (the others' checkpoints
+# are kept and loaded), then the final job, which composes and fine-tunes as before.
 # The sbatch options go to both submissions; the final job also gets --nodes=N (each
 # sub-network had a node, fine-tuning uses them all) unless the options set --nodes.
 # --wait waits for the final job and exits 1 unless it completed. The last line printed is
@@ -33,16 +36,20 @@ last_value() {  # last_value FLAG DEFAULT: the value dd-train will see for FLAG
 subnets=$(last_value --subnets 4)  # the presets split into 4
 out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
 
-wait=0 opts=()
-for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for
-    if [[ $opt == --wait || $opt == -W ]]; then wait=1; else opts+=("$opt"); fi
+wait=0 opts=() tasks="0-$((subnets - 1))"
+for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array is the array's
+    case $opt in
+        --wait | -W) wait=1 ;;
+        --array=*) tasks=${opt#--array=} ;;
+        *) opts+=("$opt") ;;
+    esac
 done
 here=$(dirname "$0")
 
-array=$(DD_OUT=$out sbatch --parsable --array="0-$((subnets - 1))" "${opts[@]}" \
+array=$(DD_OUT=$out sbatch --parsable --array="$tasks" "${opts[@]}" \
         "$here/dd_array.sh" "${dd_args[@]}")
 array=${array%%;*}  # --parsable prints id[;cluster]
-echo "phase 1: job array $array, $subnets tasks, run directory $out"
+echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run directory $out"
 
 final_opts=(--parsable --nodes="$subnets" "${opts[@]}" --output=%x-%j.out
             --dependency="afterok:$array" --kill-on-invalid-dep=yes)

@@ -274,6 +274,20 @@ def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     assert "--resume" in logs[f"dd_array-{ids['final']}.out"], explain
     check_report(out, world_size=2, subnets=2)
 
+    # Sub-network 1's task failed (its checkpoints gone, so nothing composed): resubmit it
+    # alone; sub-network 0 is not retrained, the final job composes both again.
+    kept = (out / "checkpoints" / "subnet0-final.pt").stat().st_mtime_ns
+    for path in [*(out / "checkpoints").glob("subnet1-*"), *(out / "checkpoints").glob("finetune-*"),
+                 out / "checkpoints" / "composed.pt", out / "report.json"]:
+        path.unlink()
+    again = subprocess.run([*cmd[:3], "--array=1", *cmd[3:]], cwd=tmp_path, env=job_env(),
+                           capture_output=True, text=True, timeout=2 * TIMEOUT)
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    ids = dict(re.findall(r"(\w+)=(\S+)", again.stdout.strip().splitlines()[-1]))
+    assert sorted(p.name for p in tmp_path.glob(f"dd_array-{ids['array']}_*.out")) == [f"dd_array-{ids['array']}_1.out"]
+    assert (out / "checkpoints" / "subnet0-final.pt").stat().st_mtime_ns == kept
+    check_report(out, world_size=2, subnets=2)
+
 
 # --- scaling study: one run per (nodes, N), then the report job -----------------------------------
 def test_scaling_study_tiny_sweep(tmp_path):
