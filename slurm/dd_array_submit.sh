@@ -44,7 +44,7 @@ for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array 
         *) opts+=("$opt") ;;
     esac
 done
-here=$(dirname "$0")
+here=$(cd "$(dirname "$0")" && pwd)  # absolute: sbatch may be told --chdir
 
 array=$(DD_OUT=$out sbatch --parsable --array="$tasks" "${opts[@]}" \
         "$here/dd_array.sh" "${dd_args[@]}")

@@ -17,7 +17,7 @@
 # unless it completed. The last line printed is `runs=ID,... report=ID study=DIR`.
 set -euo pipefail
 
-here=$(dirname "$0")
+here=$(cd "$(dirname "$0")" && pwd)  # absolute: the report job sources common.sh from any --chdir
 NODES=${NODES:-1 2 4}
 SUBNETS=${SUBNETS:-2 4 8}
 TASKS_PER_NODE=${TASKS_PER_NODE:-4}
@@ -45,7 +45,12 @@ for nodes in $NODES; do
         dir=$STUDY/nodes$nodes-N$n
         id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
              --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \
-             "$SCRIPT" "${dd_args[@]}" --subnets "$n" --out "$dir")
+             "$SCRIPT" "${dd_args[@]}" --subnets "$n" --out "$dir") || {
+            # a half-submitted sweep would run without its report job: take it back
+            (( ${#ids[@]} )) && scancel "${ids[@]}"
+            echo "sbatch refused the run nodes=$nodes N=$n: cancelled the ${#ids[@]} submitted before it" >&2
+            exit 1
+        }
         ids+=("${id%%;*}") dirs+=("$dir")
         echo "run: job ${id%%;*}, $nodes node(s), N=$n, $dir"
     done
