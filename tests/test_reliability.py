@@ -393,6 +393,12 @@ def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
     pytest.param("mpiexec", 4, ["--subnets", "4", "--width", "0.625"], "--subnets 4 does not divide",
                  marks=pytest.mark.mpi),
     ("torchrun", 2, ["--lr", "0"], "--lr 0.0 is invalid"),
+    ("local", 4, ["--subnets", "0"], "--subnets 0 is invalid"),
+    ("local", 4, ["--arch", "resnet21"], "--arch 'resnet21' is unknown"),
+    ("local", 4, ["--dataset", "mnist"], "--dataset 'mnist' is unknown"),
+    ("local", 4, ["--preset", "nope"], "--preset 'nope' is unknown"),
+    ("local", 4, ["--finetune-epochs", "-1"], "--finetune-epochs -1 is invalid"),
+    ("local", 4, ["--batch-size", "0"], "--batch-size 0 is invalid"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, launcher, nproc, flags, needle):
     """Rank 0 says it, the others exit quietly; under torchrun, which stops all ranks when
