@@ -55,6 +55,21 @@ def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
     assert any(line.startswith("better default: --subnet-data ") for line in lines)
 
 
+def test_time_to_accuracy_at_a_reached_target_is_the_ratio_of_the_two_clocks(tmp_path):
+    """Target 0: the baseline is there after its first epoch, DD at compose (phase 1's
+    slowest group + phase 2 + the composed net's evaluation)."""
+    out = tmp_path / "tta"
+    lines = run_benchmark("time_to_accuracy.py", *TINY, "--subnet-epochs", "1", "--finetune-epochs", "1",
+                          "--baseline-epochs", "2", "--modes", "full", "--target", "0", "--out", str(out))
+    (speedup,) = headline_numbers(lines[-1], r"speedup: ([0-9.]+)")
+    report = json.loads((out / "full" / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    baseline = next(r["elapsed"] for r in rows if r["phase"] == "baseline" and r["epoch"] == 1)
+    t = report["timing"]
+    assert any("(at compose)" in line for line in lines if line.startswith("DD full:")), lines
+    assert speedup == pytest.approx(baseline / (t["subnets"] + t["compose"] + t["transfer_eval"]), abs=0.006)
+
+
 def test_phase_speed_headline(tmp_path):
     lines = run_benchmark("phase_speed.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "speed"))
     full, shard = headline_numbers(lines[-1], r"speed ratio: ([0-9.]+) \(full; shard ([0-9.]+)\)")
