@@ -32,6 +32,12 @@ What bounds a dead rank:
   others wait (Horovod logs a stall warning every 60 s), as a late group is waited for at
   the end of phase 1. ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` would end it but would also
   end a long wait between groups that finish phase 1 far apart, so we leave it unset.
+
+A slow rank must not look like a frozen one: the Gloo timeout bounds the background
+threads' exchanges, which go on while the main threads wait, so it holds only if waiting
+ranks leave the CPU to them. Horovod's own ``synchronize`` spins; every wait here (our
+collectives and the optimizer's gradient step) polls with short sleeps instead
+(``wait_quietly``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import time
 import types
 from dataclasses import dataclass, field
 
@@ -151,18 +158,23 @@ class HorovodComm(Comm):
         self.ops += 1
         return f"dd.{self.tag}.{kind}.{self.ops}"
 
+    def _wait(self, handle):
+        """The op's result, waited for without spinning (see ``wait_quietly``)."""
+        return wait_quietly(self.hvd, handle)
+
     # --- reductions ---
     def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            self.hvd.allreduce_(tensor, op=self.hvd.Sum, name=self._name("sum"),
-                                process_set=self.process_group)
+            self._wait(self.hvd.allreduce_async_(tensor, op=self.hvd.Sum, name=self._name("sum"),
+                                                 process_set=self.process_group))
         return tensor
 
     def any(self, flag: bool) -> bool:
         if self.size == 1:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self.hvd.allreduce_(t, op=self.hvd.Max, name=self._name("any"), process_set=self.process_group)
+        self._wait(self.hvd.allreduce_async_(t, op=self.hvd.Max, name=self._name("any"),
+                                             process_set=self.process_group))
         return bool(t.item())
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -171,8 +183,8 @@ class HorovodComm(Comm):
         if self.mpi is not None and tensor.device.type == "cpu" and tensor.is_contiguous():
             self.mpi.Bcast(tensor.numpy(), root=root)
         else:
-            self.hvd.broadcast_(tensor, root_rank=self.ranks[root], name=self._name("bcast"),
-                                process_set=self.process_group)
+            self._wait(self.hvd.broadcast_async_(tensor, root_rank=self.ranks[root], name=self._name("bcast"),
+                                                 process_set=self.process_group))
         return tensor
 
     # --- Python objects (pickled into byte tensors; mpi4py's own when MPI is there) ---
@@ -195,9 +207,10 @@ class HorovodComm(Comm):
         if self.mpi is not None:
             return self.mpi.allgather(obj)
         data = _to_bytes(obj)
-        lengths = self.hvd.allgather(torch.tensor([data.numel()], dtype=torch.int64),
-                                     name=self._name("gather.len"), process_set=self.process_group)
-        joined = self.hvd.allgather(data, name=self._name("gather.data"), process_set=self.process_group)
+        lengths = self._wait(self.hvd.allgather_async(torch.tensor([data.numel()], dtype=torch.int64),
+                                                      name=self._name("gather.len"), process_set=self.process_group))
+        joined = self._wait(self.hvd.allgather_async(data, name=self._name("gather.data"),
+                                                     process_set=self.process_group))
         return [_from_bytes(part) for part in torch.split(joined, lengths.tolist())]
 
     def gather_object(self, obj, root: int = 0) -> list | None:
@@ -215,7 +228,8 @@ class HorovodComm(Comm):
         if self.mpi is not None and flat.device.type == "cpu":
             return super().gather_flat(flat, root)  # MPI Gather into one buffer on the root
         # Horovod has no gather: an allgather over the (few) group leaders.
-        stacked = self.hvd.allgather(flat[None], name=self._name("gather.flat"), process_set=self.process_group)
+        stacked = self._wait(self.hvd.allgather_async(flat[None], name=self._name("gather.flat"),
+                                                      process_set=self.process_group))
         return stacked.cpu() if self.rank == root else None
 
     # --- data parallelism ---
@@ -253,7 +267,14 @@ class HorovodComm(Comm):
                                      "before optimizer.step(): Horovod is still reducing gradients")
             return base.zero_grad(self, set_to_none=set_to_none)
 
+        def synchronize(self):
+            for handle, _ in list(self._handles.values()):  # wait quietly, then collect
+                if isinstance(handle, int):
+                    wait_quietly(hvd, handle, collect=False)
+            return type(self).synchronize(self)
+
         wrapped.zero_grad = types.MethodType(zero_grad, wrapped)
+        wrapped.synchronize = types.MethodType(synchronize, wrapped)
         # The scheduler watches the optimizer it was built on for step() calls; mark it so
         # it does not warn that the LR was stepped before the (wrapped) optimizer.
         optimizer._opt_called = True
@@ -266,6 +287,22 @@ class HorovodComm(Comm):
             from mpi4py import MPI
             MPI.COMM_WORLD.Abort(code)
         os._exit(code)
+
+
+def wait_quietly(hvd, handle: int, *, collect: bool = True):
+    """Wait for a Horovod op by polling with short sleeps, then collect its result.
+
+    Horovod 0.28's ``synchronize`` busy-waits (``WaitAndClear`` yields in a loop at 100 % of a
+    core). With more ranks than cores, ranks waiting for a late peer then starve the
+    background threads, whose Gloo exchanges every cycle are bounded by
+    ``HOROVOD_GLOO_TIMEOUT_SECONDS``: measured on 2 cores, 4 ranks, a rank 22 s late and
+    ``--timeout 10`` killed 2 of 10 jobs; with this wait, 0 of 10 (and each job ran faster).
+    The pause (at most 2 ms) is far below a training step."""
+    pause = 1e-4
+    while not hvd.poll(handle):
+        time.sleep(pause)
+        pause = min(2 * pause, 2e-3)
+    return hvd.synchronize(handle) if collect else None
 
 
 def _to_bytes(obj) -> torch.Tensor:
@@ -324,6 +361,5 @@ class HorovodWorld(World):
         """Barrier first: one rank's shutdown (or exit) shuts Horovod down for all."""
         import horovod.torch as hvd
         if hvd.is_initialized():
-            if self.size > 1:
-                hvd.barrier()
+            self.comm.barrier()  # an allreduce, waited for quietly (hvd.barrier spins)
             hvd.shutdown()

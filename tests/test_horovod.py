@@ -11,6 +11,7 @@ clean line; and that a rank that raises, or freezes, ends the job in bounded tim
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,24 +268,44 @@ from dd_mpi.cli import main
 original = pipeline.train_epoch
 calls = []
 
-def late(*args, **kwargs):  # rank 2 starts phase 1 {seconds}s late
+def late(*args, **kwargs):  # rank 2 starts phase 1 {seconds}s late; rank 3 waits for it
     calls.append(1)
-    if os.environ.get("HOROVOD_RANK") == "2" and len(calls) == 1:
+    rank = os.environ.get("HOROVOD_RANK")
+    if rank == "2" and len(calls) == 1:
         time.sleep({seconds})
-    return original(*args, **kwargs)
+    wall, cpu = time.monotonic(), time.process_time()
+    result = original(*args, **kwargs)
+    if len(calls) == 1:
+        print(f"first epoch rank {{rank}}: wall {{time.monotonic() - wall:.1f}} s, "
+              f"cpu {{time.process_time() - cpu:.1f}} s", flush=True)
+    return result
 
 pipeline.train_epoch = late
 sys.exit(main())
 """
+LATE_SECONDS = 22
 
 
 def test_a_late_group_outlasts_the_timeout(tmp_path):
     """--timeout bounds a frozen rank, not a slow one: rank 3 waits for late rank 2 in a
     group allreduce, ranks 0-1 wait for group 1 at the end of phase 1, both for twice
-    --timeout, and the job succeeds (Horovod's background threads keep talking)."""
+    --timeout, and the job succeeds.
+
+    What could break it is the Gloo timeout (``HOROVOD_GLOO_TIMEOUT_SECONDS``, from
+    --timeout) of the Horovod background threads' exchanges, which go on during the wait:
+    Horovod's own ``synchronize`` spins, and three spinning waiters on two cores starved
+    those threads past 10 s in 2 of 10 jobs. So the test also checks the cause, which does
+    not depend on luck: rank 3 waited about LATE_SECONDS for rank 2 and used under 35 % of a
+    core meanwhile (measured: 17 % waiting quietly, all of it Horovod's background loop;
+    50 % spinning with three spinners on two cores, more with a core each)."""
     script = tmp_path / "late.py"
-    script.write_text(SKEW.format(seconds=22))
+    script.write_text(SKEW.format(seconds=LATE_SECONDS))
     result = run_job(horovodrun(sys.executable, script, "--backend", "horovod", *TINY, "--subnets", "2",
                                 "--strategy", "dd", "--timeout", 10, "--out", tmp_path / "run"))
     assert result.returncode == 0, explain(result)
     check_report(tmp_path / "run", subnets=2, backend="horovod", launcher="horovod", baseline=False)
+    waited = re.search(r"first epoch rank 3: wall ([\d.]+) s, cpu ([\d.]+) s", result.stdout)
+    assert waited, explain(result)
+    wall, cpu = map(float, waited.groups())
+    assert wall > LATE_SECONDS - 5, f"rank 3 did not wait for rank 2 (wall {wall} s)"
+    assert cpu < 0.35 * wall, f"rank 3 spun while waiting: cpu {cpu} s over {wall} s"
