@@ -139,6 +139,7 @@ def test_a_rank_that_reads_other_data_stops_every_rank_with_one_line(tmp_path, p
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.timing
 def test_an_unreadable_image_ends_the_four_rank_job_naming_the_file(tmp_path):
     root = datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
     broken = sorted((root / "train" / "dog").iterdir())[-1]  # not the first image: found when loaded

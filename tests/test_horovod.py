@@ -239,6 +239,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("freeze", [False, True], ids=["raises", "freezes"])
 def test_a_failing_rank_ends_the_horovodrun_job(tmp_path, freeze):
     """Rank 2 raises (or stops dead) in phase 1 while rank 3 waits for it in a group
@@ -286,6 +287,7 @@ sys.exit(main())
 LATE_SECONDS = 22
 
 
+@pytest.mark.timing
 def test_a_late_group_outlasts_the_timeout(tmp_path):
     """--timeout bounds a frozen rank, not a slow one: rank 3 waits for late rank 2 in a
     group allreduce, ranks 0-1 wait for group 1 at the end of phase 1, both for twice

@@ -214,6 +214,7 @@ def test_checkpoints_are_all_there_and_complete(reference):
 
 # ---------------------------------------------------------------------------------------
 # Contracts 2 and 5: stop signals at several points, resume, bit-identical weights
+@pytest.mark.timing
 @pytest.mark.slow
 def test_stopped_three_times_and_resumed_equals_the_uninterrupted_run(reference, tmp_path, jobs):
     """Stopped in phase 1 (SIGTERM to the --nproc parent, which forwards it), in phase 3
@@ -252,6 +253,7 @@ def test_stopped_three_times_and_resumed_equals_the_uninterrupted_run(reference,
     assert read_report(out)["transfer_T"]["top1"] == read_report(reference)["transfer_T"]["top1"]
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_stopped_under_mpiexec_between_phases_and_resumed_equals_the_reference(reference, tmp_path, jobs):
@@ -308,6 +310,7 @@ def check_one_traceback(result: subprocess.CompletedProcess, out: Path) -> None:
     assert not (out / "report.json").exists()
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_an_exception_on_one_rank_ends_the_job_with_one_traceback(tmp_path, launcher):
@@ -318,6 +321,7 @@ def test_an_exception_on_one_rank_ends_the_job_with_one_traceback(tmp_path, laun
     check_one_traceback(result, out)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     out = tmp_path / "run"
@@ -346,6 +350,7 @@ KILL_EPOCHS = {"subnet0": ["--subnet-epochs", "3", "--finetune-epochs", "1"],  #
                "finetune": ["--subnet-epochs", "1", "--finetune-epochs", "4"]}  # phase 3 lasts
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["subnet0", "finetune"], ids=["phase1", "phase3"])
 @pytest.mark.parametrize("launcher", ["local", "torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
@@ -367,6 +372,7 @@ def test_a_killed_rank_ends_the_job(tmp_path, jobs, launcher, phase):
     assert not (out / "report.json").exists()
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
     """SIGSTOP rank 2 in phase 3: its peers' allreduce gives up after --timeout, they exit,
@@ -518,6 +524,7 @@ for i in range(1, 10 ** 6):
 """
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_last_one_whole(tmp_path):
     script = tmp_path / "writer.py"

@@ -142,6 +142,7 @@ def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
     check_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2)
 
 
+@pytest.mark.timing
 def test_failing_run_fails_the_job(tmp_path):
     # 4 ranks do not split into 3 groups: dd-train exits 2 on every rank
     job = Submission([*ON_CPU, str(SLURM / "resnet32.sh"), *TINY, "--subnets", "3"], cwd=tmp_path)
@@ -152,6 +153,7 @@ def test_failing_run_fails_the_job(tmp_path):
     assert "--subnets" in log  # dd-train's one-line reason names the flag
 
 
+@pytest.mark.timing
 def test_ranks_that_get_no_shared_mpi_world_fail_at_once(tmp_path):
     """srun's PMI withheld from MPI (a site MPI without pmi2, say): each rank comes up alone
     in a world of size 1. dd-train must say so in one line, not train 2 separate jobs."""
@@ -222,6 +224,7 @@ def check_resumed_without_loss(out: Path, log: str, epochs: int) -> None:
     assert len(resumed) == 2 and all(0 < n < epochs for n in resumed), log[-3000:]
 
 
+@pytest.mark.timing
 def test_signal_checkpoints_requeues_and_resumes(tmp_path):
     job, out, log_path = start_preemptible(tmp_path, [], epochs=20)
     # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell only
@@ -231,6 +234,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path):
     check_resumed_without_loss(out, log, epochs=20)
 
 
+@pytest.mark.timing
 def test_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     """A plain time limit (no lead signal: URG is ignored by the shell): Slurm's TERM reaches
     every rank and the batch shell; the job checkpoints and, because the reason is the time
@@ -241,6 +245,7 @@ def test_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     check_resumed_without_loss(out, log, epochs=80)
 
 
+@pytest.mark.timing
 def test_scancel_checkpoints_and_stays_cancelled(tmp_path):
     """`scancel` sends the same TERM as a time limit: the ranks checkpoint, and the job must
     not requeue itself (a user could never cancel it)."""
