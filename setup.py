@@ -26,8 +26,8 @@ setup(
     },
     entry_points={"console_scripts": [
         "dd-train=dd_mpi.cli:main",
-        "dd-inspect=dd_mpi.inspect:main",
+        "dd-inspect=dd_mpi.inspection:main",
         "dd-report=dd_mpi.reporting:main",
-        "dd-scaling=dd_mpi.scaling:main",
+        "dd-scaling=dd_mpi.scaling.cli:main",
     ]},
 )

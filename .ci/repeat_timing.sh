@@ -6,7 +6,7 @@
 #
 # Needs what CI has (Horovod built, the localhost Slurm up). Logs: runs/repeat-timing/.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 runs=${1:-10}
 shift || true
 logs=runs/repeat-timing

@@ -29,12 +29,12 @@ import torch
 from harness import default_out, print_header, run_dd_train
 
 from dd_mpi import checkpoint as ckpt
-from dd_mpi.comm import checksum, checksum_state, flatten_state, unflatten_into, unflatten_state
+from dd_mpi.flat import checksum, checksum_state, flatten_state, unflatten_into, unflatten_state
 from dd_mpi.config import parse_config
 from dd_mpi.decompose import compose, composed_spec, subnet_spec
 from dd_mpi.models import build_model
 
-PAPER = ["--arch", "resnet32", "--width", "4", "--subnets", "4", "--batch-size", "32"]
+PAPER = ["--arch", "resnet32", "--width", "4", "--subnets", "4", "--batch-size", "32"]  # the wide preset's net
 QUICK = ["--train-samples", "512", "--test-samples", "256", "--subnet-epochs", "1", "--finetune-epochs", "1"]
 FULL = ["--train-samples", "2048", "--test-samples", "512", "--subnet-epochs", "2", "--finetune-epochs", "1"]
 

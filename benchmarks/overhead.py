@@ -28,12 +28,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from harness import print_header
 
-from dd_mpi.comm import init_world, pick_device
+from dd_mpi.comm import init_world
 from dd_mpi.config import parse_config
-from dd_mpi.data import DataPlan, load_data, split_size
+from dd_mpi.data import DataPlan
+from dd_mpi.datasets import load_for_run, split_size
 from dd_mpi.launch import LaunchInfo, free_port
 from dd_mpi.models import build_model
-from dd_mpi.train import Recipe, make_optimizer, make_scheduler, train_epoch
+from dd_mpi.rendezvous import pick_device, pick_precision
+from dd_mpi.train import PRECISIONS, Recipe, make_optimizer, make_scheduler, train_epoch
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--train-samples", "512", "--batch-size", "64"]
 
@@ -46,12 +48,12 @@ def sync(device: torch.device) -> None:
 
 
 def dd_mpi_epoch(state: dict, epoch: int) -> int:
-    """What pipeline.train_phase does per epoch, minus checkpoints and evaluation."""
+    """What phase.train_group does per epoch, minus checkpoints and evaluation."""
     comm, plan, pool = state["comm"], state["plan"], state["pool"]
     batches = plan.train(comm, pool, stream=300, epoch=epoch)
     stats = train_epoch(state["ddp"], batches, state["optimizer"], state["scheduler"], comm,
                         label_smoothing=0.0, should_stop=lambda: False,
-                        check_every=state["cfg"].signal_check_steps, bf16=state["bf16"])
+                        check_every=state["cfg"].signal_check_steps, precision=state["precision"])
     comm.average_buffers_(state["model"])
     return stats.samples
 
@@ -65,7 +67,8 @@ def plain_epoch(state: dict, epoch: int) -> int:
     mine = order[rank * per_rank:(rank + 1) * per_rank].to(images.device)
     for start in range(0, per_rank, batch):
         idx = mine[start:start + batch]
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=state["bf16"]):
+        dtype = PRECISIONS[state["precision"]]
+        with torch.autocast(images.device.type, dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(model(images[idx]), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,22 +82,22 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
     launch = LaunchInfo("local", rank, nproc, rank, nproc, "127.0.0.1", port)
     torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // nproc))  # as dd-train
     device = pick_device(cfg.device, launch)
-    world = init_world(launch, device, cfg.timeout)
+    world = init_world(launch, device, timeout=cfg.timeout, io_timeout=cfg.io_timeout)
     comm = world.comm
-    data = load_data(cfg, comm)
+    data = load_for_run(cfg, comm)
     spec = cfg.model_spec(data.num_classes)
-    bf16 = cfg.bf16(device.type)  # both loops in the same precision (--precision; bf16 on GPU)
+    precision = pick_precision(cfg.precision, device)  # both loops alike (--precision; bf16 on GPU)
     recipe = Recipe(cfg.lr, 1000, 0.0, cfg.schedule, cfg.momentum, cfg.weight_decay, 0.0)
 
-    # dd_mpi: the model and optimiser exactly as train_phase builds them
+    # dd_mpi: the model and optimiser exactly as phase.train_group builds them
     torch.manual_seed(cfg.seed)
     model = build_model(spec).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe, cfg.batch_size * nproc)
-    plan = DataPlan(data, cfg, device)
+    plan = DataPlan(data, device, seed=cfg.seed, batch_size=cfg.batch_size, workers=0)
     pool = torch.arange(split_size(data.train))
     steps = (len(pool) // nproc + cfg.batch_size - 1) // cfg.batch_size
     ours = {"cfg": cfg, "comm": comm, "plan": plan, "pool": pool, "model": model,
-            "ddp": comm.data_parallel(model), "optimizer": optimizer, "bf16": bf16,
+            "ddp": comm.data_parallel(model), "optimizer": optimizer, "precision": precision,
             "scheduler": make_scheduler(optimizer, recipe, steps)}
 
     # plain: same initial weights, data normalised once; DDP defaults unless --plain-tuned
@@ -116,7 +119,7 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
                 plain_model, device_ids=[device.index] if device.type == "cuda" else None,
                 **({"broadcast_buffers": False} if tuned else {}))
     plain = {"images": images, "labels": data.train.labels.to(device), "batch": cfg.batch_size,
-             "bf16": bf16, "ddp": plain_ddp, "rank": rank, "size": nproc,
+             "precision": precision, "ddp": plain_ddp, "rank": rank, "size": nproc,
              "optimizer": torch.optim.SGD(plain_model.parameters(), lr=cfg.lr * cfg.batch_size * nproc / 128,
                                           momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)}
 
@@ -131,7 +134,7 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
             rows.append({"rep": rep, "loop": name, "images_per_s": samples / (time.perf_counter() - start)})
     if rank == 0:
         with open(result_file, "w") as handle:
-            json.dump({"device": str(device), "bf16": bf16, "rows": rows}, handle)
+            json.dump({"device": str(device), "precision": precision, "rows": rows}, handle)
     world.close()
 
 
@@ -153,7 +156,7 @@ def main() -> None:
         mp.spawn(worker, args=(args.nproc, free_port(), dd_args, reps, args.plain_tuned, tmp.name), nprocs=args.nproc)
         result = json.loads(Path(tmp.name).read_text())
     rows = result["rows"]
-    print(f"device {result['device']}, {'bf16 autocast' if result['bf16'] else 'fp32'} in both loops; plain loop: "
+    print(f"device {result['device']}, {result['precision']} in both loops; plain loop: "
           + ("channels-last, broadcast_buffers=False" if args.plain_tuned else "DDP defaults, NCHW"))
     timed = [r for r in rows if r["rep"] > 0]
     ratios = []  # per epoch pair: the two ran seconds apart, so they share the machine's mood

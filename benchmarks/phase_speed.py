@@ -21,7 +21,7 @@ from harness import default_out, print_header, run_dd_train
 
 from dd_mpi.config import parse_config
 from dd_mpi.decompose import subnet_spec
-from dd_mpi.inspect import model_sizes
+from dd_mpi.inspection import model_sizes
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
          "--test-samples", "256", "--batch-size", "32"]

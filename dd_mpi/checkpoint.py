@@ -4,8 +4,10 @@ Write to a temporary file in the same directory, fsync it, rename it over the ol
 (atomic on POSIX), fsync the directory. ``last`` is written every epoch, ``best`` when
 the test top-1 improves; ``final`` marks a finished phase (its presence is the proof).
 
-Files in ``OUT/checkpoints/``: ``subnet{k}-last.pt``/``-best.pt``/``-final.pt`` per
-sub-network, ``composed.pt``, ``finetune-*.pt``, ``baseline-*.pt``.
+Files in ``OUT/checkpoints/``: ``subnet{k}-final.pt`` per sub-network and
+``subnet{k}-last.pt``/``-best.pt`` per group (``subnet{a}-{b}-*`` for sub-nets a..b trained
+fused), ``level{l}-net{j}-*`` for the nets of an intermediate level, ``composed.pt`` (and
+``level{l}-composed.pt``), ``finetune-*.pt``, ``baseline-*.pt``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,8 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_path(out: str | Path, phase: str, kind: str) -> Path:
-    """``phase`` is ``subnet0``.., ``finetune``, ``baseline`` or ``composed`` (kind ignored)."""
-    name = f"{phase}.pt" if phase == "composed" else f"{phase}-{kind}.pt"
+    """``phase`` is ``subnet0``.., ``finetune``, ``baseline``, or ``composed`` (``kind``: "")."""
+    name = f"{phase}.pt" if not kind else f"{phase}-{kind}.pt"
     return Path(out) / CHECKPOINT_DIR / name
 
 
@@ -80,3 +83,49 @@ def set_rng_state(state: dict) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------
+# What a phase's checkpoints hold
+@dataclass
+class PhaseState:
+    """A group's training of its nets (one, or k fused), as ``last``/``best`` hold it: enough
+    to continue exactly where it stopped, at an epoch's end or (after a stop signal) at the
+    step it reached (``progress``)."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    epoch: int  # whole epochs done
+    progress: dict | None  # the epoch under way when a stop cut it short (train.EpochProgress)
+    history: list[dict]  # metrics rows of the epochs done, every net's
+    best: float  # the best mean test top-1 so far (-1: none yet)
+    seconds: float  # training and evaluation so far
+    tests: list[dict]  # the last evaluation, per net ({} before the first)
+    rng: dict
+    ranks: int  # the group's size: a resume on another size would change LR, steps and data
+    config: dict
+    phase: str
+    nets: list[int]
+    rank_buffers: list[dict] | None = None  # mid-epoch: every rank's BN statistics (averaged only at epochs' ends)
+
+    def to_dict(self) -> dict:
+        state = dict(vars(self))
+        state["test"] = self.tests[0] if len(self.tests) == 1 else self.tests  # one net: its dict
+        del state["tests"]
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> PhaseState:
+        test = state["test"]
+        tests = test if isinstance(test, list) else [test]
+        fields = {k: state.get(k) for k in cls.__dataclass_fields__ if k != "tests" and k in state}
+        return cls(**{**fields, "tests": tests, "nets": state.get("nets") or [0]})
+
+
+def final_state(*, model: dict, history: list[dict], test: dict, seconds: float, config: dict,
+                phase: str) -> dict:
+    """One net's finished training (``<name>-final.pt``): its presence is the proof."""
+    return {"model": model, "history": history, "test": test, "seconds": seconds, "config": config,
+            "phase": phase}

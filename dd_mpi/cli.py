@@ -19,11 +19,17 @@ import traceback
 
 import torch
 
-from .comm import exit_quietly_if_peer_lost, group_layout, init_world, pick_device
-from .config import parse_config
+from .comm import init_world
+from .config import config_yaml, parse_config
 from .decompose import subnet_spec
-from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, UsageError
-from .launch import cpu_threads_per_rank, detect_launch, run_local
+from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
+from .launch import cpu_threads_per_rank, data_workers, detect_launch, run_local
+from .plan import comm_partitions, level_layouts
+from .rendezvous import pick_device, pick_precision
+
+
+# A launcher that restarts failed workers says so: the restarted run continues the same one.
+RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
 
 
 class StopSignal:
@@ -59,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     launch = detect_launch()
     try:
         cfg = parse_config(argv)
-        if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-            cfg.resume = True  # a requeued Slurm job continues from its checkpoints
+        if cfg.print_config:
+            if launch.rank == 0:
+                print(config_yaml(cfg), end="", flush=True)
+            return 0
+        if any(os.environ.get(v, "0") not in ("", "0") for v in RESTART_COUNTERS):
+            cfg.resume = True  # a requeued or restarted job continues from its checkpoints
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             return run_local(cfg.nproc, _without_nproc(argv))
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
             print(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
                   f"{launch.world_size} ranks", file=sys.stderr, flush=True)
         # Everything that needs no communication is checked first, identically on every rank.
-        if not cfg.only_group_mode and "dd" in cfg.strategies:
-            group_layout(launch.world_size, cfg.subnets)
-        if "dd" in cfg.strategies:
+        layouts = level_layouts(cfg, launch.world_size) if "dd" in cfg.strategies else []
+        if layouts:
             subnet_spec(cfg.model_spec(10), cfg.subnets)
     except UsageError as error:
         # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
@@ -85,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     world = None
     try:
         device = pick_device(cfg.device, launch)
-        world = _init_engine(cfg, launch, device)
+        precision = pick_precision(cfg.precision, device)
+        world = _init_engine(cfg, launch, device, layouts)
         from .pipeline import run  # after the world: imports nothing that talks
-        run(cfg, world, stop)
+        run(cfg, world, stop, layouts, precision, cfg.workers if cfg.workers is not None else data_workers(launch))
         world.close()
         return 0
     except UsageError as error:
@@ -98,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         _close(world)
         return EXIT_USAGE
     except Exception as error:
-        from .pipeline import PhaseFailed, Preempted
         if isinstance(error, Preempted):
             if launch.rank == 0:
                 print("dd-train: stopped by signal after checkpointing; run again with --resume",
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
             _close(world)
             return EXIT_FAILURE
-        if exit_quietly_if_peer_lost(error):
+        if peer_lost(error):
             # one line, but with the message: the match is by substring, so a genuine local
             # timeout (a DataLoader's, say) must still say what it was
             detail = (str(error).strip().splitlines() or [""])[0][:200]
@@ -134,16 +143,17 @@ def _close(world) -> None:
         world.close()
 
 
-def _init_engine(cfg, launch, device):
+def _init_engine(cfg, launch, device, layouts):
     backend = cfg.backend
     if backend == "auto":
         backend = "horovod" if launch.launcher == "horovod" else "torch"
     if backend == "horovod":
         from .engine_horovod import init_horovod_world
-        return init_horovod_world(launch, device, cfg)
+        return init_horovod_world(launch, device, timeout=cfg.timeout, io_timeout=cfg.io_timeout,
+                                  partitions=comm_partitions(cfg, layouts))
     if launch.launcher == "horovod":
         raise UsageError("launched by horovodrun but --backend torch: use --backend horovod (or auto)")
-    return init_world(launch, device, cfg.timeout)
+    return init_world(launch, device, timeout=cfg.timeout, io_timeout=cfg.io_timeout, compile_bound=cfg.compile)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The one configuration object of a run: every setting, its flag, its unit, its validation.
 
-``RunConfig`` is built from the command line (``parse_config``), validated with messages that
-name the flag, saved as ``OUT/config.json`` and inside every checkpoint; on resume the saved
-values that shape the run must match (``incompatible_with``).
+``RunConfig`` is built from defaults < a preset (``presets``) < a config file
+(``--config run.yaml``, RunConfig's keys) < the flags given (``parse_config``), validated with
+messages that name the flag (or the key and file), saved as ``OUT/config.json`` and inside
+every checkpoint; on resume the saved values that shape the run must match
+(``incompatible_with``).
 """
 
 from __future__ import annotations
@@ -12,31 +14,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .datasets import DATASETS
 from .errors import UsageError
 from .models import ModelSpec, parse_depth
-
-DATASETS = ("synthetic", "cifar10", "cifar100", "food101", "imagefolder")
-
-# The paper's runs (Gu et al., ETNA 2022, §5). Epoch counts follow the common CIFAR recipe
-# (~160-200 epochs for a conventional run) split the paper's way: the N narrow sub-nets take
-# the bulk of the epochs (each costs ~1/N² of a global epoch), the composed net a short
-# fine-tune at a lower LR, since it starts from the sub-nets' mean and needs no warm start.
-PRESETS: dict[str, dict] = {
-    **{f"{ds}-resnet{d}": dict(
-        dataset=ds, arch=f"resnet{d}", width=4.0, subnets=4, batch_size=128, lr=0.1,
-        schedule="cosine", subnet_epochs=160, finetune_epochs=40, baseline_epochs=200,
-        finetune_lr=0.02, subnet_data="full",
-        _doc=f"{ds.upper()}, 4x-wide ResNet{d} split into 4 standard ResNet{d}s; sub-nets "
-             "160 epochs, fine-tune 40 at LR/5, baseline 200; cosine schedule")
-        for ds in ("cifar10", "cifar100") for d in (32, 56, 110)},
-    **{f"food101-resnet{d}{suffix}": dict(
-        dataset="food101", arch=f"resnet{d}", width=1.0, subnets=n, batch_size=64, lr=0.1,
-        schedule="cosine", subnet_epochs=60, finetune_epochs=20, baseline_epochs=90,
-        finetune_lr=0.02, subnet_data="full", image_size=224,
-        _doc=f"Food-101, ResNet{d} (standard width) split into {n}; "
-             "sub-nets 60 epochs, fine-tune 20 at LR/5, baseline 90 (ImageNet-style); cosine")
-        for d in (50, 101) for n, suffix in ((4, ""), (8, "-n8"))},
-}
+from .presets import PRESETS
 
 
 @dataclass
@@ -44,12 +25,16 @@ class RunConfig:
     # --- model ---
     arch: str = "resnet20"  # resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101
     width: float = 2.0  # width factor w of the global net
-    subnets: int = 2  # N: sub-networks = rank groups
+    subnets: int = 2  # N: sub-networks trained in phase 1 (any N on any number of ranks)
     shortcut: str = "A"  # CIFAR nets: A zero-padding (per group), B 1x1 conv + BN
     # --- method ---
     strategy: str = "dd"  # dd | baseline | both (DD then the conventional run, same job)
-    subnet_data: str = "full"  # phase 1 data per group: full set, or shard k of N
+    subnet_data: str = "full"  # phase 1 data per sub-net: full set, or shard k of N
     offdiag_std: float = 0.0  # std of off-diagonal blocks at composition (0 = exact mean)
+    levels: str | None = None  # nets per level, e.g. 16,4,1: compose in stages (default: N,1)
+    level_epochs: int = 1  # fine-tune epochs of every intermediate level's nets
+    level_lr: float | None = None  # LR of the intermediate fine-tunes (default: the fine-tune's)
+    groups: int | None = None  # phase-1 rank groups G, dividing N and the ranks (default: the most)
     # --- data ---
     dataset: str = "synthetic"  # synthetic (built in, offline) | cifar10 | cifar100 | food101 | imagefolder
     data_dir: str | None = None  # where the dataset lies (torchvision's layout; imagefolder: train/ and val/)
@@ -57,18 +42,23 @@ class RunConfig:
     image_size: int | None = None  # pixels; None: the dataset's (32 CIFAR, 224 Food-101)
     train_samples: int | None = None  # cap the training set (smoke runs)
     test_samples: int | None = None  # cap the test set
-    workers: int = 2  # DataLoader workers per rank for on-disk image datasets
+    workers: int | None = None  # DataLoader workers per rank (default: the rank's CPUs - 1, at most 8)
     # --- optimisation (Goyal et al. 2017: LR linear in the global batch, warm-up) ---
-    batch_size: int = 32  # per rank (4 ranks: 128, the batch He et al.'s LR 0.1 was tuned at)
+    batch_size: int = 32  # per rank and net (4 ranks: 128, the batch He et al.'s LR 0.1 was tuned at)
+    subnet_batch_size: int | None = None  # phase 1 batch per rank and sub-net (default --batch-size)
+    global_batch_size: int | None = None  # every net's batch over its ranks (He et al.: 128), instead of per rank
     lr: float = 0.1  # LR at a global batch of 128 (scaled linearly to the real global batch)
     subnet_lr: float | None = None  # phase 1 LR (default --lr)
     finetune_lr: float | None = None  # phase 3 LR (default --lr / 5)
     baseline_lr: float | None = None  # baseline LR (default --lr)
-    momentum: float = 0.9  # Nesterov
-    weight_decay: float = 5e-4  # not applied to BN parameters and biases
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (He et al.: plain)
+    weight_decay: float = 5e-4  # L2 penalty on the weights
+    bn_weight_decay: bool = False  # weight decay on BN parameters and biases too (He et al.: yes)
     label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
-    schedule: str = "cosine"  # cosine | step (x0.1 at 50% and 75% of the epochs)
-    warmup_epochs: float = 1.0  # linear warm-up, in epochs (fractions allowed)
+    schedule: str = "cosine"  # cosine | step (x0.1 at 50% and 75% of the epochs, as He et al.)
+    warmup_epochs: float = 1.0  # warm-up, in epochs (fractions allowed)
+    warmup_style: str = "linear"  # linear ramp | constant (LR/10 throughout, He et al.'s ResNet-110)
     finetune_warmup_epochs: float = 0.0  # the composed net starts trained: no warm-up
     # The demo's budget (presets carry the paper's): most epochs in cheap phase 1, one
     # fine-tune epoch, the baseline the same total (BENCHMARKS.md: the split that wins)
@@ -81,16 +71,21 @@ class RunConfig:
     backend: str = "auto"  # auto | torch | horovod
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch threads per rank (default: cores / local ranks)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model of each phase
-    timeout: float = 60.0  # seconds a collective may wait for a dead or stuck rank
-    seed: int = 0  # weights, data order and augmentation (group k: its own seed from it)
+    timeout: float = 300.0  # seconds a training collective waits for a stuck (frozen) rank
+    io_timeout: float = 1800.0  # seconds for start-up and I/O waits: data checks, checkpoints, compiling
+    seed: int = 0  # weights, data order and augmentation (sub-net k: its own seed from it)
     deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
     # --- outputs and recovery ---
     out: str | None = None  # default: runs/<date>-<time>, named by rank 0
     resume: bool = False  # continue the run in --out from its checkpoints
-    only_group: int | None = None  # run phase 1 of this group only, then exit
+    only_group: int | None = None  # train this sub-network's phase 1 only, then exit (job arrays)
     preset: str | None = None  # the paper's runs (listed below); flags given win over it
+    config: str | None = None  # a YAML file of RunConfig's keys (preset < file < flags)
+    print_config: bool = False  # print the effective config as YAML and exit
+    log_every: float = 60.0  # seconds between progress lines in a batch log (no terminal); 0: off
+    tensorboard: bool = False  # TensorBoard event files under OUT/tensorboard (pip install 'dd_mpi[tensorboard]')
     signal_check_steps: int = 20  # look for SIGTERM/SIGUSR1 every k steps (one tiny allreduce)
 
     # ---------------------------------------------------------------------------------
@@ -105,12 +100,17 @@ class RunConfig:
     def strategies(self) -> tuple[str, ...]:
         return {"dd": ("dd",), "baseline": ("baseline",), "both": ("dd", "baseline")}[self.strategy]
 
-    def bf16(self, device_type: str) -> bool:
-        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+    @property
+    def level_counts(self) -> list[int]:
+        """Nets per level: N first, 1 last (``--levels``, else N,1)."""
+        if self.levels is None:
+            return [self.subnets, 1] if self.subnets > 1 else [1, 1]
+        return [int(v) for v in self.levels.split(",")]
 
     def phase_lr(self, phase: str) -> float:
         return {"subnet": self.subnet_lr or self.lr,
                 "finetune": self.finetune_lr or self.lr / 5,
+                "level": self.level_lr or self.finetune_lr or self.lr / 5,
                 "baseline": self.baseline_lr or self.lr}[phase]
 
     def validate(self) -> RunConfig:
@@ -118,36 +118,41 @@ class RunConfig:
         parse_depth(self.arch)
         _choice("--strategy", self.strategy, ("dd", "baseline", "both"))
         _choice("--subnet-data", self.subnet_data, ("full", "shard"))
-        _choice("--dataset", self.dataset, DATASETS)
+        _choice("--dataset", self.dataset, tuple(DATASETS))
         _choice("--schedule", self.schedule, ("cosine", "step"))
+        _choice("--warmup-style", self.warmup_style, ("linear", "constant"))
         _choice("--backend", self.backend, ("auto", "torch", "horovod"))
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--shortcut", self.shortcut, ("A", "B"))
-        _choice("--precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.subnets < 1:
             raise UsageError(f"--subnets {self.subnets} is invalid: use 1 or more sub-networks")
+        self._validate_levels()
         if not (self.width > 0 and math.isfinite(self.width)):
             raise UsageError(f"--width {self.width} is invalid: use a positive width factor")
-        for flag in ("subnet_epochs", "finetune_epochs", "baseline_epochs"):
+        for flag in ("subnet_epochs", "finetune_epochs", "baseline_epochs", "level_epochs"):
             if getattr(self, flag) < 0:
                 raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)} is invalid: use 0 or more")
         for flag in ("batch_size", "eval_every", "signal_check_steps"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)} is invalid: use 1 or more")
-        for flag in ("lr", "subnet_lr", "finetune_lr", "baseline_lr"):
+        for flag in ("lr", "subnet_lr", "finetune_lr", "baseline_lr", "level_lr"):
             value = getattr(self, flag)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use a positive learning rate")
-        for flag in ("train_samples", "test_samples", "nproc", "threads", "image_size"):
+        for flag in ("train_samples", "test_samples", "nproc", "threads", "image_size", "subnet_batch_size",
+                     "global_batch_size", "groups"):
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 1 or more")
-        if not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise UsageError(f"--timeout {self.timeout} is invalid: use a positive number of seconds")
+        for flag in ("timeout", "io_timeout"):
+            if not (getattr(self, flag) > 0 and math.isfinite(getattr(self, flag))):
+                raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)} is invalid: "
+                                 "use a positive number of seconds")
         for flag in ("workers", "warmup_epochs", "finetune_warmup_epochs", "momentum", "weight_decay",
-                     "offdiag_std"):
+                     "offdiag_std", "log_every"):
             value = getattr(self, flag)
-            if not (value >= 0 and math.isfinite(value)):
+            if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 0 or more")
         if self.momentum >= 1:
             raise UsageError(f"--momentum {self.momentum} is invalid: use [0, 1)")
@@ -160,21 +165,43 @@ class RunConfig:
             raise UsageError(f"--only-group {self.only_group} is invalid: use 0..{self.subnets - 1}")
         if self.only_group is not None and self.strategy == "baseline":
             raise UsageError("--only-group runs one sub-network's phase 1: it needs --strategy dd or both")
-        if self.dataset in ("imagefolder",) and not self.data_dir:
-            raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR (with train/ and val/)")
+        if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
+            raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
         return self
+
+    def _validate_levels(self) -> None:
+        if self.levels is None:
+            return
+        text = f"--levels {self.levels}"
+        try:
+            counts = [int(v) for v in self.levels.split(",")]
+        except ValueError:
+            raise UsageError(f"{text} is invalid: give nets per level, e.g. 16,4,1") from None
+        if len(counts) < 2 or counts[-1] != 1 or min(counts) < 1:
+            raise UsageError(f"{text} is invalid: at least two levels, the last 1 (the global net), e.g. 16,4,1")
+        if counts[0] != self.subnets:
+            raise UsageError(f"{text} starts at {counts[0]} nets but --subnets is {self.subnets}: "
+                             f"start the levels at {self.subnets} (or change --subnets)")
+        for before, after in zip(counts, counts[1:]):
+            if after >= before or before % after:
+                raise UsageError(f"{text} is invalid: each count must divide the one before and be smaller "
+                                 f"({after} after {before})")
 
     # Settings that change what is trained: a resumed run must agree on all of them.
     SHAPING = ("arch", "width", "subnets", "shortcut", "dataset", "subnet_data", "image_size",
                "train_samples", "test_samples", "seed", "offdiag_std", "batch_size", "lr",
                "subnet_lr", "finetune_lr", "baseline_lr", "schedule", "subnet_epochs",
                "finetune_epochs", "baseline_epochs", "strategy", "label_smoothing",
-               "momentum", "weight_decay", "warmup_epochs", "finetune_warmup_epochs")
+               "momentum", "weight_decay", "warmup_epochs", "finetune_warmup_epochs", "levels",
+               "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "nesterov",
+               "bn_weight_decay", "warmup_style")
 
     def incompatible_with(self, saved: dict) -> list[str]:
-        """'flag: saved -> now' for every shaping setting that differs from a saved config."""
-        return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {getattr(self, k)!r}"
-                for k in self.SHAPING if saved.get(k) != getattr(self, k)]
+        """'flag: saved -> now' for every shaping setting that differs from a saved config
+        (a setting the saved config predates counts as its default)."""
+        defaults = RunConfig()
+        return [f"--{k.replace('_', '-')}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(self, k)!r}"
+                for k in self.SHAPING if saved.get(k, getattr(defaults, k)) != getattr(self, k)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,13 +212,15 @@ def _choice(flag: str, value, choices) -> None:
         raise UsageError(f"{flag} {value!r} is unknown: choose one of {', '.join(map(str, choices))}")
 
 
+# ---------------------------------------------------------------------------------------
+# The command line and config files
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
-    presets = "\n".join(f"  {name:<20} {p['_doc']}" for name, p in PRESETS.items())
+    presets = "\n".join(f"  {name:<22} {p['_doc']}" for name, p in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="dd-train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Domain-decomposition training: N narrow sub-nets trained by N rank groups, "
+        description="Domain-decomposition training: N narrow sub-nets trained by rank groups, "
                     "composed into the wide net, fine-tuned by all ranks.",
         epilog=f"presets (--preset NAME; later flags override):\n{presets}\n\n"
                "launch: dd-train --nproc 4 | torchrun --nproc-per-node 4 -m dd_mpi | "
@@ -247,13 +276,65 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
+def read_config_file(path: str) -> dict:
+    """RunConfig's keys from a YAML file, checked: an unknown key or a value of the wrong
+    type is one line naming the key and the file."""
+    import yaml
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise UsageError(f"--config {path}: {error.strerror}: give a readable YAML file") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]}): fix the file") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of RunConfig keys (key: value lines)")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields or name in ("config", "print_config"):
+            raise UsageError(f"--config {path}: unknown key {key!r}: use dd-train's flag names "
+                             "(dd-train --print-config lists them)")
+        values[key] = _coerce(fields[name], value, f"--config {path}: {key}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _coerce(field: dataclasses.Field, value, where: str):
+    if value is None:
+        if "None" in str(field.type):
+            return None
+        raise UsageError(f"{where} may not be empty")
+    kind = _field_type(field)
+    if isinstance(field.default, bool):
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where}: {value!r} is not true or false")
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UsageError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number' if kind is float else 'text'}")
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Defaults, then the preset, then the flags given (later flags win)."""
-    args = vars(build_parser().parse_args(argv))
+    """Defaults, then the preset, then the config file, then the flags given (later wins)."""
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    from_file = read_config_file(args["config"]) if args.get("config") else {}
+    preset = args.get("preset") or from_file.get("preset")
     values = {}
-    if args.get("preset"):
-        if args["preset"] not in PRESETS:
-            raise UsageError(f"--preset {args['preset']!r} is unknown: choose one of {', '.join(PRESETS)}")
-        values.update({k: v for k, v in PRESETS[args["preset"]].items() if not k.startswith("_")})
-    values.update({k: v for k, v in args.items() if v is not None})
+    if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset {preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+        values.update({k: v for k, v in PRESETS[preset].items() if not k.startswith("_")})
+    values.update(from_file)
+    values.update(args)
     return RunConfig(**values).validate()
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The effective config as a YAML file that ``--config`` reads back (run-only keys out)."""
+    import yaml
+    skip = ("config", "print_config", "nproc")
+    return yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in skip}, sort_keys=False)

@@ -1,9 +1,14 @@
-"""Which samples each rank sees, and batches of them, for phase 1, phase 3 and the baseline.
+"""Which samples each rank sees, and batches of them, for every phase.
 
-Index plans are pure functions of (seed, group, epoch, rank), so a resumed run sees exactly
-the data order of an uninterrupted one. Small datasets (synthetic, CIFAR) stay in memory
-(on the GPU when there is one) as uint8 and are augmented per batch with tensor ops;
-on-disk image datasets (Food-101, ImageFolder) go through a DataLoader with workers.
+Index plans are pure functions of (seed, stream, epoch, rank in the comm), so a resumed run
+sees exactly the data order of an uninterrupted one, and a net's data does not depend on
+which rank, or beside which other nets, it trains. Small datasets (synthetic, CIFAR, small
+ImageFolders) stay in memory (on the GPU when there is one) as uint8 and are augmented per
+batch with tensor ops; large on-disk image datasets (Food-101) go through a DataLoader
+with workers.
+
+A batch for k nets fused into one (``models``) stacks the nets' own batches along channels:
+images [B, 3k, H, W], labels [B, k]; each net keeps its own samples and augmentation.
 """
 
 from __future__ import annotations
@@ -15,57 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .comm import Comm
-from .config import RunConfig
-from .datasets import DatasetBundle, InMemorySplit, load_dataset
+from .datasets import DatasetBundle, InMemorySplit
 from .errors import UsageError
-from .synthetic import make_synthetic
 
 
-def load_data(cfg: RunConfig, world: Comm) -> DatasetBundle:
-    """The dataset named by --dataset; integrity checks run once, on rank 0 (see datasets).
-
-    After rank 0's check every rank parses its own view of --data-dir, and on a cluster that
-    may be another copy (node-local disks): the ranks then compare what they read, so that a
-    rank with other classes or other sample counts, or one whose parse failed, stops every
-    rank with one line instead of training on other labels or leaving the others waiting."""
-    if cfg.dataset == "synthetic":
-        return make_synthetic(cfg.train_samples, cfg.test_samples, image_size=cfg.image_size or 32,
-                              seed=cfg.seed)
-    data, error = None, None
-    try:
-        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-                            train_samples=cfg.train_samples, test_samples=cfg.test_samples,
-                            verify_once=world.verdict_of_root)
-    except UsageError as raised:
-        error = str(raised)
-    except (OSError, ValueError) as raised:  # this rank's copy would not parse (files, formats)
-        error = f"--data-dir {cfg.data_dir}: {type(raised).__name__}: {raised}"
-    seen = None if data is None else (data.class_names, split_size(data.train), split_size(data.test))
-    views = world.allgather_object((error, seen))
-    failed = [(rank, message) for rank, (message, _) in enumerate(views) if message is not None]
-    if failed:
-        if len(failed) == world.size and len({m for _, m in failed}) == 1:
-            raise UsageError(failed[0][1])  # the same on every rank (a flag, rank 0's verdict)
-        rank, message = failed[0]
-        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        raise UsageError(f"rank {rank}{others}: {message}")
-    differ = [rank for rank, (_, view) in enumerate(views) if view != views[0][1]]
-    if differ:
-        (classes, train, test), (root_classes, root_train, root_test) = views[differ[0]][1], views[0][1]
-        odd = sorted(set(classes) ^ set(root_classes))
-        if odd:
-            what = f"class {odd[0]!r} on one and not the other"
-        elif classes != root_classes:
-            what = "the same classes in another order"
-        else:
-            what = f"{train} train / {test} test samples, rank 0 {root_train} / {root_test}"
-        raise UsageError(f"--data-dir {cfg.data_dir}: rank {differ[0]} reads other data than rank 0 ({what}; "
-                         f"another copy on its node?): give every rank the same data")
-    return data
-
-
-def _generator(*keys: int) -> torch.Generator:
+def generator(*keys: int) -> torch.Generator:
     seed = 0
     for key in keys:
         seed = (seed * 1_000_003 + int(key)) % (2 ** 62)
@@ -73,18 +32,23 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 def subset_for_group(num_samples: int, *, subnet_data: str, group: int, groups: int, seed: int) -> torch.Tensor:
-    """The training samples a sub-network group draws from: all, or its shard k of N."""
+    """The training samples sub-network ``group`` draws from: all, or its shard k of N."""
     if subnet_data == "full" or groups == 1:
         return torch.arange(num_samples)
-    order = torch.randperm(num_samples, generator=_generator(seed, 77))  # fixed across epochs
+    order = torch.randperm(num_samples, generator=generator(seed, 77))  # fixed across epochs
     return order[group * num_samples // groups:(group + 1) * num_samples // groups].sort().values
 
 
-def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, rank: int, size: int) -> torch.Tensor:
+def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, rank: int, size: int,
+                  take: int | None = None) -> torch.Tensor:
     """This rank's samples for one training epoch: the pool reshuffled per epoch and dealt
     out whole, every sample to exactly one rank; the first ``len(pool) % size`` ranks get one
-    more than the rest (it rides in their last batch, see ``train_steps``)."""
-    shuffled = pool[torch.randperm(len(pool), generator=_generator(seed, stream, epoch))]
+    more than the rest (it rides in their last batch, see ``train_steps``).
+
+    ``take``: only the first ``take`` of the reshuffled pool. Nets trained fused need equal
+    epochs, and N shards of a set N does not divide differ by one sample: each then leaves a
+    different sample out each epoch."""
+    shuffled = pool[torch.randperm(len(pool), generator=generator(seed, stream, epoch))][:take]
     base, extra = divmod(len(shuffled), size)
     start = rank * base + min(rank, extra)
     return shuffled[start:start + base + (rank < extra)]
@@ -115,53 +79,85 @@ def eval_indices(num_samples: int, *, rank: int, size: int) -> torch.Tensor:
     return torch.arange(rank, max(rank, num_samples), size)
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One net's training data: the samples it draws from and its random stream."""
+
+    pool: torch.Tensor
+    stream: int
+
+
 @dataclass
 class Batches:
-    """One epoch of batches for this rank (iterate once)."""
+    """One epoch of batches for this rank (iterate once): one index list per fused net."""
 
     split: object  # InMemorySplit or a torch Dataset
-    indices: torch.Tensor
+    indices: list[torch.Tensor]  # per net, all of one length
     batch_size: int
     device: torch.device
     mean: torch.Tensor
     std: torch.Tensor
-    augment_generator: torch.Generator | None = None  # None: no augmentation (evaluation)
+    generators: list[torch.Generator] | None = None  # per net; None: no augmentation (evaluation)
     loader: DataLoader | None = None
     steps: int | None = None  # training: the step count every rank takes (train_steps)
+    start_step: int = 0  # a resumed epoch continues here
+    replicate: int = 1  # evaluation of k fused nets: every net sees the same images
+
+    @property
+    def members(self) -> int:
+        return max(len(self.indices), self.replicate)
+
+    def slices(self) -> list[slice]:
+        return batch_slices(len(self.indices[0]), self.batch_size, self.steps)[self.start_step:]
 
     def __len__(self) -> int:
-        return len(batch_slices(len(self.indices), self.batch_size, self.steps))
+        return len(self.slices())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self.split, InMemorySplit):
-            yield from self._in_memory()
-        else:
-            try:
-                for images, labels in self.loader:
-                    yield (images.to(self.device, non_blocking=True),
-                           labels.to(self.device, non_blocking=True))
-            except UsageError as error:  # from a worker: keep the one line, drop the traceback
-                last = str(error).strip().splitlines()[-1]
-                raise UsageError(last.split("UsageError: ", 1)[-1], everywhere=False) from None
+        batches = self._in_memory() if isinstance(self.split, InMemorySplit) else self._from_loader()
+        for images, labels in batches:
+            if self.replicate > 1:
+                images, labels = images.repeat(1, self.replicate, 1, 1), labels[:, None].expand(-1, self.replicate)
+            yield images.contiguous(memory_format=torch.channels_last), labels
+
+    def _from_loader(self):
+        k = len(self.indices)
+        try:
+            for images, labels in self.loader:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                if k > 1:  # the loader's batch is net 0's samples, then net 1's, ...
+                    n, c, h, w = images.shape
+                    images = images.view(k, n // k, c, h, w).transpose(0, 1).reshape(n // k, k * c, h, w)
+                    labels = labels.view(k, n // k).t()
+                yield images, labels
+        except UsageError as error:  # from a worker: keep the one line, drop the traceback
+            last = str(error).strip().splitlines()[-1]
+            raise UsageError(last.split("UsageError: ", 1)[-1], everywhere=False) from None
 
     def _in_memory(self):
         # Everything random or indexed is drawn for the whole epoch and moved to the device
         # once: per-batch host-to-device copies of small tensors each wait for the GPU queue.
         images_device = self.split.images.device
-        indices = self.indices.to(images_device)
+        size = self.split.images.shape[2]
+        indices = [i.to(images_device) for i in self.indices]
         crops = None
-        if self.augment_generator is not None:
-            crops = [t.to(images_device) for t in draw_crop_flip(len(indices), self.split.images.shape[2],
-                                                                 self.augment_generator)]
-        for part in batch_slices(len(indices), self.batch_size, self.steps):
-            idx = indices[part]
-            images = self.split.images[idx].to(self.device, non_blocking=True)
-            labels = self.split.labels[idx].to(self.device, non_blocking=True)
-            if crops is not None:
-                dy, dx, flip = (t[part].to(self.device) for t in crops)
-                images = random_crop_flip(images, dy, dx, flip)
-            images = (images.float().div_(255) - self.mean) / self.std
-            yield images.contiguous(memory_format=torch.channels_last), labels
+        if self.generators is not None:
+            crops = [[t.to(images_device) for t in draw_crop_flip(len(i), size, g)]
+                     for i, g in zip(indices, self.generators)]
+        for part in self.slices():
+            images, labels = [], []
+            for j, idx in enumerate(indices):
+                batch = self.split.images[idx[part]].to(self.device, non_blocking=True)
+                if crops is not None:
+                    dy, dx, flip = (t[part].to(self.device) for t in crops[j])
+                    batch = random_crop_flip(batch, dy, dx, flip)
+                images.append((batch.float().div_(255) - self.mean) / self.std)
+                labels.append(self.split.labels[idx[part]].to(self.device, non_blocking=True))
+            if len(images) == 1:
+                yield images[0], labels[0]
+            else:
+                yield torch.cat(images, dim=1), torch.stack(labels, dim=1)
 
 
 def draw_crop_flip(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -189,8 +185,10 @@ def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, f
 class DataPlan:
     """Builds each epoch's batches for one comm; keeps DataLoader workers alive across epochs."""
 
-    def __init__(self, data: DatasetBundle, cfg: RunConfig, device: torch.device):
-        self.data, self.cfg, self.device = data, cfg, device
+    def __init__(self, data: DatasetBundle, device: torch.device, *, seed: int, batch_size: int,
+                 workers: int = 0):
+        self.data, self.device, self.seed = data, device, seed
+        self.batch_size, self.workers = batch_size, workers  # batch_size: evaluation, and the default
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         for split in (data.train, data.test):
@@ -199,34 +197,51 @@ class DataPlan:
                 object.__setattr__(split, "labels", split.labels.to(device))
         self._loaders: dict[int, tuple[DataLoader, _IndexBatches]] = {}
 
-    def train(self, comm: Comm, pool: torch.Tensor, *, stream: int, epoch: int) -> Batches:
-        indices = train_indices(pool, seed=self.cfg.seed, stream=stream, epoch=epoch,
-                                rank=comm.rank, size=comm.size)
-        gen = _generator(self.cfg.seed, stream, epoch, comm.rank, 1)  # rank in the comm: placement-free
-        return self._batches(self.data.train, indices, gen, train_steps(len(pool), comm.size, self.cfg.batch_size))
+    def train(self, comm, pool: torch.Tensor, *, stream: int, epoch: int, batch_size: int | None = None,
+              start_step: int = 0) -> Batches:
+        """One net's epoch on this rank."""
+        return self.train_fused(comm, [Stream(pool, stream)], epoch=epoch, batch_size=batch_size,
+                                start_step=start_step)
 
-    def test(self, comm: Comm) -> Batches:
+    def train_fused(self, comm, streams: list[Stream], *, epoch: int, batch_size: int | None = None,
+                    take: int | None = None, start_step: int = 0) -> Batches:
+        """An epoch of k nets trained as one: each net its own pool, stream and augmentation
+        (``take``: the samples per net and epoch, the same for all)."""
+        batch_size = batch_size or self.batch_size
+        if take is None and len({len(s.pool) for s in streams}) > 1:
+            take = min(len(s.pool) for s in streams)
+        indices = [train_indices(s.pool, seed=self.seed, stream=s.stream, epoch=epoch, rank=comm.rank,
+                                 size=comm.size, take=take) for s in streams]
+        gens = [generator(self.seed, s.stream, epoch, comm.rank, 1) for s in streams]  # rank in the comm
+        steps = train_steps(take or len(streams[0].pool), comm.size, batch_size)
+        return self._batches(self.data.train, indices, gens, steps, batch_size, start_step)
+
+    def test(self, comm, members: int = 1) -> Batches:
         indices = eval_indices(split_size(self.data.test), rank=comm.rank, size=comm.size)
-        return self._batches(self.data.test, indices, None, None)
+        batches = self._batches(self.data.test, [indices], None, None, self.batch_size, 0)
+        batches.replicate = members
+        return batches
 
-    def _batches(self, split, indices: torch.Tensor, gen: torch.Generator | None, steps: int | None) -> Batches:
-        loader = None
+    def _batches(self, split, indices: list[torch.Tensor], gens, steps, batch_size: int, start_step: int) -> Batches:
+        batches = Batches(split, indices, batch_size, self.device, self.mean, self.std, gens, None, steps,
+                          start_step)
         if not isinstance(split, InMemorySplit):
-            loader = self._loader(split, indices, gen, steps)
-        return Batches(split, indices, self.cfg.batch_size, self.device, self.mean, self.std, gen, loader, steps)
+            batches.loader = self._loader(split, batches)
+        return batches
 
-    def _loader(self, split, indices: torch.Tensor, gen: torch.Generator | None, steps: int | None) -> DataLoader:
+    def _loader(self, split, batches: Batches) -> DataLoader:
         if id(split) not in self._loaders:
-            sampler = _IndexBatches(self.cfg.batch_size)
-            workers = self.cfg.workers
-            loader = DataLoader(_SeededSamples(split), batch_sampler=sampler, num_workers=workers,
-                                pin_memory=self.device.type == "cuda",
-                                persistent_workers=workers > 0)
+            sampler = _IndexBatches()
+            loader = DataLoader(_SeededSamples(split), batch_sampler=sampler, num_workers=self.workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
             self._loaders[id(split)] = (loader, sampler)
         loader, sampler = self._loaders[id(split)]
-        seeds = [None] * len(indices) if gen is None else \
-            torch.randint(2 ** 62, (len(indices),), generator=gen).tolist()
-        sampler.keys, sampler.steps = list(zip(indices.tolist(), seeds)), steps
+        keys = []
+        for j, indices in enumerate(batches.indices):
+            gen = None if batches.generators is None else batches.generators[j]
+            seeds = [None] * len(indices) if gen is None else torch.randint(2 ** 62, (len(indices),), generator=gen).tolist()
+            keys.append(list(zip(indices.tolist(), seeds)))
+        sampler.keys, sampler.slices = keys, batches.slices()
         return loader
 
 
@@ -249,17 +264,19 @@ class _SeededSamples(Dataset):
 
 
 class _IndexBatches:
-    """A batch sampler of (index, seed) keys set per epoch (works with persistent workers)."""
+    """A batch sampler of (index, seed) keys set per epoch (works with persistent workers):
+    each batch is net 0's keys of that step, then net 1's, ..."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size, self.keys, self.steps = batch_size, [], None
+    def __init__(self):
+        self.keys: list[list] = []
+        self.slices: list[slice] = []
 
     def __iter__(self):
-        for part in batch_slices(len(self.keys), self.batch_size, self.steps):
-            yield self.keys[part]
+        for part in self.slices:
+            yield [key for keys in self.keys for key in keys[part]]
 
     def __len__(self):
-        return len(batch_slices(len(self.keys), self.batch_size, self.steps))
+        return len(self.slices)
 
 
 def split_size(split) -> int:

@@ -1,4 +1,5 @@
-"""Model surgery: split a wide net's configuration into N narrow ones, compose, extract.
+"""Model surgery: split a wide net's configuration into N narrow ones, compose, extract, and
+fuse k nets into one grouped-convolution net (and back).
 
 Pure functions on specs and state dicts: no processes, no communication.
 
@@ -41,9 +42,8 @@ class Rule(enum.Enum):
 
 
 def subnet_spec(global_spec: ModelSpec, subnets: int) -> ModelSpec:
-    """The configuration of each of ``subnets`` sub-nets of ``global_spec`` (same depth, w/N)."""
-    if subnets < 1:
-        raise UsageError(f"--subnets {subnets} is invalid: use 1 or more sub-networks")
+    """The configuration of each of ``subnets`` sub-nets of ``global_spec`` (same depth, w/N).
+    (``subnets`` >= 1 is the config's to check, once.)"""
     for layer, channels in global_spec.layer_widths().items():
         if channels % subnets:
             raise UsageError(
@@ -161,3 +161,18 @@ def extract(global_state: StateDict, k: int, subnets: int, sub_spec: ModelSpec) 
         else:
             sub[key] = tensor.clone()
     return sub
+
+
+def fuse_states(states: Sequence[StateDict]) -> dict[str, torch.Tensor]:
+    """k nets' weights -> the weights of the fused net of k members (``models``: every tensor
+    is the members' tensors concatenated along dim 0; BN's step counter is one for all)."""
+    return {key: torch.stack([s[key] for s in states]).max() if states[0][key].ndim == 0
+            else torch.cat([s[key] for s in states], dim=0)
+            for key in states[0]}
+
+
+def unfuse_state(state: StateDict, members: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of ``fuse_states``: each member's own weights (copies)."""
+    return [{key: t.clone() if t.ndim == 0 else t.chunk(members, dim=0)[j].clone()
+             for key, t in state.items()}
+            for j in range(members)]

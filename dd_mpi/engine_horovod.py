@@ -3,13 +3,15 @@
     horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod ...   # Gloo
     mpiexec -n 4 dd-train --backend horovod ...                            # MPI (mpi4py)
 
-Horovod wants every process set up front: ``hvd.init(process_sets=...)`` registers one set
-per sub-network group of ``group_layout(P, --subnets)`` and the set of group leaders, from
-rank lists under Gloo and from ``mpi4py`` communicator splits where Horovod runs on MPI.
+Horovod wants every process set up front: ``hvd.init(process_sets=...)`` registers every
+group the run's plan will split the world into (each level's groups and, for each
+composition, its group leaders: ``plan.comm_partitions``), from rank lists under Gloo and
+from ``mpi4py`` communicator splits where Horovod runs on MPI.
 Sets of one rank need no traffic and are not registered; a set equal to the world is
 ``hvd.global_process_set`` (Horovod rejects a second copy of it, and of any set), so for
 ``--subnets 1`` (one group = the world) and ``--subnets P`` (leaders = the world) nothing
-extra is registered at all.
+extra is registered at all. The world's object traffic, broadcasts and gather are
+``comm.BaseComm``'s (MPI where there is MPI); this engine implements only its collectives.
 
 Gradients: ``hvd.DistributedOptimizer(process_set=...)``, so phase 1 averages inside a group
 only. Everything else (metrics, flags, object and weight broadcasts, the phase-2 gather) is
@@ -52,9 +54,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .comm import Comm, World, group_layout, log, mpi_world_for
+from .comm import BaseComm, BaseWorld
 from .errors import UsageError
 from .launch import LaunchInfo
+from .progress import log
+from .rendezvous import mpi_world_for
 
 NOT_INSTALLED = "--backend horovod but Horovod is not installed: run launch/build_horovod.sh (see README)"
 
@@ -68,39 +72,36 @@ def _import_horovod():
 
 
 # ---------------------------------------------------------------------------------------
-def registered_sets(world_size: int, cfg) -> list[list[int]]:
-    """The rank lists to register at ``hvd.init``: same list, same order, on every rank.
-
-    One per sub-network group and one for the group leaders; without 1-rank sets (no
-    traffic), without the world (that is ``hvd.global_process_set``) and without duplicates.
-    """
-    if "dd" not in cfg.strategies or cfg.only_group_mode or world_size == 1:
-        return []
-    layout = group_layout(world_size, cfg.subnets)
+def registered_sets(world_size: int, partitions: list[list[list[int]]]) -> list[list[int]]:
+    """The rank lists to register at ``hvd.init`` under Gloo: same lists, same order, on
+    every rank; without 1-rank sets (no traffic), without the world (that is
+    ``hvd.global_process_set``) and without duplicates. A partition of one list is a subset
+    (the group leaders): only that list is a set."""
     unique: list[list[int]] = []
-    for ranks in [*layout, [group[0] for group in layout]]:
-        if 1 < len(ranks) < world_size and ranks not in unique:
-            unique.append(list(ranks))
+    for partition in partitions:
+        for ranks in partition:
+            if 1 < len(ranks) < world_size and ranks not in unique:
+                unique.append(list(ranks))
     return unique
 
 
-def sets_from_mpi_splits(hvd, mpi_world, rank_lists: list[list[int]], subnets: int) -> list:
-    """The same sets as ``rank_lists``, from communicator splits (where Horovod has MPI):
-    every rank hands Horovod the communicator of its own part, in the same order on every
-    rank. The leaders' split gives the other ranks a set of their own too (never used)."""
-    rank = mpi_world.Get_rank()
-    layout = group_layout(mpi_world.Get_size(), subnets)
-    leaders = [group[0] for group in layout]
+def sets_from_mpi_splits(hvd, mpi_world, partitions: list[list[list[int]]]) -> list:
+    """The same sets from communicator splits (where Horovod has MPI): for every partition
+    that needs one, every rank hands Horovod the communicator of its own part, in the same
+    order on every rank (a subset's split gives the other ranks a set of their own too,
+    never used)."""
+    rank, size = mpi_world.Get_rank(), mpi_world.Get_size()
     sets = []
-    if any(ranks in layout for ranks in rank_lists):  # all groups have one size: all or none
-        mine = next(k for k, group in enumerate(layout) if rank in group)
+    for partition in partitions:
+        if not any(1 < len(ranks) < size for ranks in partition):
+            continue
+        mine = next((k for k, ranks in enumerate(partition) if rank in ranks), len(partition))
         sets.append(hvd.ProcessSet(mpi_world.Split(color=mine, key=rank)))
-    if leaders in rank_lists:
-        sets.append(hvd.ProcessSet(mpi_world.Split(color=0 if rank in leaders else 1, key=rank)))
     return sets
 
 
-def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> HorovodWorld:
+def init_horovod_world(launch: LaunchInfo, device: torch.device, *, timeout: float, io_timeout: float,
+                       partitions: list[list[list[int]]]) -> HorovodWorld:
     """Join the Horovod world (Gloo under horovodrun, MPI under mpiexec/srun)."""
     hvd = _import_horovod()
     if launch.launcher in ("local", "torchrun") and launch.world_size > 1:
@@ -112,14 +113,13 @@ def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> Horovod
         raise UsageError("--backend horovod under srun needs MPI: launch with `srun --mpi=pmi2` "
                          "(pip's MPICH) or your site's PMI, or use --backend torch")
     # A frozen rank ends the Gloo exchanges after this long (see the module docstring).
-    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(1, int(round(cfg.timeout)))))
-    rank_lists = registered_sets(launch.world_size, cfg)
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(1, int(round(timeout)))))
     if mpi_world is not None and hvd.mpi_built():
-        sets = sets_from_mpi_splits(hvd, mpi_world, rank_lists, cfg.subnets)
+        sets = sets_from_mpi_splits(hvd, mpi_world, partitions)
         hvd.init(comm=mpi_world, process_sets=sets)
         source = "MPI communicator splits"
     else:
-        sets = [hvd.ProcessSet(ranks) for ranks in rank_lists]
+        sets = [hvd.ProcessSet(ranks) for ranks in registered_sets(launch.world_size, partitions)]
         hvd.init(process_sets=sets)
         source = "rank lists"
     if sets:
@@ -132,18 +132,20 @@ def init_horovod_world(launch: LaunchInfo, device: torch.device, cfg) -> Horovod
     world_ranks = list(range(launch.world_size))
     comm = HorovodComm(world_ranks, launch.rank, hvd.global_process_set if launch.world_size > 1 else None,
                        device, mpi_world, tag="world")
-    return HorovodWorld(launch, comm, mpi_world, datetime.timedelta(seconds=cfg.timeout),
-                        "horovod", process_sets=by_ranks)
+    return HorovodWorld(launch, comm, mpi_world, datetime.timedelta(seconds=timeout),
+                        datetime.timedelta(seconds=io_timeout), "horovod", process_sets=by_ranks)
 
 
 # ---------------------------------------------------------------------------------------
 @dataclass
-class HorovodComm(Comm):
-    """A Comm whose ``process_group`` is a Horovod ``ProcessSet`` (None for one rank).
+class HorovodComm(BaseComm):
+    """A comm whose ``process_group`` is a Horovod ``ProcessSet`` (None for one rank).
 
     Horovod ops take the *global* rank of the root; ``root`` arguments here are, as in
-    ``Comm``, positions in ``ranks``. Every op is named ``dd.<tag>.<kind>.<n>``, ``n``
-    counting this comm's ops, which all its ranks make in the same order.
+    ``BaseComm``, positions in ``ranks``. Every op is named ``dd.<tag>.<kind>.<n>``, ``n``
+    counting this comm's ops, which all its ranks make in the same order. Horovod's Gloo
+    waits do not depend on the main threads (its background threads keep talking), so a
+    slow checkpoint write needs no patient twin: ``patient`` stays None.
     """
 
     tag: str = "world"
@@ -162,74 +164,40 @@ class HorovodComm(Comm):
         """The op's result, waited for without spinning (see ``wait_quietly``)."""
         return wait_quietly(self.hvd, handle)
 
-    # --- reductions ---
-    def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            self._wait(self.hvd.allreduce_async_(tensor, op=self.hvd.Sum, name=self._name("sum"),
-                                                 process_set=self.process_group))
-        return tensor
-
-    def any(self, flag: bool) -> bool:
-        if self.size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self._wait(self.hvd.allreduce_async_(t, op=self.hvd.Max, name=self._name("any"),
+    # --- the collectives ---
+    def _allreduce_(self, tensor: torch.Tensor, op: str) -> None:
+        hvd_op = self.hvd.Sum if op == "sum" else self.hvd.Max
+        self._wait(self.hvd.allreduce_async_(tensor, op=hvd_op, name=self._name(op),
                                              process_set=self.process_group))
-        return bool(t.item())
 
-    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
-        if self.size == 1:
-            return tensor
-        if self.mpi is not None and tensor.device.type == "cpu" and tensor.is_contiguous():
-            self.mpi.Bcast(tensor.numpy(), root=root)
-        else:
-            self._wait(self.hvd.broadcast_async_(tensor, root_rank=self.ranks[root], name=self._name("bcast"),
-                                                 process_set=self.process_group))
-        return tensor
+    def _broadcast_(self, tensor: torch.Tensor, root: int) -> None:
+        self._wait(self.hvd.broadcast_async_(tensor, root_rank=self.ranks[root], name=self._name("bcast"),
+                                             process_set=self.process_group))
 
-    # --- Python objects (pickled into byte tensors; mpi4py's own when MPI is there) ---
-    def broadcast_object(self, obj, root: int = 0):
-        if self.size == 1:
-            return obj
-        if self.mpi is not None:
-            return self.mpi.bcast(obj, root=root)
+    def _allgather(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        return self._wait(self.hvd.allgather_async(tensor, name=self._name(kind), process_set=self.process_group))
+
+    def _broadcast_object(self, obj, root: int):
         data = _to_bytes(obj) if self.rank == root else torch.empty(0, dtype=torch.uint8)
         length = torch.tensor([data.numel()], dtype=torch.int64)
-        self.broadcast_(length, root)
+        self._broadcast_(length, root)
         if self.rank != root:
             data = torch.empty(int(length.item()), dtype=torch.uint8)
-        self.broadcast_(data, root)
+        self._broadcast_(data, root)
         return obj if self.rank == root else _from_bytes(data)
 
-    def allgather_object(self, obj) -> list:
-        if self.size == 1:
-            return [obj]
-        if self.mpi is not None:
-            return self.mpi.allgather(obj)
+    def _allgather_object(self, obj) -> list:
         data = _to_bytes(obj)
-        lengths = self._wait(self.hvd.allgather_async(torch.tensor([data.numel()], dtype=torch.int64),
-                                                      name=self._name("gather.len"), process_set=self.process_group))
-        joined = self._wait(self.hvd.allgather_async(data, name=self._name("gather.data"),
-                                                     process_set=self.process_group))
+        lengths = self._allgather(torch.tensor([data.numel()], dtype=torch.int64), "gather.len")
+        joined = self._allgather(data, "gather.data")
         return [_from_bytes(part) for part in torch.split(joined, lengths.tolist())]
 
-    def gather_object(self, obj, root: int = 0) -> list | None:
-        if self.size == 1:
-            return [obj]
-        if self.mpi is not None:
-            return self.mpi.gather(obj, root=root)
-        everything = self.allgather_object(obj)  # Horovod has no gather; the objects are small
+    def _gather_object(self, obj, root: int) -> list | None:
+        everything = self._allgather_object(obj)  # Horovod has no gather; the objects are small
         return everything if self.rank == root else None
 
-    def gather_flat(self, flat: torch.Tensor, root: int = 0) -> torch.Tensor | None:
-        flat = flat.contiguous()
-        if self.size == 1:
-            return flat[None]
-        if self.mpi is not None and flat.device.type == "cpu":
-            return super().gather_flat(flat, root)  # MPI Gather into one buffer on the root
-        # Horovod has no gather: an allgather over the (few) group leaders.
-        stacked = self._wait(self.hvd.allgather_async(flat[None], name=self._name("gather.flat"),
-                                                      process_set=self.process_group))
+    def _gather_flat(self, flat: torch.Tensor, root: int) -> torch.Tensor | None:
+        stacked = self._allgather(flat[None], "gather.flat")  # no gather: an allgather (few leaders)
         return stacked.cpu() if self.rank == root else None
 
     # --- data parallelism ---
@@ -251,7 +219,8 @@ class HorovodComm(Comm):
 
         The wrapper shares the optimizer's ``param_groups`` (so the LR scheduler built on the
         optimizer still drives it) and is given its ``state`` (so momentum restored on resume
-        survives). Horovod 0.28's ``zero_grad()`` takes no ``set_to_none``; ours does.
+        survives). Horovod 0.28's ``zero_grad()`` takes no ``set_to_none``; ours does. Its
+        ``synchronize()`` spins while it waits; ours first waits quietly.
         """
         if self.size == 1:
             return optimizer
@@ -280,13 +249,16 @@ class HorovodComm(Comm):
         optimizer._opt_called = True
         return wrapped
 
-    def abort(self, code: int = 1) -> None:
-        """End every rank: MPI ``Abort`` under an MPI launcher; otherwise exit this process,
-        and Horovod's lost connection and horovodrun end the others."""
-        if self.mpi is not None:
-            from mpi4py import MPI
-            MPI.COMM_WORLD.Abort(code)
-        os._exit(code)
+    def scaled_step(self, optimizer, scaler) -> None:
+        """fp16: the gradients must be averaged before the scaler unscales them (Horovod's
+        AMP recipe), then the step must not synchronize again."""
+        if hasattr(optimizer, "skip_synchronize"):
+            optimizer.synchronize()
+            scaler.unscale_(optimizer)
+            with optimizer.skip_synchronize():
+                scaler.step(optimizer)
+        else:
+            scaler.step(optimizer)
 
 
 def wait_quietly(hvd, handle: int, *, collect: bool = True):
@@ -315,14 +287,16 @@ def _from_bytes(data: torch.Tensor):
 
 # ---------------------------------------------------------------------------------------
 @dataclass
-class HorovodWorld(World):
-    """``World`` over Horovod: groups are the process sets registered by ``init_horovod_world``."""
+class HorovodWorld(BaseWorld):
+    """``BaseWorld`` over Horovod: groups are the process sets registered at init."""
 
     process_sets: dict = field(default_factory=dict)  # tuple(ranks) -> hvd.ProcessSet
 
-    def _comm(self, ranks: list[int], mpi, index: int | None, tag: str) -> HorovodComm:
+    def _comm(self, rank_lists: list[list[int]], mine: int | None, mpi, tag: str) -> HorovodComm | None:
+        if mine is None:
+            return None
         import horovod.torch as hvd
-        ranks = list(ranks)
+        ranks = list(rank_lists[mine])
         if len(ranks) == 1:
             process_set = None
         elif ranks == list(range(self.size)):
@@ -331,26 +305,10 @@ class HorovodWorld(World):
             process_set = self.process_sets[tuple(ranks)]
         else:
             raise RuntimeError(f"no Horovod process set for ranks {ranks}: Horovod needs every set at "
-                               "hvd.init; add it to engine_horovod.registered_sets")
-        return HorovodComm(ranks, ranks.index(self.rank), process_set, self.comm.device, mpi, index, tag=tag)
+                               "hvd.init; add it to plan.comm_partitions")
+        return HorovodComm(ranks, ranks.index(self.rank), process_set, self.comm.device, mpi, tag=tag)
 
-    def split(self, layout: list[list[int]], index: int) -> HorovodComm:
-        """This rank's group comm (every rank calls it, as with the torch engine)."""
-        mpi = self.mpi_world.Split(color=index, key=self.rank) if self.mpi_world is not None else None
-        return self._comm(layout[index], mpi, index, tag=f"group{index}")
-
-    def subset(self, ranks: list[int]) -> HorovodComm | None:
-        """A comm over ``ranks`` (e.g. the group leaders); None on ranks outside it."""
-        mpi = None
-        if self.mpi_world is not None:
-            mpi = self.mpi_world.Split(color=0 if self.rank in ranks else 1, key=self.rank)
-        if self.rank not in ranks:
-            if mpi is not None:
-                mpi.Free()
-            return None
-        return self._comm(ranks, mpi, None, tag="subset" + "-".join(map(str, ranks)))
-
-    def phase_sync(self, hours: float = 48.0) -> HorovodComm:
+    def _patient_world(self) -> HorovodComm:
         """The world again. Horovod collectives wait without a deadline for a live rank (its
         background thread keeps answering), so groups may finish phase 1 far apart; a dead
         or frozen rank still ends the wait (module docstring)."""

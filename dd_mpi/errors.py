@@ -1,8 +1,17 @@
-"""Errors a user can fix. They print as one line (no traceback) and exit with code 2.
+"""How a run ends other than well: errors a user can fix, phases that stop, lost peers.
 
-Raise them on every rank alike (all ranks see the same flags, files and shared verdicts),
-so that no rank waits in a collective for another that has already left.
+``UsageError`` prints as one line (no traceback) and exits with code 2. Raise it on every
+rank alike (all ranks see the same flags, files and shared verdicts), so that no rank waits
+in a collective for another that has already left.
 """
+
+from __future__ import annotations
+
+import enum
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
 
 
 class UsageError(Exception):
@@ -17,6 +26,51 @@ class UsageError(Exception):
         self.everywhere = everywhere
 
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 75  # checkpointed on SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
+class Preempted(Exception):
+    """A stop signal arrived: the checkpoint is on disk; exit for requeue."""
+
+
+class PhaseFailed(Exception):
+    """A phase cannot go on (e.g. NaN loss): the message says which phase and epoch."""
+
+
+class Outcome(enum.Enum):
+    """How one rank's part of a phase ended, as the ranks tell each other (phase 1's groups
+    finish apart and agree on one outcome before phase 2)."""
+
+    OK = "ok"
+    PREEMPTED = "preempted"
+    FAILED = "failed"
+    USAGE = "usage"
+
+
+def outcome_of(error: BaseException | None) -> tuple[Outcome, str]:
+    """(outcome, message) for what a rank's phase raised; other errors are not outcomes."""
+    if error is None:
+        return Outcome.OK, ""
+    if isinstance(error, Preempted):
+        return Outcome.PREEMPTED, ""
+    if isinstance(error, PhaseFailed):
+        return Outcome.FAILED, str(error)
+    if isinstance(error, UsageError):
+        return Outcome.USAGE, str(error)
+    raise error
+
+
+def raise_outcome(outcome: Outcome, message: str) -> None:
+    """Raise on this rank what another rank's outcome means (nothing for OK)."""
+    if outcome is Outcome.PREEMPTED:
+        raise Preempted()
+    if outcome is Outcome.FAILED:
+        raise PhaseFailed(message)
+    if outcome is Outcome.USAGE:
+        raise UsageError(message)
+
+
+def peer_lost(error: BaseException) -> bool:
+    """True for the errors a rank sees when *another* rank died or hung (gloo/NCCL/MPI/
+    Horovod). Case-blind: gloo says "Timed out waiting 5000ms for recv", NCCL "timeout"."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset", "timed out",
+                                   "timeout", "distbackenderror", "broken pipe", "econnreset",
+                                   "horovodinternalerror"))

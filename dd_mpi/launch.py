@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
@@ -38,36 +38,53 @@ def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int
     return default
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """How one launcher tells a process its place: the variables it sets, tried in order."""
+
+    name: str
+    present: Callable[[Mapping[str, str]], bool]
+    rank: tuple[str, ...]
+    size: tuple[str, ...]
+    local_rank: tuple[str, ...]
+    local_size: tuple[str, ...]
+
+
+# The registry, in the order that matters (module docstring).
+LAUNCHERS = (
+    Launcher("torchrun", lambda e: "RANK" in e and "WORLD_SIZE" in e,  # and our --nproc ("local")
+             ("RANK",), ("WORLD_SIZE",), ("LOCAL_RANK",), ("LOCAL_WORLD_SIZE",)),
+    Launcher("horovod", lambda e: "HOROVOD_RANK" in e,
+             ("HOROVOD_RANK",), ("HOROVOD_SIZE",), ("HOROVOD_LOCAL_RANK",), ("HOROVOD_LOCAL_SIZE",)),
+    Launcher("mpi", lambda e: "OMPI_COMM_WORLD_RANK" in e,  # Open MPI
+             ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
+             ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+    Launcher("mpi", lambda e: _int(e, "PMI_SIZE", default=1) > 1 and "PMI_RANK" in e,  # MPICH / PMI
+             ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "SLURM_LOCALID"), ("MPI_LOCALNRANKS",)),
+    Launcher("mpi", lambda e: "PMIX_RANK" in e and _int(e, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", default=1) > 1,
+             ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",), ("PMIX_LOCAL_SIZE",)),
+    Launcher("slurm", lambda e: "SLURM_PROCID" in e and _int(e, "SLURM_NTASKS", default=1) > 1,
+             ("SLURM_PROCID",), ("SLURM_NTASKS",), ("SLURM_LOCALID",), ()),
+)
+
+
 def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
     """The launcher and this process's place in the world, from environment variables only."""
     master_addr = env.get("MASTER_ADDR") or None
     master_port = _int(env, "MASTER_PORT")
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "local" if env.get(LOCAL_LAUNCHER_ENV) == "local" else "torchrun"
-        return LaunchInfo(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]),
-                          _int(env, "LOCAL_RANK", default=0),
-                          _int(env, "LOCAL_WORLD_SIZE", default=1), master_addr, master_port)
-    if "HOROVOD_RANK" in env:
-        return LaunchInfo("horovod", int(env["HOROVOD_RANK"]), _int(env, "HOROVOD_SIZE", default=1),
-                          _int(env, "HOROVOD_LOCAL_RANK", default=0),
-                          _int(env, "HOROVOD_LOCAL_SIZE", default=1), master_addr, master_port)
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return LaunchInfo("mpi", int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
-                          _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1), master_addr, master_port)
-    if _int(env, "PMI_SIZE", default=1) > 1 and "PMI_RANK" in env:
-        return LaunchInfo("mpi", int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
-                          _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID", default=0),
-                          _int(env, "MPI_LOCALNRANKS", default=1), master_addr, master_port)
-    if "PMIX_RANK" in env and _int(env, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", default=1) > 1:
-        return LaunchInfo("mpi", int(env["PMIX_RANK"]), _int(env, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"),
-                          _int(env, "PMIX_LOCAL_RANK", default=0),
-                          _int(env, "PMIX_LOCAL_SIZE", default=1), master_addr, master_port)
-    if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", default=1) > 1:
-        port = master_port or 20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000
-        return LaunchInfo("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                          _int(env, "SLURM_LOCALID", default=0),
-                          _slurm_tasks_on_this_node(env), master_addr or slurm_head_node(env), port)
+    for launcher in LAUNCHERS:
+        if not launcher.present(env):
+            continue
+        name = launcher.name
+        local_size = _int(env, *launcher.local_size, default=1)
+        if name == "torchrun" and env.get(LOCAL_LAUNCHER_ENV) == "local":
+            name = "local"
+        if name == "slurm":  # srun gives no address: the job's first node, a port from the job id
+            master_port = master_port or 20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000
+            master_addr = master_addr or slurm_head_node(env)
+            local_size = _slurm_tasks_on_this_node(env)
+        return LaunchInfo(name, _int(env, *launcher.rank), _int(env, *launcher.size, default=1),
+                          _int(env, *launcher.local_rank, default=0), local_size, master_addr, master_port)
     return LaunchInfo("single", 0, 1, 0, 1, master_addr, master_port)
 
 
@@ -101,6 +118,13 @@ def cpu_threads_per_rank(launch: LaunchInfo, env: Mapping[str, str] = os.environ
         return max(1, int(env["SLURM_CPUS_PER_TASK"]))
     cores = len(os.sched_getaffinity(0))
     return max(1, cores // max(1, launch.local_world_size))
+
+
+def data_workers(launch: LaunchInfo, env: Mapping[str, str] = os.environ) -> int:
+    """DataLoader workers for --workers' default: the rank's own CPUs (Slurm's
+    SLURM_CPUS_PER_TASK, else its share of the affinity mask) less the one that trains,
+    at most 8 (decoding beyond that starves the training threads)."""
+    return min(8, cpu_threads_per_rank(launch, env) - 1)
 
 
 def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:

@@ -1,45 +1,57 @@
-"""ResNets with a width factor, built so that N narrow copies compose exactly into one wide net.
+"""ResNets with a width factor, built so that N narrow copies compose exactly into one wide net
+and k copies train fused as one grouped-convolution net.
 
-Two families:
+Two families (``FAMILIES``, chosen by the depth in ``--arch``):
 
 * CIFAR ResNets of depth 6n+2 (He et al. 2016, §4.2): stages of 16w, 32w, 64w channels.
-  Parameter counts at w=1 with shortcut option A, 10 classes (checked by the tests):
+  Parameter counts at w=1, 10 classes (checked by the tests):
 
-  ======== ==========   ========================= ==========
-  depth    parameters   depth                     parameters
-  ======== ==========   ========================= ==========
-  20       269,722      56                        853,018
-  32       464,154      110                       1,727,962
-  44       658,586      32, w=4 (the paper's net) 7,386,186
-  ======== ==========   ========================= ==========
+  ======== ==================== ====================
+  depth    shortcut A           shortcut B (1x1 + BN)
+  ======== ==================== ====================
+  20       269,722              272,474
+  32       464,154              466,906 (the paper's "0.47 M")
+  44       658,586
+  56       853,018
+  110      1,727,962
+  ======== ==================== ====================
 
 * Bottleneck ResNets 50/101 in torchvision's ImageNet layout with every width scaled by w
-  (w=1 is torchvision's resnet50: 25,557,032 parameters). torchvision hard-codes its widths,
-  so we reuse its ``Bottleneck`` block and ``_make_layer`` and set the widths ourselves.
+  (w=1 has torchvision's resnet50's 25,557,032 parameters and its state-dict names).
 
-A composed global net differs from a conventional one in one place only: option A's
-parameter-free zero-padding shortcut pads each of its ``channel_groups`` channel groups
-separately, so that sub-network k's channels stay in block k (see ``decompose.compose``).
+Two spec fields shape the channel structure beyond the width:
+
+* ``channel_groups``: option A's parameter-free zero-padding shortcut pads each of its
+  channel groups separately, so that in a net composed of N sub-nets sub-net k's channels
+  stay in block k (see ``decompose.compose``).
+* ``members``: k nets of this spec trained as one (HFTA, Wang et al., MLSys 2021). Every
+  convolution has ``groups=k``, BatchNorm is per channel anyway, the classifier is one
+  linear map per member: the fused net's input stacks the members' batches along channels
+  ([B, 3k, H, W]) and its output is [B, k, classes]. Member j's logits and gradients are
+  those of net j trained alone (its logits bit for bit, its gradients to rounding), and the
+  fused state dict is the members' state dicts concatenated along dim 0
+  (``decompose.fuse_states``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.models.resnet import ResNet as TorchvisionResNet
 
 from .errors import UsageError
 
 BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 CIFAR_STAGE_WIDTHS = (16, 32, 64)
 BOTTLENECK_STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck "planes"; the block outputs 4x
+BOTTLENECK_EXPANSION = 4
 STEM_MODULE = "conv1"  # both families name their image-facing convolution this way
 CLASSIFIER_MODULE = "fc"
+KNOWN_ARCHS = "resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101"
 
 
 @dataclass(frozen=True)
@@ -52,21 +64,26 @@ class ModelSpec:
     shortcut: str = "A"  # CIFAR family: "A" zero padding, "B" 1x1 conv + BN
     channel_groups: int = 1  # option A pads per group: N for a net composed of N sub-nets
     in_channels: int = 3
+    members: int = 1  # k nets of this spec fused into one grouped-convolution net
 
     @property
     def depth(self) -> int:
         return parse_depth(self.arch)
 
     @property
+    def family(self) -> Family:
+        return family_of(self.depth)
+
+    @property
     def is_bottleneck(self) -> bool:
-        return self.depth in BOTTLENECK_LAYERS
+        return self.family is FAMILIES["bottleneck"]
 
     @property
     def default_image_size(self) -> int:
-        return 224 if self.is_bottleneck else 32
+        return self.family.image_size
 
     def channels(self, standard_width: int) -> int:
-        """Channels of a layer whose standard width is ``standard_width``, or UsageError."""
+        """Channels of one member's layer whose standard width is ``standard_width``."""
         exact = standard_width * self.width
         if abs(exact - round(exact)) > 1e-6 or round(exact) < 1:
             raise UsageError(
@@ -76,27 +93,40 @@ class ModelSpec:
 
     def layer_widths(self) -> dict[str, int]:
         """Named channel counts of every kind of layer (for messages and the split check)."""
-        if self.is_bottleneck:
-            names = {"stem (conv1)": 64}
-            for i, planes in enumerate(BOTTLENECK_STAGE_WIDTHS, start=1):
-                names[f"layer{i} bottleneck"] = planes
-                names[f"layer{i} output"] = planes * Bottleneck.expansion
-        else:
-            names = {f"layer{i}": w for i, w in enumerate(CIFAR_STAGE_WIDTHS, start=1)}
-        return {name: self.channels(w) for name, w in names.items()}
+        return {name: self.channels(w) for name, w in self.family.layer_widths().items()}
 
     def with_width(self, width: float, channel_groups: int) -> ModelSpec:
         return replace(self, width=width, channel_groups=channel_groups)
 
+    def fused(self, members: int) -> ModelSpec:
+        return replace(self, members=members)
+
+    @property
+    def member(self) -> ModelSpec:
+        """One member of a fused spec (the spec itself when not fused)."""
+        return replace(self, members=1)
+
 
 def parse_depth(arch: str) -> int:
-    known = "resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101"
     if not arch.startswith("resnet") or not arch[len("resnet"):].isdigit():
-        raise UsageError(f"--arch {arch!r} is unknown: choose one of {known}")
+        raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
     depth = int(arch[len("resnet"):])
     if depth not in BOTTLENECK_LAYERS and (depth < 8 or (depth - 2) % 6):
-        raise UsageError(f"--arch {arch!r} is unknown: choose one of {known}")
+        raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
     return depth
+
+
+# ---------------------------------------------------------------------------------------
+# Layers that know about members (k fused nets) and channel groups
+def conv(spec: ModelSpec, in_channels: int, out_channels: int, kernel: int, stride: int = 1,
+         padding: int = 0) -> nn.Conv2d:
+    """A convolution of one member's channel counts, for all of ``spec.members``."""
+    k = spec.members
+    return nn.Conv2d(in_channels * k, out_channels * k, kernel, stride, padding, bias=False, groups=k)
+
+
+def batch_norm(spec: ModelSpec, channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels * spec.members)
 
 
 class GroupedZeroPadShortcut(nn.Module):
@@ -104,7 +134,8 @@ class GroupedZeroPadShortcut(nn.Module):
 
     With one group this is He et al.'s option A (pad (out-in)/2 channels on each side).
     With G groups each group of in/G channels is padded into out/G channels on its own, so
-    a net composed of G sub-nets keeps every sub-net's channels inside its own block.
+    a net composed of G sub-nets keeps every sub-net's channels inside its own block (and
+    the k members of a fused net theirs).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
@@ -125,43 +156,128 @@ class GroupedZeroPadShortcut(nn.Module):
         return F.pad(grouped, (0, 0, 0, 0, self.pad, self.pad)).reshape(n, -1, h, w)
 
 
+class MemberLinear(nn.Module):
+    """k classifiers side by side: features [B, k*F] -> logits [B, k, C]. Its ``weight``
+    [k*C, F] and ``bias`` [k*C] are the members' ``fc`` tensors stacked along dim 0.
+
+    One ``F.linear`` per member (the classifier is a tiny part of the net): the very kernel
+    of a plain net's ``nn.Linear``, so a member's logits are bit for bit those of its net
+    alone. (Training then agrees to rounding only: a grouped convolution's backward pass
+    sums in another order than a plain one's; ``tests/test_fused_run.py`` measures it.)"""
+
+    def __init__(self, in_features: int, out_features: int, members: int):
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(members * out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members * out_features))
+        nn.init.kaiming_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, c = self.in_features, self.out_features
+        return torch.stack([F.linear(x[:, j * f:(j + 1) * f], self.weight[j * c:(j + 1) * c],
+                                     self.bias[j * c:(j + 1) * c]) for j in range(self.members)], dim=1)
+
+
+class MemberAvgPool(nn.AdaptiveAvgPool2d):
+    """Global average pooling, member by member on contiguous copies of each member's
+    channels: pooling k members' channels at once sums in another order (the kernel's
+    vectorisation follows the channel count), and a member must pool as its net alone does."""
+
+    def __init__(self, members: int):
+        super().__init__(1)
+        self.members = members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.members == 1:
+            return super().forward(x)
+        c = x.shape[1] // self.members
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return torch.cat([super(MemberAvgPool, self).forward(x[:, j * c:(j + 1) * c].contiguous(memory_format=fmt))
+                          for j in range(self.members)], dim=1)
+
+
+def classifier(spec: ModelSpec, in_features: int) -> nn.Module:
+    if spec.members == 1:
+        return nn.Linear(in_features, spec.num_classes)
+    return MemberLinear(in_features, spec.num_classes, spec.members)
+
+
+def _shortcut(spec: ModelSpec, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    if spec.shortcut == "A":
+        return GroupedZeroPadShortcut(in_channels * spec.members, out_channels * spec.members, stride,
+                                      spec.channel_groups * spec.members)
+    if spec.shortcut == "B":
+        return nn.Sequential(conv(spec, in_channels, out_channels, 1, stride), batch_norm(spec, out_channels))
+    raise UsageError(f"--shortcut {spec.shortcut!r} is unknown: choose A or B")
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks (torchvision's state-dict names: conv1, bn1, conv2, ..., downsample)
+class BasicBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = conv(spec, in_channels, out_channels, 3, stride, 1)
+        self.bn1 = batch_norm(spec, out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv(spec, out_channels, out_channels, 3, 1, 1)
+        self.bn2 = batch_norm(spec, out_channels)
+        self.downsample = (_shortcut(spec, in_channels, out_channels, stride)
+                           if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, spec: ModelSpec, in_channels: int, planes: int, stride: int):
+        super().__init__()
+        out_channels = planes * BOTTLENECK_EXPANSION
+        self.conv1 = conv(spec, in_channels, planes, 1)
+        self.bn1 = batch_norm(spec, planes)
+        self.conv2 = conv(spec, planes, planes, 3, stride, 1)
+        self.bn2 = batch_norm(spec, planes)
+        self.conv3 = conv(spec, planes, out_channels, 1)
+        self.bn3 = batch_norm(spec, out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(conv(spec, in_channels, out_channels, 1, stride),
+                                            batch_norm(spec, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+# ---------------------------------------------------------------------------------------
 class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet (depth 6n+2) built from torchvision's ``BasicBlock``."""
+    """He et al.'s CIFAR ResNet (depth 6n+2)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         blocks_per_stage = (spec.depth - 2) // 6
         widths = [spec.channels(w) for w in CIFAR_STAGE_WIDTHS]
-        self.conv1 = nn.Conv2d(spec.in_channels, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.conv1 = conv(spec, spec.in_channels, widths[0], 3, 1, 1)
+        self.bn1 = batch_norm(spec, widths[0])
         self.relu = nn.ReLU(inplace=True)
-        in_channels = widths[0]
-        stages = []
+        in_channels, stages = widths[0], []
         for index, out_channels in enumerate(widths):
-            stride = 1 if index == 0 else 2
-            blocks = []
+            stride, blocks = (1 if index == 0 else 2), []
             for _ in range(blocks_per_stage):
-                shortcut = None
-                if stride != 1 or in_channels != out_channels:
-                    shortcut = self._shortcut(spec, in_channels, out_channels, stride)
-                blocks.append(BasicBlock(in_channels, out_channels, stride, shortcut))
+                blocks.append(BasicBlock(spec, in_channels, out_channels, stride))
                 in_channels, stride = out_channels, 1
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, spec.num_classes)
+        self.avgpool = MemberAvgPool(spec.members)
+        self.fc = classifier(spec, in_channels)
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, (nn.Conv2d, nn.Linear, MemberLinear)):
                 nn.init.kaiming_normal_(module.weight)
-
-    @staticmethod
-    def _shortcut(spec: ModelSpec, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-        if spec.shortcut == "A":
-            return GroupedZeroPadShortcut(in_channels, out_channels, stride, spec.channel_groups)
-        if spec.shortcut == "B":
-            return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                 nn.BatchNorm2d(out_channels))
-        raise UsageError(f"--shortcut {spec.shortcut!r} is unknown: choose A or B")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -169,36 +285,72 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-class WideBottleneckResNet(TorchvisionResNet):
-    """torchvision's ResNet-50/101 with every width times w (its forward and blocks reused)."""
+class BottleneckResNet(nn.Module):
+    """ResNet-50/101 in torchvision's layout and initialisation, every width times w."""
 
     def __init__(self, spec: ModelSpec):
-        nn.Module.__init__(self)  # torchvision's __init__ fixes the widths at 64..512
-        self._norm_layer = nn.BatchNorm2d
-        self.dilation, self.groups, self.base_width = 1, 1, 64
-        self.inplanes = spec.channels(64)
-        self.conv1 = nn.Conv2d(spec.in_channels, self.inplanes, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        super().__init__()
+        planes = [spec.channels(w) for w in BOTTLENECK_STAGE_WIDTHS]
+        stem = spec.channels(64)
+        self.conv1 = conv(spec, spec.in_channels, stem, 7, 2, 3)
+        self.bn1 = batch_norm(spec, stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        layers = BOTTLENECK_LAYERS[spec.depth]
-        planes = [spec.channels(w) for w in BOTTLENECK_STAGE_WIDTHS]
-        self.layer1 = self._make_layer(Bottleneck, planes[0], layers[0])
-        self.layer2 = self._make_layer(Bottleneck, planes[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(Bottleneck, planes[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(Bottleneck, planes[3], layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(planes[3] * Bottleneck.expansion, spec.num_classes)
-        for module in self.modules():  # torchvision's initialisation
+        in_channels = stem
+        for index, (blocks, width) in enumerate(zip(BOTTLENECK_LAYERS[spec.depth], planes)):
+            stride = 1 if index == 0 else 2
+            layer = []
+            for _ in range(blocks):
+                layer.append(Bottleneck(spec, in_channels, width, stride))
+                in_channels, stride = width * BOTTLENECK_EXPANSION, 1
+            setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
+        self.avgpool = MemberAvgPool(spec.members)
+        self.fc = classifier(spec, in_channels)
+        for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to build it, its natural image size, its named layer widths."""
+
+    name: str
+    build: Callable[[ModelSpec], nn.Module]
+    image_size: int
+    layer_widths: Callable[[], dict[str, int]]  # layer name -> standard width (w = 1)
+
+
+def _bottleneck_widths() -> dict[str, int]:
+    names = {"stem (conv1)": 64}
+    for i, planes in enumerate(BOTTLENECK_STAGE_WIDTHS, start=1):
+        names[f"layer{i} bottleneck"] = planes
+        names[f"layer{i} output"] = planes * BOTTLENECK_EXPANSION
+    return names
+
+
+FAMILIES = {
+    "cifar": Family("cifar", CifarResNet, 32,
+                    lambda: {f"layer{i}": w for i, w in enumerate(CIFAR_STAGE_WIDTHS, start=1)}),
+    "bottleneck": Family("bottleneck", BottleneckResNet, 224, _bottleneck_widths),
+}
+
+
+def family_of(depth: int) -> Family:
+    return FAMILIES["bottleneck" if depth in BOTTLENECK_LAYERS else "cifar"]
+
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    return WideBottleneckResNet(spec) if spec.is_bottleneck else CifarResNet(spec)
+    return spec.family.build(spec)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -206,7 +358,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
-    """Multiply-accumulates of convolutions and linear layers for one image.
+    """Multiply-accumulates of convolutions and linear layers for one image (per member of a
+    fused net: all members together).
 
     The convention of He et al. (ResNet-50 = 4.1 G at 224 px); BN, ReLU and adds are left out.
     On a model built under ``torch.device("meta")`` it costs no memory and no compute.
@@ -220,15 +373,18 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
             total += output[0].numel() * per_output
         elif isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
+        elif isinstance(module, MemberLinear):
+            total += module.members * module.in_features * module.out_features
 
     hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
+             if isinstance(m, (nn.Conv2d, nn.Linear, MemberLinear))]
     device = next(model.parameters()).device  # build the model on "meta" to make this free
+    members = model.fc.members if isinstance(model.fc, MemberLinear) else 1
     was_training = model.training
     model.eval()  # one image: BN in train mode would refuse a 1x1 feature map
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+            model(torch.zeros(1, in_channels * members, image_size, image_size, device=device))
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -2,6 +2,7 @@
 
     dd-report runs/20250101-120000                  # writes next to the run's report.json
     dd-report runs/study/P2-N2 runs/study/P4-N2 --out runs/study/report
+    dd-report --paper runs/resnet32-1234             # the run's table beside the paper's numbers
 
 For every RUN_DIR (a directory holding dd-train's report.json and metrics.jsonl) it writes
 into --out (default: the run directory for one run, the runs' common parent for several):
@@ -30,11 +31,12 @@ import os
 import sys
 from pathlib import Path
 
+from . import paper
 from .errors import UsageError
+from .report import PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
 REPORT_FILES = ("dd_report.md", "dd_report.csv", "accuracy_vs_time.png", "phase_times.png")
-PHASES = (("subnets", "phase 1: sub-nets"), ("compose", "phase 2: compose"),
-          ("finetune", "phase 3: fine-tune"))
+PHASES = tuple((key, label) for key, _, label in PHASE_TIMES if key != "intermediate")  # the bars
 CSV_FIELDS = ("run", "P", "N", "section", "name", "top1", "top5", "loss", "seconds", "ratio")
 
 
@@ -122,23 +124,11 @@ def table_rows(run: RunFiles) -> list[dict]:
     """Rows of dd_report.csv for one run: every net, then every phase's seconds and the speedup."""
     report = run.report
     base = {"run": str(run.path), "P": run.world_size, "N": run.subnets}
-    rows = []
-
-    def net(name: str, result: dict | None) -> None:
-        if result:
-            rows.append({**base, "section": "net", "name": name, "top1": result.get("top1"),
-                         "top5": result.get("top5"), "loss": result.get("loss"),
-                         "seconds": result.get("seconds"), "ratio": None})
-
-    for sub in report.get("sub_nets") or []:
-        net(f"sub_net_{sub['index']}", sub)
-    for name in ("transfer", "transfer_T", "random_T"):
-        net(name, report.get(name))
+    rows = [{**base, "section": "net", "name": name, "top1": r.get("top1"), "top5": r.get("top5"),
+             "loss": r.get("loss"), "seconds": r.get("seconds"), "ratio": None} for name, r in net_rows(report)]
     timing = report.get("timing") or {}
-    for key, name in (("subnets", "phase1_subnets"), ("compose", "phase2_compose"),
-                      ("finetune", "phase3_finetune"), ("dd_total", "dd_total"),
-                      ("baseline_total", "baseline_total")):
-        if timing.get(key) is not None:
+    for key, name, _ in (*PHASE_TIMES, *TOTAL_TIMES):
+        if timing.get(key) is not None and not (key == "intermediate" and not report.get("intermediate")):
             rows.append({**base, "section": "time", "name": name, "top1": None, "top5": None,
                          "loss": None, "seconds": timing[key], "ratio": None})
     if report.get("speedup"):
@@ -147,38 +137,44 @@ def table_rows(run: RunFiles) -> list[dict]:
     return rows
 
 
-def _fmt(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def paper_numbers(run: RunFiles) -> tuple[paper.PaperResult | None, dict | None]:
+    """The paper's experiment for the run's preset, and its rows under the run's names."""
+    result = paper.for_preset((run.report.get("config") or {}).get("preset") or "")
+    return result, (paper.by_report_name(result) if result else None)
 
 
-def markdown_block(run: RunFiles) -> str:
-    report, rows = run.report, table_rows(run)
-    nets = [r for r in rows if r["section"] == "net"]
-    has_top5 = any(r["top5"] is not None for r in nets)
+def markdown_block(run: RunFiles, *, with_paper: bool = False) -> str:
+    report = run.report
     lines = [f"## {run.path}", "",
              f"P = {run.world_size} ranks, N = {run.subnets} sub-networks, groups {report.get('groups')}, "
              f"backend {report.get('backend')}, device {report.get('device')}, "
              f"launcher {report.get('launcher')}", ""]
-    lines.append("| net | top-1 (%) |" + (" top-5 (%) |" if has_top5 else "") + " loss | seconds |")
-    lines.append("|---|---:|" + ("---:|" if has_top5 else "") + "---:|---:|")
-    for r in nets:
-        top5 = f" {_fmt(r['top5'], '.2f')} |" if has_top5 else ""
-        lines.append(f"| {r['name']} | {_fmt(r['top1'], '.2f')} |{top5} {_fmt(r['loss'], '.4f')} | "
-                     f"{_fmt(r['seconds'], '.1f')} |")
+    result, numbers = paper_numbers(run) if with_paper else (None, None)
+    if with_paper and result is None:
+        preset = (report.get("config") or {}).get("preset")
+        lines += [f"(no paper numbers: the run's preset is {preset!r}, not one of the paper's: "
+                  f"{', '.join(paper.RESULTS)})", ""]
+    lines += net_table(report, loss=True, paper=numbers)
     timing = report.get("timing") or {}
-    lines += ["", "| phase | seconds |", "|---|---:|"]
-    for key, name in (*PHASES, ("dd_total", "DD total"), ("baseline_total", "baseline (random_T) total")):
-        if timing.get(key) is not None:
-            lines.append(f"| {name} | {timing[key]:.1f} |")
+    lines += ["", "| phase | seconds |" + (" paper hours |" if result and result.hours_dd else ""),
+              "|---|---:|" + ("---:|" if result and result.hours_dd else "")]
+    hours = {"dd_total": result.hours_dd, "baseline_total": result.hours_conventional} if result else {}
+    for key, _, name in (*PHASE_TIMES, *TOTAL_TIMES):
+        if timing.get(key) is not None and not (key == "intermediate" and not report.get("intermediate")):
+            extra = (f" {hours[key]:.2f} |" if hours.get(key) else " |") if result and result.hours_dd else ""
+            lines.append(f"| {name} | {timing[key]:.1f} |{extra}")
     if report.get("speedup"):
-        lines.append(f"| speedup (baseline / DD) | {report['speedup']:.2f}x |")
+        lines.append(f"| speedup (baseline / DD) | {report['speedup']:.2f}x |"
+                     + (f" {result.time_ratio:.2f}x |" if result and result.time_ratio else ""))
+    for note in result.notes if result else ():
+        lines += ["", f"Note on the paper's numbers: {note}."]
     return "\n".join(lines)
 
 
-def markdown(runs: list[RunFiles]) -> str:
+def markdown(runs: list[RunFiles], *, with_paper: bool = False) -> str:
     head = ("# dd_mpi report\n\nPhase 1's time is the slowest group's; `transfer` is the composed "
             "net before fine-tuning, `transfer_T` after, `random_T` the baseline.\n")
-    return head + "\n" + "\n\n".join(markdown_block(r) for r in runs) + "\n"
+    return head + "\n" + "\n\n".join(markdown_block(r, with_paper=with_paper) for r in runs) + "\n"
 
 
 def csv_text(runs: list[RunFiles]) -> str:
@@ -296,10 +292,10 @@ def default_out(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([str(p.resolve()) for p in paths]))
 
 
-def write_all(runs: list[RunFiles], out: Path) -> dict[str, Path]:
+def write_all(runs: list[RunFiles], out: Path, *, with_paper: bool = False) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in REPORT_FILES}
-    files["dd_report.md"].write_text(markdown(runs))
+    files["dd_report.md"].write_text(markdown(runs, with_paper=with_paper))
     files["dd_report.csv"].write_text(csv_text(runs))
     plot_accuracy_vs_time(runs, files["accuracy_vs_time.png"])
     plot_phase_times(runs, files["phase_times.png"])
@@ -312,14 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="dd-train --out directories")
     parser.add_argument("--out", type=Path, help="where to write (default: the run directory, or the "
                                                   "runs' common parent)")
+    parser.add_argument("--paper", action="store_true", help="beside each run's numbers, the paper's for the "
+                                                             "run's preset (PAPER.md)")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
-        files = write_all(runs, args.out or default_out(args.runs))
+        files = write_all(runs, args.out or default_out(args.runs), with_paper=args.paper)
     except (FileNotFoundError, ValueError, UsageError) as error:
         print(f"dd-report: {error}", file=sys.stderr)
         return 2
-    print(markdown(runs))
+    print(markdown(runs, with_paper=args.paper))
     for path in files.values():
         print(f"wrote {path}")
     return 0

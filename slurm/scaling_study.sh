@@ -38,10 +38,6 @@ done
 ids=() dirs=()
 for nodes in $NODES; do
     for n in $SUBNETS; do
-        if (( nodes * TASKS_PER_NODE % n )); then
-            echo "skip: $nodes node(s) x $TASKS_PER_NODE ranks do not split into $n groups"
-            continue
-        fi
         dir=$STUDY/nodes$nodes-N$n
         id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
              --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \

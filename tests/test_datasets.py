@@ -355,12 +355,12 @@ def test_image_file_augmentation_is_the_same_with_any_workers_and_after_a_restar
     pool = torch.arange(len(data.train))
 
     def epochs(workers: int, which: list[int]) -> list[torch.Tensor]:
-        plan = DataPlan(data, RunConfig(batch_size=3, workers=workers), torch.device("cpu"))
+        plan = DataPlan(data, torch.device("cpu"), seed=0, batch_size=3, workers=workers)
         return [torch.cat([images.flatten() for images, _ in plan.train(comm, pool, stream=100, epoch=e)])
                 for e in which]
 
     # an uneven split over 3 ranks (3, 3, 2 images): one step each, every image once
-    uneven = [DataPlan(data, RunConfig(batch_size=2, workers=0), torch.device("cpu"))
+    uneven = [DataPlan(data, torch.device("cpu"), seed=0, batch_size=2, workers=0)
               .train(Comm([0, 1, 2], r, None, torch.device("cpu")), pool, stream=100, epoch=0) for r in range(3)]
     assert [len(b) for b in uneven] == [1, 1, 1]
     assert sorted(len(labels) for b in uneven for _, labels in b) == [2, 3, 3]

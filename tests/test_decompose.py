@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dd_mpi.decompose import Rule, composition_rules, compose, composed_spec, extract, subnet_spec
-from dd_mpi.inspect import random_subnet, verify_composition
+from dd_mpi.inspection import random_subnet, verify_composition
 from dd_mpi.models import ModelSpec, build_model
 
 CASES = [(arch, width, n, shortcut, classes)
@@ -30,7 +30,7 @@ def test_bottleneck_composition_is_exact(arch, n, classes):
 
 def test_verification_detects_a_broken_composition(monkeypatch):
     """The check can fail: shuffle one block of the composed weights and it must notice."""
-    import dd_mpi.inspect as inspect_module
+    import dd_mpi.inspection as inspect_module
     real_compose = inspect_module.compose
 
     def broken(states, spec, **kw):

@@ -222,7 +222,7 @@ def test_horovod_refuses_a_launcher_it_cannot_join(tmp_path):
 # ---------------------------------------------------------------------------------------
 FAULT = """\
 import os, signal, sys
-import dd_mpi.pipeline as pipeline
+import dd_mpi.phase as pipeline
 from dd_mpi.cli import main
 
 original = pipeline.train_epoch
@@ -263,7 +263,7 @@ def test_a_failing_rank_ends_the_horovodrun_job(tmp_path, freeze):
 
 SKEW = """\
 import os, sys, time
-import dd_mpi.pipeline as pipeline
+import dd_mpi.phase as pipeline
 from dd_mpi.cli import main
 
 original = pipeline.train_epoch

@@ -125,11 +125,13 @@ def test_epochs_without_evaluation_carry_no_test_score(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
-def test_world_not_a_multiple_of_subnets_fails_fast_on_every_rank(tmp_path, launcher):
-    result = run_dd([*TINY, "--subnets", "2", "--out", str(tmp_path / "run")], launcher=launcher,
+def test_groups_that_split_neither_ranks_nor_subnets_fail_fast_on_every_rank(tmp_path, launcher):
+    """Any N runs on any P (gcd(N, P) groups by default); a --groups that divides neither is
+    the one layout that cannot be: one line naming it and the choices, nothing written."""
+    result = run_dd([*TINY, "--subnets", "2", "--groups", "2", "--out", str(tmp_path / "run")], launcher=launcher,
                     nproc=3, timeout=120)
     assert result.returncode == 2, explain(result)
     assert result.seconds < 60
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "--subnets 2" in errors[0] and "3 ranks" in errors[0]
+    assert len(errors) == 1 and "--groups 2" in errors[0] and "3 ranks" in errors[0] and "choose one of 1" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing written

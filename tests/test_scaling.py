@@ -45,8 +45,9 @@ def test_lists_and_pairs():
     assert scaling.int_list("1,2,4") == [1, 2, 4]
     assert scaling.gpu_list("8-64") == [8, 16, 32, 64]
     assert scaling.gpu_list("8,24") == [8, 24]
-    assert scaling.valid_pairs([1, 2, 4], [1, 2, 4]) == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
-    assert scaling.valid_pairs([3], [2]) == []
+    # any N on any P: dd-train lays N sub-nets out on P ranks (layout.choose_groups)
+    assert scaling.valid_pairs([1, 2], [1, 4]) == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert scaling.valid_pairs([3], [2]) == [(3, 2)]
 
 
 def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
@@ -56,7 +57,8 @@ def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
-def test_slurm_dry_run_command(capsys):
+def test_slurm_dry_run_command(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # --slurm finds slurm/scaling_study.sh under the working directory
     rc = scaling.main(["--slurm", "--dry-run", "--nodes", "1,2", "--subnets", "2,4", "--tasks-per-node", "8",
                        "--out", "runs/study", "--sbatch", "-p gpu -A proj", "--",
                        "--preset", "cifar10-resnet32"])
@@ -85,19 +87,29 @@ echo "10$n"
     result = subprocess.run([sys.executable, "-m", "dd_mpi.scaling", "--slurm", "--nodes", "1,2",
                              "--subnets", "2,4", "--tasks-per-node", "2", "--out", str(study),
                              "--", "--device", "cpu"],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     calls = (record / "calls").read_text().splitlines()
     runs = [c for c in calls if "scaling-report" not in c]
-    # 1 node x 2 ranks: N=2 only; 2 nodes x 2 ranks: N=2 and N=4
-    assert len(runs) == 3, calls
-    for nodes, n in ((1, 2), (2, 2), (2, 4)):
+    # every (nodes, N): any N runs on any number of ranks (1 node x 2 ranks fuses 2 of 4 sub-nets per rank)
+    assert len(runs) == 4, calls
+    for nodes, n in ((1, 2), (1, 4), (2, 2), (2, 4)):
         match = [c for c in runs if f"--nodes={nodes} " in c and f"--subnets {n} " in c]
         assert len(match) == 1, (nodes, n, runs)
         assert "--strategy both --device cpu" in match[0]
         assert match[0].endswith(f"--out {study}/nodes{nodes}-N{n}")
     assert f"dd-scaling --collect {study}" in (record / "report_job.sh").read_text()
     assert f"study={study}" in result.stdout
+
+
+def test_slurm_without_a_study_script_says_which_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no slurm/ here
+    monkeypatch.delenv("DD_MPI_SLURM_DIR", raising=False)
+    assert scaling.main(["--slurm", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--study-script" in err and "DD_MPI_SLURM_DIR" in err
+    monkeypatch.setenv("DD_MPI_SLURM_DIR", str(REPO / "slurm"))  # the other way to name it
+    assert scaling.main(["--slurm", "--dry-run"]) == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +229,11 @@ def test_epoch_and_projection_by_hand():
     shard = scaling.project(Workload(**{**w.__dict__, "subnet_data": "shard"}), 8, NET)
     assert shard["subnet_epoch_s"] == pytest.approx(0.256 + 4 * 1.56e-3)
     assert not scaling.projectable(w, 2048)  # fewer samples than ranks
-    assert not scaling.projectable(Workload(**{**w.__dict__, "subnets": 3}), 8)
+    # 3 sub-nets on 8 ranks: one group of 8 (gcd), each rank training all 3 fused: 128 samples
+    # x 3 nets x 2 ms, 4 steps of an allreduce of 3 x 1e6 B over 8 (1.4e-4 + 5.25e-3)
+    three = Workload(**{**w.__dict__, "subnets": 3})
+    assert scaling.projectable(three, 8)
+    assert scaling.project(three, 8, NET)["subnet_epoch_s"] == pytest.approx(0.768 + 4 * 5.39e-3)
 
 
 def test_fit_alpha_beta_recovers_the_line():
@@ -250,13 +266,14 @@ def sweep(tmp_path_factory):
 @pytest.mark.timeout(1800)
 def test_local_sweep_end_to_end(sweep):
     out, result = sweep
-    runs = {name: json.loads((out / name / "report.json").read_text()) for name in ("P1-N1", "P2-N1", "P2-N2")}
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["P1-N1", "P2-N1", "P2-N2"]
+    names = ("P1-N1", "P1-N2", "P2-N1", "P2-N2")  # P1-N2: both sub-nets fused on one rank
+    runs = {name: json.loads((out / name / "report.json").read_text()) for name in names}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == list(names)
     for name, report in runs.items():
         assert report["world_size"] == int(name[1]) and report["config"]["subnets"] == int(name[-1])
         assert report["config"]["strategy"] == "both"
     rows = read_csv(out / "scaling.csv")
-    assert len(rows) == 3 * 6  # per run: subnet, compose, finetune, baseline, and the two totals
+    assert len(rows) == 4 * 6  # per run: subnet, compose, finetune, baseline, and the two totals
     by = {(Path(r["run"]).name, r["strategy"], r["phase"]): r for r in rows}
     for name, report in runs.items():
         assert num(by[(name, "dd", "total")]["seconds"]) == pytest.approx(report["timing"]["dd_total"])
@@ -270,13 +287,21 @@ def test_local_sweep_end_to_end(sweep):
         for strategy in ("dd", "baseline"):
             tta = num(by[(name, strategy, "total")]["time_to_target"])
             assert tta is not None and 0 < tta <= num(by[(name, strategy, "total")]["seconds"]) + 1e-9
-    for r in rows:
+    for r in rows:  # at P = 1 a run is its own reference, or shares it with the other N's run
         if r["P"] == "1" and r["phase"] != "compose":
-            assert num(r["strong_efficiency"]) == pytest.approx(1.0)
-    t1 = num(by[("P1-N1", "baseline", "baseline")]["seconds_per_epoch"])
+            n_bound = r["strategy"] == "dd" and r["phase"] in ("subnet", "total")
+            twins = [o for o in rows if o["P"] == "1" and (o["strategy"], o["phase"]) == (r["strategy"], r["phase"])
+                     and (not n_bound or o["N"] == r["N"])]
+            t = lambda row: num(row["seconds_per_epoch"]) or num(row["seconds"])  # noqa: E731
+            assert num(r["strong_efficiency"]) == pytest.approx(sum(t(o) for o in twins) / len(twins) / t(r))
+    t1 = (num(by[("P1-N1", "baseline", "baseline")]["seconds_per_epoch"])  # both P = 1 runs' baseline
+          + num(by[("P1-N2", "baseline", "baseline")]["seconds_per_epoch"])) / 2
     t2 = num(by[("P2-N1", "baseline", "baseline")]["seconds_per_epoch"])
     assert num(by[("P2-N1", "baseline", "baseline")]["strong_efficiency"]) == pytest.approx(t1 / (2 * t2))
-    assert num(by[("P2-N2", "dd", "subnet")]["P_ref"]) == 2  # no N=2 run at P=1
+    assert num(by[("P2-N2", "dd", "subnet")]["P_ref"]) == 1  # the N=2 run at P=1 (fused) is the reference
+    t1 = num(by[("P1-N2", "dd", "subnet")]["seconds_per_epoch"])
+    t2 = num(by[("P2-N2", "dd", "subnet")]["seconds_per_epoch"])
+    assert num(by[("P2-N2", "dd", "subnet")]["strong_efficiency"]) == pytest.approx(t1 / (2 * t2))
     for name in ("scaling.png", "accuracy_vs_time.png", "phase_times.png"):
         assert_png(out / name)
     assert "P2-N2" in (out / "dd_report.md").read_text()
@@ -284,7 +309,7 @@ def test_local_sweep_end_to_end(sweep):
     # A second call keeps what is finished
     again = subprocess.run([sys.executable, "-m", "dd_mpi.scaling", "--local", "--nprocs", "1,2", "--subnets",
                             "1,2", "--out", str(out), "--", *TINY], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("finished earlier") == 3, again.stdout
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 4, again.stdout
 
 
 @pytest.mark.slow
@@ -298,27 +323,30 @@ def test_model_validates_and_projects_on_the_sweep(sweep, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "predicted vs measured" in result.stdout and "mean |relative error|" in result.stdout
     checks = read_csv(out / "model_validation.csv")
-    assert len(checks) == 9  # 3 runs x (phase 1, fine-tune, baseline)
+    assert len(checks) == 12  # 4 runs x (phase 1, fine-tune, baseline)
 
-    # Recompute one prediction by hand: the global net's c from the P=1 run (no communication:
-    # the mean of its three phases' seconds per sample), then the 2-rank baseline epoch.
+    # Recompute one prediction by hand: the global net's c from the P=1 runs (no communication:
+    # the mean of their global-net phases' seconds per sample), then the 2-rank baseline epoch.
     net = Network(alpha=1e-4, beta=1e9)
     g_params = 269_722
-    p1 = metrics_of(study / "P1-N1")
     per_phase = []
-    for phase in ("subnet", "finetune", "baseline"):
-        rows = [m for m in p1 if m["phase"] == phase]
-        per_phase.append(sum(256 / m["images_per_s"] for m in rows) / len(rows) / 256)
-    c_g = sum(per_phase) / 3
+    for run, phases in (("P1-N1", ("subnet", "finetune", "baseline")), ("P1-N2", ("finetune", "baseline"))):
+        p1 = metrics_of(study / run)
+        for phase in phases:
+            rows = [m for m in p1 if m["phase"] == phase]
+            per_phase.append(sum(256 / m["images_per_s"] for m in rows) / len(rows) / 256)
+    c_g = sum(per_phase) / len(per_phase)
     expected = 128 * c_g + 4 * scaling.gradient_allreduce_seconds(4 * g_params, 2, net)
     row = next(r for r in checks if Path(r["run"]).name == "P2-N1" and r["phase"] == "baseline")
     assert num(row["predicted_s"]) == pytest.approx(expected, rel=1e-9)
     measured = [m for m in metrics_of(study / "P2-N1") if m["phase"] == "baseline"]
     assert num(row["measured_s"]) == pytest.approx(sum(256 / m["images_per_s"] for m in measured) / len(measured))
     assert num(row["relative_error"]) == pytest.approx((expected - num(row["measured_s"])) / num(row["measured_s"]))
-    # phase 1 of P2-N2 (one rank per group) is its own calibration: exact
-    own = next(r for r in checks if Path(r["run"]).name == "P2-N2" and r["phase"] == "subnet")
-    assert own["calibration"] == "True" and abs(num(own["relative_error"])) < 1e-9
+    # phase 1 of P1-N2 (2 sub-nets fused on 1 rank) and P2-N2 (1 per rank) calibrate the sub-net's c
+    # together, per sample and net: their mean c predicts each, so their errors balance exactly
+    own = [r for r in checks if Path(r["run"]).name in ("P1-N2", "P2-N2") and r["phase"] == "subnet"]
+    assert [r["calibration"] for r in own] == ["True", "True"]
+    assert sum(1 / (1 + num(r["relative_error"])) for r in own) / 2 == pytest.approx(1.0, rel=1e-9)
 
     projection = read_csv(out / "model_projection.csv")
     assert [int(r["P"]) for r in projection] == [8, 16, 32, 64]

@@ -144,13 +144,13 @@ def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
 
 @pytest.mark.timing
 def test_failing_run_fails_the_job(tmp_path):
-    # 4 ranks do not split into 3 groups: dd-train exits 2 on every rank
-    job = Submission([*ON_CPU, str(SLURM / "resnet32.sh"), *TINY, "--subnets", "3"], cwd=tmp_path)
+    # 3 rank groups cannot split 4 ranks: dd-train exits 2 on every rank
+    job = Submission([*ON_CPU, str(SLURM / "resnet32.sh"), *TINY, "--subnets", "3", "--groups", "3"], cwd=tmp_path)
     rc = job.wait()
     log = read_log(tmp_path / f"resnet32-{job.job_id}.out")
     assert rc == 2, f"sbatch exit {rc}, expected dd-train's usage error 2\n{log[-3000:]}"
     assert job.state == "FAILED", log[-3000:]
-    assert "--subnets" in log  # dd-train's one-line reason names the flag
+    assert "--groups 3" in log  # dd-train's one-line reason names the flag
 
 
 @pytest.mark.timing
@@ -220,7 +220,8 @@ def check_resumed_without_loss(out: Path, log: str, epochs: int) -> None:
         mine = [r["epoch"] for r in rows if r["phase"] == "subnet" and r["group"] == group]
         assert mine == list(range(1, epochs + 1)), f"sub-net {group} epochs {mine}"
     assert [r["epoch"] for r in rows if r["phase"] == "finetune"] == [1, 2]
-    resumed = [int(n) for n in re.findall(r"^subnet\d: resuming after epoch (\d+)$", log, re.M)]
+    resumed = [int(n) for n in re.findall(r"^subnet\d: resuming after epoch (\d+)(?:, at step \d+ of epoch \d+)?$",
+                                          log, re.M)]
     assert len(resumed) == 2 and all(0 < n < epochs for n in resumed), log[-3000:]
 
 

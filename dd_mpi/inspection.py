@@ -1,8 +1,10 @@
 """dd-inspect: sizes and FLOPs of a global net and its sub-nets, and a check of exact composition.
 
-    dd-inspect --arch resnet32 --width 4 --subnets 4            # table
+    dd-inspect --preset cifar10-resnet32                        # the paper's ResNet32 split into 4
     dd-inspect --arch resnet32 --width 4 --subnets 4 --verify   # + composed logits == mean
     dd-inspect --arch resnet50 --subnets 8 --verify --json      # one JSON object
+
+(Named ``inspection``, not ``inspect``, so as not to shadow the standard library's module.)
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from torch import nn
 
 from .decompose import compose, composed_spec, subnet_spec
 from .errors import EXIT_FAILURE, EXIT_USAGE, UsageError
-from .models import BOTTLENECK_LAYERS, ModelSpec, build_model, count_flops, count_parameters, parse_depth
+from .models import ModelSpec, build_model, count_flops, count_parameters
+from .presets import PRESETS
 
 RELATIVE_TOLERANCE = 1e-4
+CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "food101": 101}
 
 
 def model_sizes(spec: ModelSpec, image_size: int) -> tuple[int, int]:
@@ -106,13 +110,15 @@ def format_table(info: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dd-inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet32", help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101")
+    parser.add_argument("--preset", help="a dd-train preset: its net, width, shortcut, N and classes "
+                                         "(the flags below override)")
+    parser.add_argument("--arch", default=None, help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101 "
+                                                      "(default resnet32)")
     parser.add_argument("--width", type=float, default=None,
-                        help="width factor of the global net (default: the paper's, 4 for the CIFAR "
-                             "nets, 1 for resnet50/101)")
-    parser.add_argument("--subnets", type=int, default=4, help="number of sub-networks N")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--shortcut", choices=("A", "B"), default="A", help="CIFAR shortcut option")
+                        help="width factor of the global net (default 1: the paper's standard nets)")
+    parser.add_argument("--subnets", type=int, default=None, help="number of sub-networks N (default 4)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classes (default 10)")
+    parser.add_argument("--shortcut", choices=("A", "B"), default=None, help="CIFAR shortcut option (default A)")
     parser.add_argument("--image-size", type=int, default=None, help="default 32 (CIFAR nets), 224 (bottleneck)")
     parser.add_argument("--verify", action="store_true", help="check composed logits == mean of sub-nets' logits")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,15 +129,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        width = args.width if args.width is not None else (
-            1.0 if parse_depth(args.arch) in BOTTLENECK_LAYERS else 4.0)
-        spec = ModelSpec(args.arch, width, args.num_classes, args.shortcut)
-        if args.num_classes < 1:
-            raise UsageError(f"--num-classes {args.num_classes} is invalid: use 1 or more")
+        defaults = dict(arch="resnet32", width=1.0, subnets=4, num_classes=10, shortcut="A")
+        if args.preset is not None:
+            if args.preset not in PRESETS:
+                raise UsageError(f"--preset {args.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+            preset = PRESETS[args.preset]
+            defaults.update({k: preset[k] for k in ("arch", "width", "subnets", "shortcut") if k in preset})
+            defaults["num_classes"] = CLASSES[preset["dataset"]]
+        given = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+        chosen = {**defaults, **given}
+        if chosen["num_classes"] < 1:
+            raise UsageError(f"--num-classes {chosen['num_classes']} is invalid: use 1 or more")
+        if chosen["subnets"] < 1:
+            raise UsageError(f"--subnets {chosen['subnets']} is invalid: use 1 or more sub-networks")
+        spec = ModelSpec(chosen["arch"], chosen["width"], chosen["num_classes"], chosen["shortcut"])
+        spec.depth  # an unknown --arch: its UsageError now
         image_size = args.image_size or spec.default_image_size
-        info = inspect(spec, args.subnets, image_size)
+        info = inspect(spec, chosen["subnets"], image_size)
         if args.verify:
-            info.update(verify_composition(spec, args.subnets, image_size, seed=args.seed))
+            info.update(verify_composition(spec, chosen["subnets"], image_size, seed=args.seed))
     except UsageError as error:
         print(f"dd-inspect: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,298 @@
+"""The on-disk formats, parsed by torchvision's own loaders: CIFAR-10/100 (python pickles),
+Food-101 and ImageFolder (image files), and the types every dataset comes back as.
+
+Two decisions shape this module:
+
+* **md5 sums are checked once, on rank 0.** torchvision re-reads and hashes every CIFAR file
+  each time a dataset object is built; with hundreds of ranks on one shared file system that
+  is hundreds of full reads at start-up. So the caller passes ``verify_once(check)``, which
+  runs ``check`` on rank 0 only (a download, if asked, then torchvision's ``check_integrity``
+  against the md5 table of torchvision's own dataset class) and hands rank 0's verdict (None
+  or a message) to every rank. Every rank then parses the files with torchvision's parser,
+  its integrity check bypassed, and every rank raises the same ``UsageError`` on a bad
+  verdict, so none is left waiting in a collective. This assumes the ranks see the same files
+  (a shared file system or identical copies; ``datasets.load_for_run`` checks that they do).
+  Food-101 and ImageFolder have no md5 table: their ``check`` downloads (Food-101) and checks
+  the directory layout.
+* **CIFAR comes back in memory, image files as Datasets.** CIFAR comes back as uint8 NCHW
+  tensors (``InMemorySplit``); the trainer augments whole batches with tensor ops. Food-101
+  and ImageFolder come back as torch Datasets whose transforms augment and normalise (small
+  ImageFolders are then decoded once into memory: ``datasets.decode_in_memory``). An
+  unreadable image is only found when it is loaded, so the loader names the file in a
+  ``UsageError``.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+from torchvision.datasets import utils as tv_utils
+
+from .errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_STATS = {  # per-channel mean and std of the training images, in [0, 1] units
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+SMALL_IMAGE_PX = 64  # ImageFolder images this size or smaller are treated like CIFAR
+
+
+@dataclass(frozen=True)
+class InMemorySplit:
+    """A whole split as tensors: small datasets (CIFAR) live in memory; augmentation is done
+    by the trainer on batches."""
+
+    images: torch.Tensor  # uint8, [N, C, H, W], contiguous
+    labels: torch.Tensor  # int64, [N]
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]  # per channel, in [0, 1] units
+    std: tuple[float, ...]
+    train: InMemorySplit | Dataset  # a Dataset yields (normalised float C×H×W, int label)
+    test: InMemorySplit | Dataset
+    class_names: tuple[str, ...]
+    decode_size: int | None = None  # small images: decode once into memory at this size
+
+
+Verifier = Callable[[Callable[[], "str | None"]], "str | None"]
+
+
+def raise_on(verdict: str | None) -> None:
+    if verdict is not None:
+        raise UsageError(verdict)
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+class _VerifiedOnce:
+    """A torchvision CIFAR class whose md5 checks already ran once, on rank 0 (module doc).
+    The parsing is torchvision's, unchanged."""
+
+    def __init__(self, root: str, train: bool):
+        # An instance attribute hides the class's meta md5: _load_meta then only checks that
+        # the file exists. The class attribute (the md5 table) stays as it is.
+        self.meta = {**type(self).meta, "md5": None}
+        super().__init__(root, train=train, download=False)
+
+    def _check_integrity(self) -> bool:
+        return True
+
+
+class _CIFAR10(_VerifiedOnce, tv_datasets.CIFAR10):
+    pass
+
+
+class _CIFAR100(_VerifiedOnce, tv_datasets.CIFAR100):
+    pass
+
+
+def _cifar_check(cls: type, name: str, root: str, download: bool) -> Callable[[], str | None]:
+    """Rank 0's part: download if asked, then the md5 of every file against torchvision's table."""
+    folder = os.path.join(root, cls.base_folder)
+    files = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    md5s = [entry[1] for entry in cls.train_list + cls.test_list] + [cls.meta["md5"]]
+    get = f"download {cls.url} and extract it into --data-dir {root}, or pass --download"
+
+    def check() -> str | None:
+        if download and not all(tv_utils.check_integrity(os.path.join(folder, f), m)
+                                for f, m in zip(files, md5s)):
+            try:
+                tv_utils.download_and_extract_archive(cls.url, root, filename=cls.filename,
+                                                      md5=cls.tgz_md5)
+            except Exception as error:  # no network, a proxy, a full disk: all fixable by the user
+                return (f"--download of {name} failed ({type(error).__name__}: {error}): "
+                        f"download {cls.url} yourself and extract it into --data-dir {root}")
+        if not os.path.isdir(root):
+            return f"--data-dir {root} does not exist: {get}"
+        if not os.path.isdir(folder):
+            return f"--data-dir {root} has no {cls.base_folder}/ ({name} in python format): {get}"
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            return (f"{folder} lacks {', '.join(missing)} (expected {', '.join(files)}): "
+                    f"it is not the python version of {name}; {get}")
+        for file, md5 in zip(files, md5s):
+            if not tv_utils.check_integrity(os.path.join(folder, file), md5):
+                return (f"{os.path.join(folder, file)} is corrupt (md5 differs from {md5}): "
+                        f"delete {folder} and download it again (or pass --download)")
+        return None
+
+    return check
+
+
+def load_cifar(name: str, root: str, download: bool, verify_once: Verifier) -> DatasetBundle:
+    cls = _CIFAR10 if name == "cifar10" else _CIFAR100
+    raise_on(verify_once(_cifar_check(cls, name, root, download)))
+    splits = []
+    for train in (True, False):
+        parsed = cls(root, train=train)
+        images = torch.from_numpy(parsed.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        splits.append(InMemorySplit(images, torch.tensor(parsed.targets, dtype=torch.int64)))
+    mean, std = CIFAR_STATS[name]
+    return DatasetBundle(name=name, num_classes=len(parsed.classes), in_channels=3, image_size=32,
+                         mean=mean, std=std, train=splits[0], test=splits[1],
+                         class_names=tuple(parsed.classes))
+
+
+# ---------------------------------------------------------------------------- image files
+
+class CheckedLoader:
+    """torchvision's image loader, but a file PIL cannot read becomes a UsageError naming it
+    (it would otherwise surface as a bare PIL error from inside a DataLoader worker).
+    A class, not a closure, so that datasets pickle into spawned workers."""
+
+    def __call__(self, path) -> Image.Image:
+        try:
+            return tv_datasets.folder.default_loader(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
+                             f"replace or delete the file", everywhere=False) from None
+
+
+def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:
+    """The ImageNet recipe: random-resized crops for training, resize 256/224 + centre crop to test."""
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
+    test = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *normalise])
+    return train, test
+
+
+def _small_transforms(size: int) -> tuple[T.Compose, T.Compose]:
+    """The CIFAR recipe (pad by size/8, random crop, flip). The Resize makes images of another
+    size the same scale in training as in testing; it does nothing to size×size images."""
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = T.Compose([T.Resize(size), T.RandomCrop(size, padding=size // 8),
+                       T.RandomHorizontalFlip(), *normalise])
+    test = T.Compose([T.Resize(size), T.CenterCrop(size), *normalise])
+    return train, test
+
+
+def _empty_classes(labels: list[int], classes: list[str]) -> list[str]:
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes))
+    return [classes[c] for c in range(len(classes)) if counts[c] == 0]
+
+
+def _class_mismatch(train: list[str], test: list[str], where: str) -> str | None:
+    if train == test:
+        return None
+    only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+    return (f"{where}: the training and test class lists differ (only in training: "
+            f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}): "
+            f"give both splits the same classes")
+
+
+def _food101_check(root: str, download: bool) -> Callable[[], str | None]:
+    base = os.path.join(root, "food-101")
+    url = tv_datasets.Food101._URL
+    layout = "food-101/images/<class>/<id>.jpg and food-101/meta/{train,test}.json"
+
+    def check() -> str | None:
+        if download and not os.path.isdir(os.path.join(base, "meta")):
+            try:
+                tv_utils.download_and_extract_archive(url, download_root=root,
+                                                      md5=tv_datasets.Food101._MD5)
+            except Exception as error:  # no network, a proxy, a full disk: all fixable by the user
+                return (f"--download of food101 failed ({type(error).__name__}: {error}): "
+                        f"download {url} yourself and extract it into --data-dir {root}")
+        if not os.path.isdir(root):
+            return (f"--data-dir {root} does not exist: download {url} and extract it there, "
+                    f"or pass --download")
+        if not os.path.isdir(base):
+            return (f"--data-dir {root} has no food-101/: download {url} and extract it there, "
+                    f"or pass --download")
+        for part in ("images", "meta/train.json", "meta/test.json"):
+            if not os.path.exists(os.path.join(base, part)):
+                return f"{base} lacks {part}: expected the Food-101 layout {layout}"
+        for split in ("train", "test"):
+            path = os.path.join(base, "meta", f"{split}.json")
+            try:
+                with open(path) as f:
+                    meta = json.load(f)
+                if not (isinstance(meta, dict) and all(isinstance(v, list) for v in meta.values())):
+                    raise ValueError("not a mapping from class to a list of image ids")
+            except (OSError, ValueError) as error:
+                return f"{path} is not Food-101 metadata ({error}): restore it from food-101.tar.gz"
+        return None
+
+    return check
+
+
+def load_food101(root: str, download: bool, image_size: int | None,
+                  verify_once: Verifier) -> DatasetBundle:
+    raise_on(verify_once(_food101_check(root, download)))
+    size = image_size or 224
+    train_tf, test_tf = _large_transforms(size)
+    train = tv_datasets.Food101(root, split="train", transform=train_tf, loader=CheckedLoader())
+    test = tv_datasets.Food101(root, split="test", transform=test_tf, loader=CheckedLoader())
+    raise_on(_class_mismatch(train.classes, test.classes, f"{root}/food-101/meta"))
+    for split in (train, test):
+        empty = _empty_classes(split._labels, split.classes)
+        if empty:
+            raise UsageError(f"{root}/food-101/meta/{split._split}.json lists no images for "
+                             f"class {', '.join(empty)} (food-101/images/{empty[0]}/): "
+                             f"list its images or remove the class")
+    return DatasetBundle(name="food101", num_classes=len(train.classes), in_channels=3,
+                         image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=train,
+                         test=test, class_names=tuple(train.classes))
+
+
+def _class_dirs(path: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+def _imagefolder_check(root: str) -> Callable[[], str | None]:
+    layout = "DIR/train/<class>/<image> and DIR/val/<class>/<image>"
+
+    def check() -> str | None:
+        if not os.path.isdir(root):
+            return f"--data-dir {root} does not exist: point it at a folder laid out as {layout}"
+        for split in ("train", "val"):
+            path = os.path.join(root, split)
+            if not os.path.isdir(path):
+                return f"--data-dir {root} has no {split}/ folder: expected {layout}"
+            if not _class_dirs(path):
+                return f"{path} has no class folders: expected {layout}"
+        return _class_mismatch(_class_dirs(os.path.join(root, "train")),
+                               _class_dirs(os.path.join(root, "val")), f"--data-dir {root}")
+
+    return check
+
+
+def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -> DatasetBundle:
+    raise_on(verify_once(_imagefolder_check(root)))
+    # Scan first without transforms: the image size decides which ones (every rank alike).
+    splits = {split: tv_datasets.ImageFolder(os.path.join(root, split), loader=CheckedLoader(),
+                                             allow_empty=True)
+              for split in ("train", "val")}
+    for split, folder in splits.items():
+        empty = _empty_classes(folder.targets, folder.classes)
+        if empty:
+            raise UsageError(f"{os.path.join(root, split, empty[0])} holds no image files "
+                             f"(empty: {', '.join(empty)}): add images or remove the class folder")
+    raise_on(_class_mismatch(splits["train"].classes, splits["val"].classes, f"--data-dir {root}"))
+    first = splits["train"].samples[0][0]
+    small = max(CheckedLoader()(first).size) <= SMALL_IMAGE_PX
+    size = image_size or (32 if small else 224)
+    splits["train"].transform, splits["val"].transform = (_small_transforms if small else
+                                                          _large_transforms)(size)
+    classes = splits["train"].classes
+    return DatasetBundle(name="imagefolder", num_classes=len(classes), in_channels=3,
+                         image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         train=splits["train"], test=splits["val"], class_names=tuple(classes),
+                         decode_size=size if small else None)

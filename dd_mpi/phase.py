@@ -1,0 +1,235 @@
+"""One group trains its nets of one level: the epoch loop, with its checkpoints and resume.
+
+A group's nets (one, or k fused into one grouped-convolution model) train on the group's
+comm for the level's epochs. Every epoch ends with one evaluation (when due), one metrics
+row per net and, on the group's leader, an atomic ``last`` checkpoint (``best`` when the
+mean test top-1 improved); a stop signal checkpoints at the step it reached. When all epochs
+are done each net gets its ``final`` checkpoint, whose presence marks it finished: a resumed
+run loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .checkpoint import PhaseState
+from .config import RunConfig
+from .data import DataPlan, Stream, train_steps
+from .decompose import fuse_states, unfuse_state
+from .errors import PhaseFailed, Preempted, UsageError
+from .models import build_model
+from .plan import Level, Plan
+from .progress import Reporter, log
+from .report import metrics_row, write_metrics
+from .train import EpochProgress, NonFiniteLoss, evaluate, make_optimizer, make_scheduler, train_epoch
+
+
+@dataclass
+class Run:
+    """What every level needs: the config, the plan, the data, the outputs, the signal flag."""
+
+    cfg: RunConfig
+    plan: Plan
+    data: DataPlan
+    num_classes: int
+    out: Path
+    should_stop: object  # () -> bool
+    reporter: Reporter
+    precision: str  # fp32 | bf16 | fp16 (rendezvous.pick_precision)
+    world_rank: int
+    metrics: list[dict] = field(default_factory=list)  # rank 0's rows of metrics.jsonl
+
+    def record(self, rows: list[dict]) -> None:
+        if self.world_rank == 0 and not self.cfg.only_group_mode:
+            self.metrics.extend(rows)
+            write_metrics(self.out, self.metrics)
+
+
+@dataclass
+class NetResult:
+    """One net's training at one level, as its group ends it."""
+
+    net: int
+    state: dict  # final weights
+    history: list[dict]  # one metrics row per epoch
+    test: dict  # final evaluation
+    seconds: float  # training and evaluation, over all its runs
+    initial: dict = field(default_factory=dict)  # the evaluation it started from (a composed net)
+
+
+def seeded_states(level: Level, nets: list[int], seed: int) -> list[dict]:
+    """Fresh nets, each from its own seed: sub-net j from seed*1000+j+1, the baseline's
+    global net from seed*1000+999 (the same in every layout)."""
+    states = []
+    for j in nets:
+        torch.manual_seed(seed * 1000 + (999 if level.phase == "baseline" else j + 1))
+        states.append(build_model(level.spec).state_dict())
+    return states
+
+
+def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Stream], *,
+                start: list[dict] | None = None, initial: list[dict] | None = None,
+                initial_seconds: float = 0.0) -> list[NetResult]:
+    """Train ``nets`` of ``level`` on ``comm`` (fused when several), resuming from their
+    checkpoints. ``start``: the nets' weights (composed nets), else seeded fresh ones;
+    ``initial``: their evaluation already made, whose ``initial_seconds`` count as theirs."""
+    cfg, out = run.cfg, run.out
+    finished = {j: ckpt.load(ckpt.checkpoint_path(out, level.net_name(j), "final")) for j in nets} \
+        if cfg.resume else {}
+    done = [j for j in nets if finished.get(j) is not None]
+    for j in done:
+        log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}",
+            rank=comm.rank)
+    todo = [j for j in nets if j not in done]
+    results = {j: NetResult(j, finished[j]["model"], finished[j]["history"], finished[j]["test"],
+                            finished[j]["seconds"], (initial or [{}] * len(nets))[nets.index(j)]) for j in done}
+    if level.world_wide and done:
+        run.record(results[nets[0]].history)
+    if todo:
+        chosen = [nets.index(j) for j in todo]
+        states = [start[i] for i in chosen] if start is not None else seeded_states(level, todo, cfg.seed)
+        firsts = [initial[i] for i in chosen] if initial is not None else None
+        for result in _train(run, level, comm, todo, [streams[i] for i in chosen], states, firsts, initial_seconds):
+            results[result.net] = result
+    return [results[j] for j in nets]
+
+
+def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream], states: list[dict],
+           initial: list[dict] | None, initial_seconds: float) -> list[NetResult]:
+    cfg, k, recipe = run.cfg, len(nets), level.recipe
+    name = level.group_name(nets)
+    model = build_model(level.spec.fused(k)).to(comm.device, memory_format=torch.channels_last)
+    model.load_state_dict(fuse_states(states) if k > 1 else states[0])
+    take = min(len(s.pool) for s in streams)
+    steps = train_steps(take, comm.size, level.batch_size)
+    optimizer = make_optimizer(model, recipe, level.batch_size * comm.size)
+    scheduler = make_scheduler(optimizer, recipe, steps)
+    scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+    state = PhaseState(model={}, optimizer={}, scheduler={}, scaler=None, epoch=0, progress=None, history=[],
+                       best=-1.0, seconds=initial_seconds, tests=list(initial) if initial else [{}] * k,
+                       rng={}, ranks=comm.size, config=cfg.to_dict(), phase=name, nets=nets)
+    last_path = ckpt.checkpoint_path(run.out, name, "last")
+    saved = ckpt.load(last_path) if cfg.resume else None
+    if saved is not None:
+        state = PhaseState.from_dict(saved)
+        if state.ranks != comm.size:  # LR scaling, steps and data split would change
+            raise UsageError(f"--resume: {name} was trained on {state.ranks} ranks and would resume on "
+                             f"{comm.size}: relaunch with the same number of ranks, or delete {last_path} "
+                             "to retrain this phase")
+        model.load_state_dict(state.model)
+        if state.progress and state.rank_buffers:  # this rank's own BN statistics, mid-epoch
+            model.load_state_dict(state.rank_buffers[comm.rank], strict=False)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        ckpt.set_rng_state(state.rng)
+        within = f", at step {state.progress['step']} of epoch {state.epoch + 1}" if state.progress else ""
+        log(f"{name}: resuming after epoch {state.epoch}{within}", rank=comm.rank)
+        if level.world_wide:
+            run.record(state.history)
+    trained = comm.data_parallel(model)
+    if cfg.compile:
+        trained = torch.compile(trained)
+    optimizer = comm.wrap_optimizer(optimizer, model)
+
+    def save(kinds: tuple[str, ...]) -> None:
+        # mid-epoch, the ranks' BN statistics still differ (they are averaged at the epoch's end)
+        state.rank_buffers = comm.slow.gather_object(
+            {k: b for k, b in model.named_buffers() if b.is_floating_point()}) if state.progress else None
+        if comm.is_leader:
+            state.model, state.optimizer, state.scheduler = model.state_dict(), optimizer.state_dict(), scheduler.state_dict()
+            state.scaler, state.rng = (scaler.state_dict() if scaler is not None else None), ckpt.rng_state()
+            for kind in kinds:
+                ckpt.save(ckpt.checkpoint_path(run.out, name, kind), state.to_dict())
+        comm.slow.barrier()  # the others wait for the write patiently (--io-timeout)
+
+    for epoch in range(state.epoch, recipe.epochs):
+        resume = EpochProgress(**state.progress) if state.progress else None
+        batches = run.data.train_fused(comm, streams, epoch=epoch, batch_size=level.batch_size, take=take,
+                                       start_step=resume.step if resume else 0)
+        progress = run.reporter.epoch(name, leader=comm.is_leader, world_phase=level.world_wide, epoch=epoch + 1,
+                                      epochs=recipe.epochs, steps=steps, start_step=resume.step if resume else 0,
+                                      images_per_step=level.batch_size * k * comm.size)
+        try:
+            stats = train_epoch(trained, batches, optimizer, scheduler, comm, members=k,
+                                label_smoothing=recipe.label_smoothing, should_stop=run.should_stop,
+                                check_every=cfg.signal_check_steps, progress=progress, precision=run.precision,
+                                scaler=scaler, resume=resume)
+        except NonFiniteLoss:
+            kept = (f"the last good checkpoint, {last_path} (epoch {state.epoch}), is kept" if state.epoch
+                    else f"{name} has no checkpoint yet")
+            raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss or the weights became NaN/inf; "
+                              f"{kept}; lower {level.lr_flag}") from None
+        finally:
+            if progress is not None:
+                progress.close()
+        if stats.stopped is not None:
+            state.progress = vars(stats.stopped)
+            save(("last",))
+            log(f"{name}: stop requested during epoch {epoch + 1}: checkpointed at step {stats.stopped.step}",
+                rank=comm.rank)
+            raise Preempted()
+        comm.average_buffers_(model)
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == recipe.epochs
+        eval_seconds = 0.0
+        if evaluated:
+            t0 = time.perf_counter()
+            state.tests = evaluate(model, run.data.test(comm, k), comm, run.num_classes, members=k,
+                                   precision=run.precision)
+            eval_seconds = time.perf_counter() - t0
+        state.seconds += stats.seconds + eval_seconds
+        rows = [metrics_row(level.phase, None if level.world_wide else j, epoch + 1, stats, m,
+                            state.tests[m] if evaluated else {}, eval_seconds, state.seconds,
+                            optimizer.param_groups[0]["lr"])
+                for m, j in enumerate(nets)]
+        state.history.extend(rows)
+        state.epoch, state.progress = epoch + 1, None
+        if level.world_wide:
+            run.record(rows)
+        mean = sum(t["top1"] for t in state.tests) / k if evaluated else -1.0
+        improved = mean > state.best
+        state.best = max(state.best, mean)
+        save(("last", "best") if improved else ("last",))
+        if comm.is_leader:
+            for row in rows:
+                print_epoch(level.net_name(row["group"]) if row["group"] is not None else name, recipe.epochs, row)
+                run.reporter.scalars(level.phase, level.net_name(row["group"]) if row["group"] is not None else name,
+                                     row["epoch"], {"train/loss": row["loss"], "train/top1": row["top1"],
+                                                    "test/top1": row["test_top1"], "test/top5": row["test_top5"],
+                                                    "lr": row["lr"], "images_per_s": row["images_per_s"]})
+        if stats.stop_requested:  # the epoch was complete: it is kept, then we stop
+            log(f"{name}: stop requested; epoch {epoch + 1} is checkpointed", rank=comm.rank)
+            raise Preempted()
+    if not state.tests[0]:
+        state.tests = evaluate(model, run.data.test(comm, k), comm, run.num_classes, members=k,
+                               precision=run.precision)
+    finals = unfuse_state(model.state_dict(), k) if k > 1 else [model.state_dict()]
+    results = [NetResult(j, finals[m], [r for r in state.history if r["group"] in (j, None)], state.tests[m],
+                         state.seconds, initial[m] if initial else {})
+               for m, j in enumerate(nets)]
+    if comm.is_leader:
+        for result in results:
+            ckpt.save(ckpt.checkpoint_path(run.out, level.net_name(result.net), "final"),
+                      ckpt.final_state(model=result.state, history=result.history, test=result.test,
+                                       seconds=result.seconds, config=cfg.to_dict(), phase=level.net_name(result.net)))
+    comm.slow.barrier()  # the final checkpoints exist before anyone moves on
+    return results
+
+
+def print_epoch(name: str, epochs: int, row: dict) -> None:
+    test = f" test {row['test_top1']:.2f}%" if row.get("test_top1") is not None else ""
+    print(f"[{name}] epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train {row['top1']:.2f}%"
+          f"{test} {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s", flush=True)
+
+
+def model_of(level: Level, state: dict, device: torch.device) -> nn.Module:
+    model = build_model(level.spec).to(device, memory_format=torch.channels_last)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,156 @@
+"""The run as data: the levels of the method (and the baseline), built once from the config.
+
+Level 0 trains N sub-nets from random init. Every later level composes each run of r
+consecutive nets of the level before into one net (``decompose.compose``: exact, its logits
+are the mean of its parts') and fine-tunes it; the last level is the global net, fine-tuned
+by all ranks (the paper's phase 3). ``--levels 16,4,1`` composes in stages; the default
+``N,1`` is the paper's method. Each level carries its layout of ranks (``layout``), its
+recipe, its batch and the names of its checkpoints and metrics, so that one function runs
+any level (``pipeline.run_level``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import RunConfig
+from .decompose import subnet_spec
+from .errors import UsageError
+from .layout import Layout, layout_for
+from .models import ModelSpec
+from .train import Recipe
+
+
+@dataclass(frozen=True)
+class Level:
+    index: int  # 0: the sub-nets; the last: the global net
+    nets: int  # nets at this level
+    spec: ModelSpec  # one net (composed nets: option A pads per sub-net)
+    layout: Layout
+    recipe: Recipe
+    batch_size: int  # per rank and net
+    phase: str  # metrics' "phase": subnet | level<k> | finetune | baseline
+    lr_flag: str  # the flag that sets this level's LR (named when its loss blows up)
+    stream_base: int  # net j's data stream: stream_base + j
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def world_wide(self) -> bool:
+        """The global net trained by all ranks (the fine-tune, the baseline); not a lone
+        sub-net (--subnets 1), which keeps its sub-net names."""
+        return self.nets == 1 and not self.is_first
+
+    def net_name(self, net: int) -> str:
+        """The checkpoint name of one net's finished training (``<name>-final.pt``)."""
+        if self.world_wide:
+            return self.phase
+        return f"subnet{net}" if self.is_first else f"{self.phase}-net{net}"
+
+    def group_name(self, nets: list[int]) -> str:
+        """The checkpoint name of a group training ``nets`` fused (``-last``, ``-best``)."""
+        if len(nets) == 1:
+            return self.net_name(nets[0])
+        return f"{self.net_name(nets[0])}-{nets[-1]}"
+
+    def stream(self, net: int) -> int:
+        return self.stream_base + net
+
+
+@dataclass(frozen=True)
+class Plan:
+    levels: tuple[Level, ...]
+    baseline: Level | None  # the conventional run (--strategy baseline|both)
+    global_spec: ModelSpec
+
+    @property
+    def subnets(self) -> int:
+        return self.levels[0].nets
+
+
+def level_layouts(cfg: RunConfig, world_size: int) -> list[Layout]:
+    """Every level's layout of ranks (phase 1's ``--groups`` forced where given), without
+    the data: what the engines need to create their groups before anything else."""
+    counts = cfg.level_counts
+    layouts = [layout_for(world_size, m, cfg.groups if k == 0 else None) for k, m in enumerate(counts)]
+    if cfg.only_group_mode:  # --only-group: this job's ranks all train that one sub-net
+        layouts[0] = Layout(world_size, 1, 1)
+    return layouts
+
+
+def comm_partitions(cfg: RunConfig, layouts: list[Layout]) -> list[list[list[int]]]:
+    """Every split of the world the run will make, in order: each level's groups, and after
+    every level but the last the leaders that send its nets to rank 0 (a one-list subset).
+    Horovod registers them all at init; the torch engine creates them as it goes."""
+    if not layouts or layouts[0].world_size == 1 or cfg.only_group_mode:
+        return []  # (--only-group: this job's ranks all train one sub-net: no split)
+    partitions: list[list[list[int]]] = []
+    for k, layout in enumerate(layouts):
+        partitions.append(layout.rank_lists)
+        if k < len(layouts) - 1:
+            partitions.append([layout.leaders])
+    return partitions
+
+
+def build_plan(cfg: RunConfig, layouts: list[Layout], world_size: int, num_classes: int) -> Plan:
+    """The plan on ``layouts`` (``level_layouts``, computed once by the entry point)."""
+    global_spec = cfg.model_spec(num_classes)
+    counts = cfg.level_counts
+    levels = []
+    if "dd" in cfg.strategies:
+        for k, (nets, layout) in enumerate(zip(counts, layouts)):
+            spec = subnet_spec(global_spec, nets).with_width(global_spec.width / nets, counts[0] // nets)
+            levels.append(_level(cfg, k, len(counts), nets, spec, layout))
+    baseline = None
+    if "baseline" in cfg.strategies:
+        world = Layout(world_size, 1, 1)
+        baseline = Level(-1, 1, global_spec, world, _recipe(cfg, "baseline", cfg.baseline_epochs, cfg.warmup_epochs),
+                         _batch(cfg, cfg.batch_size, world), "baseline", "--baseline-lr", 300)
+    return Plan(tuple(levels), baseline, global_spec)
+
+
+def _level(cfg: RunConfig, k: int, count: int, nets: int, spec: ModelSpec, layout: Layout) -> Level:
+    if k == 0:
+        recipe = _recipe(cfg, "subnet", cfg.subnet_epochs, cfg.warmup_epochs)
+        return Level(0, nets, spec, layout, recipe, _batch(cfg, cfg.subnet_batch_size or cfg.batch_size, layout),
+                     "subnet", "--subnet-lr", 100)
+    if k == count - 1:
+        recipe = _recipe(cfg, "finetune", cfg.finetune_epochs, cfg.finetune_warmup_epochs)
+        return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), "finetune",
+                     "--finetune-lr", 200)
+    recipe = _recipe(cfg, "level", cfg.level_epochs, cfg.finetune_warmup_epochs)
+    return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), f"level{k}",
+                 "--level-lr", 1000 * k)
+
+
+def _recipe(cfg: RunConfig, phase: str, epochs: int, warmup: float) -> Recipe:
+    return Recipe(cfg.phase_lr(phase), epochs, warmup, cfg.schedule, cfg.momentum, cfg.weight_decay,
+                  cfg.label_smoothing, cfg.nesterov, cfg.bn_weight_decay, cfg.warmup_style)
+
+
+def _batch(cfg: RunConfig, per_rank: int, layout: Layout) -> int:
+    """Per rank and net: ``per_rank``, or --global-batch-size over the net's ranks."""
+    if cfg.global_batch_size is None:
+        return per_rank
+    ranks = layout.ranks_per_group
+    if cfg.global_batch_size % ranks:
+        raise UsageError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {ranks} ranks "
+                         f"that train each net: launch a number of ranks dividing it, or change it")
+    return cfg.global_batch_size // ranks
+
+
+def pools(level: Level, plan: Plan, num_samples: int, cfg: RunConfig) -> list[torch.Tensor]:
+    """Each net's training samples: all of them (``full``), or in ``shard`` mode sub-net j's
+    shard j of N, and a composed net the union of its sub-nets' shards."""
+    from .data import subset_for_group
+    n = plan.subnets
+    shards = [subset_for_group(num_samples, subnet_data=cfg.subnet_data, group=j, groups=n, seed=cfg.seed)
+              for j in range(n)]
+    if level.world_wide or cfg.subnet_data == "full":
+        return [torch.arange(num_samples)] * level.nets
+    per_net = n // level.nets
+    return [torch.cat(shards[j * per_net:(j + 1) * per_net]).sort().values for j in range(level.nets)]

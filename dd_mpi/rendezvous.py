@@ -1,0 +1,87 @@
+"""Before the first collective: the MPI world (if an MPI launcher started us), the address
+every rank meets at, and the device and precision of this rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from .errors import UsageError
+from .launch import LaunchInfo, free_port
+
+
+def mpi_world_for(launch: LaunchInfo):
+    """COMM_WORLD when an MPI launcher started us; a loud error if srun gave singletons."""
+    if launch.launcher not in ("mpi", "slurm"):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        if launch.launcher == "mpi":
+            raise UsageError("launched by an MPI launcher but mpi4py is missing: pip install 'dd_mpi[mpi]'")
+        return None
+    size = MPI.COMM_WORLD.Get_size()
+    if launch.launcher == "slurm":
+        if size == 1 and os.environ.get("PMI_FD") is None and os.environ.get("PMI_PORT") is None:
+            return None  # plain srun, no PMI: torch.distributed alone, rendezvous by node list
+        if size == 1:
+            raise UsageError(f"srun started {launch.world_size} tasks but each sees an MPI world of "
+                             "size 1: launch with `srun --mpi=pmi2` (pip's MPICH) or your site's PMI")
+    if size != launch.world_size:
+        under_srun = "SLURM_STEP_ID" in os.environ
+        hint = ("srun and this MPI do not share a PMI: launch with `srun --mpi=pmi2` (pip's MPICH) "
+                "or your site's PMI" if under_srun else
+                "use the mpiexec of the MPI that mpi4py was built against")
+        raise UsageError(f"the launcher started {launch.world_size} ranks but MPI sees {size}"
+                         f"{' (every rank alone in a world of its own)' if size == 1 else ''}: {hint}")
+    return MPI.COMM_WORLD
+
+
+def agreed_address(launch: LaunchInfo, mpi_world) -> tuple[str | None, int | None]:
+    """MASTER_ADDR/PORT as the launcher gave them; under MPI without them, rank 0's address
+    and a free port, sent to all (collective: every rank calls it)."""
+    addr, port = launch.master_addr, launch.master_port
+    if mpi_world is not None and (addr is None or port is None):
+        hosts = set(mpi_world.allgather(socket.gethostname()))
+        proposal = ("127.0.0.1" if len(hosts) == 1 else reachable_address()), free_port()
+        addr, port = mpi_world.bcast(proposal if launch.rank == 0 else None, root=0)
+    return addr, port
+
+
+def reachable_address() -> str:
+    """This host's address as other nodes see it: not the 127.0.1.1 that Debian's /etc/hosts
+    gives the host name, but an address of its own host name that is not loopback, else the
+    name itself (the other nodes resolve it)."""
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        return name
+    outside = sorted(a for a in addresses if not a.startswith("127."))
+    return outside[0] if outside else name
+
+
+def pick_device(requested: str, launch: LaunchInfo) -> torch.device:
+    """One GPU per local rank (all of a node's GPUs visible: --gpus-per-node), else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no GPU is visible: use --device cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        local = launch.local_rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """fp32 | bf16 | fp16 for --precision on this device: auto is bf16 where the GPU runs it
+    natively (Ampere and later), fp16 with loss scaling on older GPUs (V100, T4), fp32 on CPU."""
+    if requested == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a GPU (its loss scaling is CUDA's): use --precision "
+                         "fp32 or bf16 on the CPU")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"

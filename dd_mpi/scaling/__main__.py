@@ -1,0 +1,7 @@
+"""python -m dd_mpi.scaling: the same as dd-scaling."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""Sweeps of dd-train over (P, N) pairs: one run after another on this machine (--local), or
+one Slurm job per pair submitted by slurm/scaling_study.sh (--slurm).
+
+The package does not know where the repository is (an installed dd_mpi has no slurm/ beside
+it), so the study script is named by --study-script, or found in ./slurm or $DD_MPI_SLURM_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import ScalingError
+
+STUDY_SCRIPT_NAME = "scaling_study.sh"
+SLURM_DIR_ENV = "DD_MPI_SLURM_DIR"  # a slurm/ directory holding scaling_study.sh
+
+
+def valid_pairs(nprocs: list[int], subnets: list[int]) -> list[tuple[int, int]]:
+    """The (P, N) pairs a sweep runs: all of them (dd-train lays any N out on any P: G =
+    gcd(N, P) groups of P/G ranks, each training N/G sub-nets fused)."""
+    return [(p, n) for p in nprocs for n in subnets]
+
+
+FORBIDDEN_PASSTHROUGH = ("--nproc", "--subnets", "--out", "--resume")
+
+
+def check_passthrough(dd_args: list[str]) -> None:
+    for arg in dd_args:
+        if arg.split("=", 1)[0] in FORBIDDEN_PASSTHROUGH:
+            raise ScalingError(f"{arg.split('=', 1)[0]} is set by dd-scaling per run: use --nprocs/--nodes, "
+                               "--subnets and --out of dd-scaling instead")
+
+
+def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[str], *,
+                timeout: float) -> list[Path]:
+    """Run dd-train for every valid (P, N) on this machine, one run at a time."""
+    check_passthrough(dd_args)
+    pairs = valid_pairs(nprocs, subnets)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONUNBUFFERED"] = "1"
+    done, failed = [], []
+    for p, n in pairs:
+        run_dir = out / f"P{p}-N{n}"
+        if (run_dir / "report.json").is_file():
+            print(f"[P={p} N={n}] {run_dir}: finished earlier, kept", flush=True)
+            done.append(run_dir)
+            continue
+        resume = ["--resume"] if (run_dir / "config.json").is_file() else []
+        cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(p), "--subnets", str(n), "--strategy", "both",
+               *dd_args, *resume, "--out", str(run_dir)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[P={p} N={n}] $ {shlex.join(['dd-train', *cmd[3:]])}", flush=True)
+        start = time.monotonic()
+        with open(run_dir / "dd-train.log", "a") as log:
+            rc = run_with_timeout(cmd, log, env, timeout)
+        if rc == 0 and (run_dir / "report.json").is_file():
+            print(f"[P={p} N={n}] done in {time.monotonic() - start:.0f} s", flush=True)
+            done.append(run_dir)
+        else:
+            tail = (run_dir / "dd-train.log").read_text()[-1500:]
+            print(f"[P={p} N={n}] FAILED (exit {rc}); {run_dir / 'dd-train.log'} ends:\n{tail}", flush=True)
+            failed.append(run_dir)
+    if failed:
+        print(f"{len(failed)} of {len(pairs)} runs failed: {', '.join(map(str, failed))}", flush=True)
+    return done  # the caller compares with the number of pairs
+
+
+def run_with_timeout(cmd: list[str], log, env: dict, timeout: float) -> int | str:
+    """Run one dd-train job in its own process group; past the timeout, stop the whole group
+    (the launcher and its ranks): SIGTERM first (ranks checkpoint), SIGKILL 30 s later."""
+    import signal
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return f"timeout after {timeout:g} s"
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+
+
+def find_study_script(given: Path | None) -> Path:
+    """--study-script if given, else slurm/scaling_study.sh under the working directory, else
+    $DD_MPI_SLURM_DIR/scaling_study.sh; a missing script stops the sweep before anything runs."""
+    if given is not None:
+        if not given.is_file():
+            raise ScalingError(f"--study-script {given}: no such file")
+        return given
+    candidates = [Path("slurm") / STUDY_SCRIPT_NAME]
+    if os.environ.get(SLURM_DIR_ENV):
+        candidates.append(Path(os.environ[SLURM_DIR_ENV]) / STUDY_SCRIPT_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    looked = " or ".join(str(Path.cwd() / path) for path in candidates)
+    raise ScalingError(f"--slurm: no {looked}: pass --study-script PATH (the repository's "
+                       f"slurm/{STUDY_SCRIPT_NAME}), or set {SLURM_DIR_ENV} to the repository's slurm directory")
+
+
+def slurm_command(nodes: list[int], subnets: list[int], tasks_per_node: int, out: Path, dd_args: list[str],
+                  *, sbatch_opts: list[str], study_script: Path,
+                  script: Path | None = None) -> tuple[dict[str, str], list[str]]:
+    """The environment and argv of slurm/scaling_study.sh for this sweep."""
+    check_passthrough(dd_args)
+    env = {"NODES": " ".join(map(str, nodes)), "SUBNETS": " ".join(map(str, subnets)),
+           "TASKS_PER_NODE": str(tasks_per_node), "STUDY": str(out)}
+    if script is not None:
+        env["SCRIPT"] = str(script)
+    return env, ["bash", str(study_script), *sbatch_opts, "--", "--strategy", "both", *dd_args]

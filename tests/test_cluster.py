@@ -1,0 +1,189 @@
+"""What a real cluster asks of a job, on this machine: config files, precision choices, live
+progress in a batch log, TensorBoard curves read back by TensorBoard, a stop in the middle of
+an epoch resumed bit for bit, and workers restarted by torchrun continuing the same run.
+
+    .venv/bin/python -m pytest -q tests/test_cluster.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dd_mpi.checkpoint import checkpoint_path, load
+from dd_mpi.config import RunConfig, config_yaml, parse_config
+from dd_mpi.errors import UsageError
+
+from helpers import BIN, TINY, explain, launcher_free_env, read_metrics, read_report, run_dd
+
+
+# --- config files: defaults < preset < file < flags ---------------------------------------
+def test_a_config_file_sits_between_the_preset_and_the_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: cifar10-resnet56\nsubnet-epochs: 7\nlr: 0.05\ntensorboard: true\nlevels: null\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.2"])
+    assert (cfg.arch, cfg.shortcut, cfg.subnet_data) == ("resnet56", "B", "shard")  # from the preset
+    assert cfg.subnet_epochs == 7 and cfg.tensorboard is True  # the file beats the preset
+    assert cfg.lr == 0.2  # the flags beat the file
+
+
+def test_print_config_round_trips_through_config(tmp_path):
+    cfg = parse_config(["--preset", "food101-resnet50-n8", "--seed", "3", "--levels", "8,2,1", "--no-nesterov"])
+    path = tmp_path / "effective.yaml"
+    path.write_text(config_yaml(cfg))
+    again = parse_config(["--config", str(path)])
+    assert again.config == str(path)
+    assert RunConfig(**{**again.to_dict(), "config": None}) == cfg  # nothing lost on the way
+
+
+def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dd_mpi", "--preset", "cifar10-resnet32", "--subnet-epochs", "9",
+                             "--print-config", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=launcher_free_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "subnet_epochs: 9\n" in result.stdout and "shortcut: B\n" in result.stdout
+    assert "arch: resnet32\n" in result.stdout and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("widht: 2\n", "unknown key 'widht'"),
+    ("subnets: four\n", "subnets: 'four' is not an integer"),
+    ("resume: 1\n", "resume: 1 is not true or false"),
+    ("lr: [0.1]\n", "lr: [0.1] is not a number"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("lr: 0.1\n  x: : y\n", "is not valid YAML"),
+    ("subnet-lr: -1\n", "--subnet-lr -1.0 is invalid"),
+])
+def test_a_bad_config_file_is_one_line_naming_key_and_file(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as error:
+        parse_config(["--config", str(path)])
+    message = str(error.value)
+    assert needle in message and "\n" not in message
+    if "invalid" not in needle:  # a value the file gave wrongly names the file
+        assert str(path) in message
+
+
+# --- precision ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
+    result = run_dd([*TINY, "--precision", "fp16", "--out", str(tmp_path / "run")], nproc=2, timeout=120)
+    assert result.returncode == 2, explain(result)
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "--precision fp16 needs a GPU" in lines[0], explain(result)
+    assert not (tmp_path / "run").exists()
+
+
+# --- monitoring -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_progress_lines_and_tensorboard_curves_as_the_run_goes(tmp_path):
+    """Without a terminal, a line every --log-every seconds from rank 0 and each group's
+    leader; TensorBoard event files per phase and net, read back by TensorBoard's reader."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--subnets", "2", "--strategy", "both", "--subnet-epochs", "2", "--train-samples", "512",
+                     "--batch-size", "8", "--log-every", "0.2", "--tensorboard", "--out", str(out)], nproc=4, timeout=600)
+    assert result.returncode == 0, explain(result)
+    lines = re.findall(r"^\[(subnet\d|finetune|baseline)\] epoch (\d)/(\d) step (\d+)/(\d+) (\d+) img/s loss "
+                       r"([\d.]+) ETA (\d+m\d\ds)$", result.stdout, re.M)
+    assert {name for name, *_ in lines} == {"subnet0", "subnet1", "finetune", "baseline"}, result.stdout[-3000:]
+    for name, epoch, epochs, step, steps, *_ in lines:
+        assert 1 <= int(epoch) <= int(epochs) and 1 <= int(step) <= int(steps)
+    rows = read_metrics(out)
+    for phase, net, count in (("subnet", "subnet0", 2), ("subnet", "subnet1", 2), ("finetune", "finetune", 1),
+                              ("baseline", "baseline", 1)):
+        events = event_accumulator.EventAccumulator(str(out / "tensorboard" / phase / net))
+        events.Reload()
+        assert {"train/loss", "test/top1", "lr", "images_per_s"} <= set(events.Tags()["scalars"])
+        losses = events.Scalars("train/loss")
+        assert [e.step for e in losses] == list(range(1, count + 1))
+        group = None if phase in ("finetune", "baseline") else int(net[-1])
+        mine = [r for r in rows if r["phase"] == phase and r["group"] == group]
+        assert [e.value for e in losses] == pytest.approx([r["loss"] for r in mine], rel=1e-6)
+
+
+# --- stops and restarts -----------------------------------------------------------------------
+RESUME_RUN = [*TINY, "--subnets", "2", "--subnet-epochs", "2", "--finetune-epochs", "2", "--baseline-epochs", "0",
+              "--train-samples", "512", "--test-samples", "64", "--strategy", "dd", "--deterministic"]
+
+
+def finals_equal(a, b, names) -> None:
+    for name in names:
+        x, y = load(checkpoint_path(a, name, "final"))["model"], load(checkpoint_path(b, name, "final"))["model"]
+        assert all(torch.equal(x[k], y[k]) for k in x), f"{name} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_a_stop_in_the_middle_of_an_epoch_resumes_at_that_step_bit_for_bit(tmp_path):
+    reference = tmp_path / "reference"
+    assert run_dd([*RESUME_RUN, "--out", str(reference)], nproc=4, timeout=600).returncode == 0
+    out = tmp_path / "run"
+    with open(tmp_path / "stop.log", "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "dd_mpi", "--nproc", "4", *RESUME_RUN, "--signal-check-steps",
+                                "1", "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=launcher_free_env())
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint_path(out, "composed", "").exists():  # stop as the fine-tune begins
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "stop.log").read_text()
+            time.sleep(0.02)
+        job.send_signal(signal.SIGUSR1)
+        assert job.wait(timeout=300) == 75, (tmp_path / "stop.log").read_text()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stopped = load(checkpoint_path(out, "finetune", "last"))
+    assert stopped["epoch"] == 0 and stopped["progress"]["step"] >= 1  # inside its first epoch
+    assert len(stopped["rank_buffers"]) == 4  # each rank's own BN statistics
+    result = run_dd([*RESUME_RUN, "--resume", "--out", str(out)], nproc=4, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert re.search(r"^finetune: resuming after epoch 0, at step \d+ of epoch 1$", result.stdout, re.M)
+    finals_equal(reference, out, ["subnet0", "subnet1", "finetune"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "elapsed", "images_per_s")}  # noqa: E731
+                          for r in rows]
+    assert strip(read_metrics(out)) == strip(read_metrics(reference))  # the cut epoch reports the same sums
+
+
+KILL_ONCE = """\
+import os, signal
+import dd_mpi.train as train
+original = train.train_epoch
+calls = []
+
+def dies_once(*args, **kwargs):  # worker 1, its second epoch of phase 1, first attempt only
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+train.train_epoch = dies_once
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_torchrun_max_restarts_continues_the_same_run(tmp_path):
+    """A worker killed under `torchrun --max-restarts 1`: torchrun restarts the whole worker
+    group, and the restarted workers resume the run in --out instead of starting anew."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_ONCE)
+    out = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "dd_mpi",
+           *TINY, "--subnets", "2", "--subnet-epochs", "3", "--strategy", "both", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env=launcher_free_env(PYTHONPATH=str(tmp_path / "site")))
+    assert result.returncode == 0, explain(result)
+    assert re.search(r"subnet1: resuming after epoch 1$", result.stdout, re.M), explain(result)
+    report = read_report(out)
+    assert report["transfer_T"]["top1"] >= 0 and report["random_T"]["top1"] >= 0
+    rows = read_metrics(out)
+    for group in (0, 1):  # every epoch once, none lost to the restart
+        assert [r["epoch"] for r in rows if r["phase"] == "subnet" and r["group"] == group] == [1, 2, 3]

@@ -1,0 +1,115 @@
+"""Any N on any P, as real processes: several sub-nets per rank trained fused, the same sub-nets
+whatever the layout, under each launcher; and composition in stages (--levels) end to end.
+
+    .venv/bin/python -m pytest -q tests/test_fused_run.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dd_mpi.checkpoint import checkpoint_path, load
+
+from helpers import REPORT_KEYS, explain, read_metrics, read_report, run_dd
+
+pytestmark = pytest.mark.slow
+
+# 4 sub-nets of a 1x ResNet20 on shards of 256 samples: 64 each, 4 steps of 16 per sub-net;
+# one thread per rank, so that every layout sums in the same order where it can.
+LAYOUT_RUN = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1", "--subnets", "4",
+              "--subnet-epochs", "1", "--finetune-epochs", "1", "--train-samples", "256", "--test-samples", "64",
+              "--batch-size", "16", "--strategy", "dd", "--subnet-data", "shard", "--deterministic", "--threads", "1"]
+# Tolerance, per weight, between a sub-net trained alone (P = 4) and fused (P = 1 or 2), after
+# its 4 steps in fp32. Fused and alone, a sub-net's forward pass is bit for bit the same
+# (models.MemberLinear, MemberAvgPool); a grouped convolution's backward pass rounds in another
+# order than a plain one's, and training amplifies it: measured at most 5.3e-6 (relative to
+# a tensor's norm, 4e-4, on small BN biases). A sub-net that got another's data or seed, or
+# another LR, is off by 1e-2 to 2 (two different sub-nets: ~2). So: 1e-4.
+FUSED_VS_ALONE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same 4 sub-nets on 1, 2 and 4 ranks (4, 2 and 1 per rank), under --nproc."""
+    outs = {}
+    for nproc in (1, 2, 4):
+        out = tmp_path_factory.mktemp(f"p{nproc}") / "run"
+        result = run_dd([*LAYOUT_RUN, "--out", str(out)], nproc=nproc, timeout=600)
+        assert result.returncode == 0, explain(result)
+        outs[nproc] = (out, result)
+    return outs
+
+
+def subnet_states(out) -> list[dict]:
+    return [load(checkpoint_path(out, f"subnet{j}", "final"))["model"] for j in range(4)]
+
+
+def test_a_runs_sub_nets_do_not_depend_on_the_layout(layouts):
+    alone, two, four = (subnet_states(layouts[p][0]) for p in (4, 2, 1))
+    for j in range(4):
+        assert all(torch.equal(two[j][k], four[j][k]) for k in two[j]), f"sub-net {j}: 2 vs 4 per rank"
+        worst = max((two[j][k].double() - alone[j][k].double()).abs().max().item() for k in two[j])
+        assert worst < FUSED_VS_ALONE, f"sub-net {j}: fused vs alone differ by {worst:.2e}"
+        other = max((alone[(j + 1) % 4][k].double() - alone[j][k].double()).abs().max().item() for k in two[j])
+        assert other > 100 * FUSED_VS_ALONE  # the tolerance tells sub-nets apart
+
+
+def test_n_greater_than_p_runs_end_to_end_with_its_layout_in_the_report(layouts):
+    for nproc, per_rank in ((1, 4), (2, 2), (4, 1)):
+        out, result = layouts[nproc]
+        report = read_report(out)
+        assert REPORT_KEYS <= set(report) and report["world_size"] == nproc
+        assert report["groups"] == [[r] for r in range(nproc)]
+        assert report["layout"][0] == {"level": 0, "nets": 4, "groups": nproc, "ranks_per_group": 1,
+                                       "nets_per_group": per_rank}
+        assert [s["index"] for s in report["sub_nets"]] == [0, 1, 2, 3]
+        assert [s["ranks"] for s in report["sub_nets"]] == [[j // per_rank] for j in range(4)]
+        rows = read_metrics(out)
+        assert sorted(r["group"] for r in rows if r["phase"] == "subnet") == [0, 1, 2, 3]
+        assert f"4 sub-networks of resnet20 width 0.25 on {nproc} group" in result.stdout
+        if per_rank > 1:
+            assert (out / "checkpoints" / f"subnet0-{per_rank - 1}-last.pt").exists()  # the group's
+        assert all((out / "checkpoints" / f"subnet{j}-final.pt").exists() for j in range(4))  # each net's
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
+def test_fused_sub_nets_under_other_launchers_match_the_local_launcher(layouts, tmp_path, launcher):
+    out = tmp_path / "run"
+    result = run_dd([*LAYOUT_RUN, "--out", str(out)], launcher=launcher, nproc=2, timeout=600)
+    assert result.returncode == 0, explain(result)
+    for mine, theirs in zip(subnet_states(out), subnet_states(layouts[2][0])):
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert read_report(out)["transfer_T"]["top1"] == read_report(layouts[2][0])["transfer_T"]["top1"]
+
+
+def test_composition_in_stages_16_4_1(tmp_path):
+    """16 sub-nets (4 fused per rank), composed into 4 nets fine-tuned on one rank each, then
+    into the global net fine-tuned by all: every level reported and checkpointed."""
+    out = tmp_path / "run"
+    result = run_dd(["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "4",
+                     "--subnets", "16", "--levels", "16,4,1", "--subnet-epochs", "1", "--level-epochs", "1",
+                     "--finetune-epochs", "1", "--train-samples", "256", "--test-samples", "64", "--batch-size", "8",
+                     "--strategy", "both", "--out", str(out)], nproc=4, timeout=900)
+    assert result.returncode == 0, explain(result)
+    report = read_report(out)
+    assert [s["index"] for s in report["sub_nets"]] == list(range(16))
+    assert [lv["nets"] for lv in report["layout"]] == [16, 4, 1]
+    assert [lv["nets_per_group"] for lv in report["layout"]] == [4, 1, 1]
+    (middle,) = report["intermediate"]
+    assert middle["level"] == 1 and [n["index"] for n in middle["nets"]] == [0, 1, 2, 3]
+    assert [n["ranks"] for n in middle["nets"]] == [[0], [1], [2], [3]]
+    for net in middle["nets"]:
+        assert 0 <= net["composed"]["top1"] <= 100 and 0 <= net["finetuned"]["top1"] <= 100
+        assert net["finetuned"]["seconds"] > 0
+    t = report["timing"]
+    assert t["intermediate"] > 0 and t["dd_total"] == pytest.approx(
+        t["subnets"] + t["compose"] + t["intermediate"] + t["finetune"])
+    assert report["random_T"]["top1"] >= 0 and report["transfer_T"]["top1"] >= 0
+    names = {p.name for p in (out / "checkpoints").iterdir()}
+    assert {"subnet0-3-last.pt", "subnet15-final.pt", "level1-composed.pt", "level1-net3-final.pt",
+            "composed.pt", "finetune-final.pt"} <= names
+    rows = read_metrics(out)
+    assert sorted(r["group"] for r in rows if r["phase"] == "level1") == [0, 1, 2, 3]
+    assert "| level1_net_0 |" in result.stdout and "| level1_net_0_T |" in result.stdout
+    assert "intermediate" in (out / "report.md").read_text()
