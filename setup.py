@@ -17,12 +17,16 @@ setup(
         "numpy",
         "mpi4py>=3.1",
         "tqdm",
+        "pyyaml",  # --config files
     ],
     extras_require={
         "mpi": ["mpich"],  # pip's MPICH, for machines without a site MPI
         "horovod": ["horovod==0.28.1", "cmake<4"],  # build: launch/build_horovod.sh
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "mpich", "matplotlib", "Pillow"],
+        "tensorboard": ["tensorboard"],  # --tensorboard
+        "bench": ["scikit-learn"],  # benchmarks on a real image set (scikit-learn's digits)
+        "test": ["pytest", "pytest-timeout", "hypothesis", "mpich", "matplotlib", "Pillow", "tensorboard",
+                 "scikit-learn"],
     },
     entry_points={"console_scripts": [
         "dd-train=dd_mpi.cli:main",

@@ -17,7 +17,7 @@ stop() {  # stop PIDFILE: SIGTERM, wait up to 10 s, then SIGKILL
 
 command -v scancel >/dev/null && timeout 10 scancel --full --user "$(id -un)" 2>/dev/null
 sleep 1
-stop /run/slurmd.pid
+for pidfile in /run/slurmd-*.pid /run/slurmd.pid; do stop "$pidfile"; done
 stop /run/slurmctld.pid
 stop /run/munge/munged.pid
 echo "[slurm_down] stopped"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a one-node Slurm cluster on this machine (Debian 12, as root, no systemd), so the
+# Start a two-node Slurm cluster on this machine (Debian 12, as root, no systemd), so the
 # sbatch tests (tests/test_slurm.py) submit the real slurm/*.sh scripts to a real controller.
 #
 #   bash .ci/slurm_up.sh      # install if missing, configure, start, wait until idle
@@ -34,14 +34,20 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     munge -n | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
 fi
 
-# slurm.conf: NodeName must be `hostname -s`, and RealMemory no more than slurmd measures
-# (more puts the node in state "inval"). The node claims at least 8 CPUs
-# (SlurmdParameters=config_overrides): Slurm rejects --ntasks-per-node=4 on a 2-CPU node
-# even with --overcommit, and the job scripts ask for 4 ranks per node (one per GPU).
+# slurm.conf: two nodes on this one host, so that jobs can span "nodes": dd-n1 and dd-n2, one
+# slurmd each (its own port, pid file, spool and log: a slurmd started with -N runs as that
+# node; Debian's build has no --enable-multiple-slurmd, so each gets a copy of slurm.conf
+# that differs in those paths), both NodeHostname=this host, and the names in /etc/hosts (job
+# scripts take MASTER_ADDR from the node list). RealMemory no more than slurmd measures (more
+# puts a node in state "inval"). Each claims at least 8 CPUs (SlurmdParameters=
+# config_overrides): Slurm rejects --ntasks-per-node=4 on a 2-CPU node even with
+# --overcommit, and the job scripts ask for 4 ranks per node (one per GPU).
 host=$(hostname -s)
+nodes=(dd-n1 dd-n2)
+grep -q " dd-n1 dd-n2\b" /etc/hosts || echo "127.0.0.1 ${nodes[*]}" >>/etc/hosts
 memory=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))
-mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm
 conf=$(cat <<CONF
 ClusterName=ddlocal
 SlurmctldHost=$host
@@ -61,6 +67,7 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
+SlurmdPort=17100
 JobAcctGatherType=jobacct_gather/none
 # finished jobs leave the controller after 5 s, so sbatch --wait returns in seconds, not minutes
 MinJobAge=5
@@ -68,9 +75,10 @@ MinJobAge=5
 EnforcePartLimits=ALL
 KillWait=5
 SlurmdParameters=config_overrides
-NodeName=$host CPUs=$cpus RealMemory=${memory:-1000} State=UNKNOWN
+NodeName=dd-n1 NodeHostname=$host Port=17101 CPUs=$cpus RealMemory=${memory:-1000} State=UNKNOWN
+NodeName=dd-n2 NodeHostname=$host Port=17102 CPUs=$cpus RealMemory=${memory:-1000} State=UNKNOWN
 # FORCE:4: jobs may share CPUs, so several small test jobs (array tasks, sweeps) run at once
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes=dd-n1,dd-n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 )
 changed=0
@@ -79,26 +87,38 @@ if [[ ! -f /etc/slurm/slurm.conf ]] || [[ $(cat /etc/slurm/slurm.conf) != "$conf
     changed=1
 fi
 
+node_conf() {  # node_conf NODE: slurm.conf with that node's own slurmd paths
+    sed -e "s|^SlurmdPidFile=.*|SlurmdPidFile=/run/slurmd-$1.pid|" \
+        -e "s|^SlurmdSpoolDir=.*|SlurmdSpoolDir=/var/spool/slurmd-$1|" \
+        -e "s|^SlurmdLogFile=.*|SlurmdLogFile=/var/log/slurm/slurmd-$1.log|" /etc/slurm/slurm.conf
+}
 if (( changed )); then
     # a new configuration: restart whatever runs under the old one
-    for pid in /run/slurmd.pid /run/slurmctld.pid; do
+    for pid in /run/slurmd.pid /run/slurmd-dd-n1.pid /run/slurmd-dd-n2.pid /run/slurmctld.pid; do
         if alive "$pid"; then kill "$(cat "$pid")"; fi
     done
-    for _ in $(seq 50); do alive /run/slurmd.pid || alive /run/slurmctld.pid || break; sleep 0.1; done
+    for _ in $(seq 50); do
+        alive /run/slurmd-dd-n1.pid || alive /run/slurmd-dd-n2.pid || alive /run/slurmctld.pid || break
+        sleep 0.1
+    done
 fi
 # -i: ignore stale state from an earlier run of this script (old jobs, old node state)
 alive /run/slurmctld.pid || slurmctld -i
-alive /run/slurmd.pid || slurmd
+for node in "${nodes[@]}"; do
+    mkdir -p "/var/spool/slurmd-$node"
+    node_conf "$node" >"/etc/slurm/slurmd-$node.conf"
+    alive "/run/slurmd-$node.pid" || slurmd -f "/etc/slurm/slurmd-$node.conf" -N "$node"
+done
 
-say "waiting for node $host to be idle"
+say "waiting for nodes ${nodes[*]} to be idle"
 state=""
 for _ in $(seq 60); do
-    state=$(sinfo -h -o %t 2>/dev/null | head -n1) || true
+    state=$(sinfo -h -o %t 2>/dev/null | sort -u | tr '\n' ' ' | sed 's/ $//') || true
     [[ $state == idle || $state == mix || $state == alloc ]] && break
     sleep 1
 done
 if [[ $state != idle && $state != mix && $state != alloc ]]; then
-    tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+    tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd-*.log >&2 || true
     die "node state is '${state:-no answer}' after 60 s (logs above)"
 fi
-say "Slurm $(sinfo -V | cut -d' ' -f2) up on $host ($cpus CPUs declared, $(nproc) real, ${memory:-1000} MB, state $state) in $((SECONDS - start)) s"
+say "Slurm $(sinfo -V | cut -d' ' -f2) up: nodes ${nodes[*]} on $host ($cpus CPUs declared each, $(nproc) real, ${memory:-1000} MB, state $state) in $((SECONDS - start)) s"

@@ -64,3 +64,11 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
 
 def default_out(name: str) -> Path:
     return REPO / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def digits_args(root: Path | None = None) -> list[str]:
+    """dd-train flags for scikit-learn's digits as an ImageFolder (benchmarks/digits.py): the
+    small real image set every speed and accuracy conclusion is checked on."""
+    from digits import write_digits
+    path = write_digits(root or REPO / "runs" / "digits")
+    return ["--dataset", "imagefolder", "--data-dir", str(path)]

@@ -2,6 +2,8 @@
 global net on the same ranks, next to the FLOP-count ideal.
 
     python benchmarks/phase_speed.py --quick            # ~3 minutes on 2 cores
+    python benchmarks/phase_speed.py --quick --arch resnet32 --width 1 --subnets 4 --shortcut B  # the paper's split
+    python benchmarks/phase_speed.py --quick --digits --arch resnet32 --width 1 --subnets 4 --shortcut B
     python benchmarks/phase_speed.py --nproc 8 --arch resnet32 --width 4 --subnets 4
 
 One dd-train job trains the sub-nets (``--subnet-data full``) and the baseline for the same
@@ -17,7 +19,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness import default_out, print_header, run_dd_train
+from harness import default_out, digits_args, print_header, run_dd_train
 
 from dd_mpi.config import parse_config
 from dd_mpi.decompose import subnet_spec
@@ -44,13 +46,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run")
+    parser.add_argument("--digits", action="store_true", help="scikit-learn's digits as an ImageFolder "
+                        "(real images through the image-file path)")
     parser.add_argument("--epochs", type=int, help="epochs per phase (default 3 with --quick, else 5)")
     parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-speed-TIME)")
     args, dd_args = parser.parse_known_args()
     if args.epochs is not None and args.epochs < 2:
         parser.error("--epochs: 2 or more (the last epoch, which evaluates, is not timed)")
     epochs = str(args.epochs or (3 if args.quick else 5))
-    dd_args = [*(QUICK if args.quick else []), *dd_args, "--subnet-epochs", epochs, "--baseline-epochs",
+    dd_args = [*(QUICK if args.quick else []), *(digits_args() if args.digits else []), *dd_args,
+               "--subnet-epochs", epochs, "--baseline-epochs",
                epochs, "--finetune-epochs", "0", "--eval-every", NEVER]
     out = (args.out or default_out("speed")).resolve()
     print_header("phase-1 epoch vs global epoch")

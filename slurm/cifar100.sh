@@ -3,7 +3,7 @@
 # 2022, §5); DEPTH is 32, 56 or 110 (default 110).
 #
 #   DEPTH=56 sbatch slurm/cifar100.sh                # the paper's run (presets: dd-train --help)
-#   sbatch --gpus-per-task=0 --cpus-per-task=1 slurm/cifar100.sh --device cpu --dataset synthetic \
+#   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/cifar100.sh --device cpu --dataset synthetic \
 #       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0
 #
 # Arguments after the script name are passed to dd-train after the preset: later flags win.
@@ -12,7 +12,8 @@
 #SBATCH --job-name=cifar100
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU
-#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --gpus-per-node=4        # all the node's GPUs visible to every rank (NCCL peer-to-peer);
+#                                  a rank takes its local rank's. No GPUs: sbatch --gpus-per-node=0
 #SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out

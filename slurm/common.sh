@@ -14,6 +14,8 @@
 # job for about two minutes before it starts again. Details: slurm/NOTES.md.
 
 # ---- SITE SETUP: edit for your cluster ------------------------------------------------
+# DD_SRUN_MPI: srun's --mpi plugin (default pmi2, what pip's MPICH speaks; pmix for an MPI
+# built against PMIx; none: no MPI at all, torch.distributed meets at MASTER_ADDR alone)
 # module load python/3.11 cuda/12.4
 # source "$HOME/venvs/dd_mpi/bin/activate"
 # export NCCL_SOCKET_IFNAME=ib0
@@ -53,7 +55,7 @@ dd_train() {
     trap '_dd_forward TERM' TERM
     # --kill-on-bad-exit: one failed rank ends the step instead of leaving the rest hanging.
     # --cpus-per-task explicit: some Slurm releases do not pass the job's value on to srun.
-    srun --kill-on-bad-exit=1 --mpi=pmi2 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    srun --kill-on-bad-exit=1 --mpi="${DD_SRUN_MPI:-pmi2}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         dd-train "${args[@]}" &
     _dd_srun=$!
     # A trapped signal makes `wait` return early (status > 128): wait again until srun has

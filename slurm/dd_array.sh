@@ -13,7 +13,8 @@
 #SBATCH --job-name=dd_array
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU: each sub-network on one node
-#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --gpus-per-node=4        # all the node's GPUs visible to every rank (NCCL peer-to-peer);
+#                                  a rank takes its local rank's. No GPUs: sbatch --gpus-per-node=0
 #SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%A_%a.out    # array job id _ task (dd_array_submit.sh names the final log %x-%j)

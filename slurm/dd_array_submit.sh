@@ -7,7 +7,7 @@
 #
 #   bash slurm/dd_array_submit.sh                            # CIFAR-10 ResNet32, 4 sub-nets
 #   bash slurm/dd_array_submit.sh -p gpu -- --preset cifar100-resnet56 --subnets 8
-#   bash slurm/dd_array_submit.sh --wait --gpus-per-task=0 --cpus-per-task=1 -- --device cpu
+#   bash slurm/dd_array_submit.sh --wait --gpus-per-node=0 --cpus-per-task=1 -- --device cpu
 #   bash slurm/dd_array_submit.sh --array=2 -- --out runs/x      # task 2 failed: it alone again
 #
 # --array=LIST resubmits only those sub-networks on an existing --out (the others' checkpoints

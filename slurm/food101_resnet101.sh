@@ -4,7 +4,7 @@
 #
 #   sbatch slurm/food101_resnet101.sh --data-dir /data          # the paper's run
 #   sbatch slurm/food101_resnet101.sh --data-dir /data --subnets 8
-#   sbatch --nodes=1 --gpus-per-task=0 --cpus-per-task=1 slurm/food101_resnet101.sh \
+#   sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=1 slurm/food101_resnet101.sh \
 #       --device cpu --dataset synthetic --image-size 64 --subnet-epochs 1 --finetune-epochs 1 \
 #       --baseline-epochs 0
 #
@@ -14,7 +14,8 @@
 #SBATCH --job-name=food101_resnet101
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4      # one rank per GPU
-#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --gpus-per-node=4        # all the node's GPUs visible to every rank (NCCL peer-to-peer);
+#                                  a rank takes its local rank's. No GPUs: sbatch --gpus-per-node=0
 #SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out

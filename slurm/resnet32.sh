@@ -3,7 +3,7 @@
 #
 #   sbatch slurm/resnet32.sh                        # the paper's run (presets: dd-train --help)
 #   sbatch slurm/resnet32.sh --strategy dd --seed 1
-#   sbatch --gpus-per-task=0 --cpus-per-task=1 slurm/resnet32.sh --device cpu --dataset synthetic \
+#   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/resnet32.sh --device cpu --dataset synthetic \
 #       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0
 #
 # Arguments after the script name are passed to dd-train after the preset: later flags win.
@@ -12,7 +12,8 @@
 #SBATCH --job-name=resnet32
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU
-#SBATCH --gpus-per-task=1        # no GPUs: sbatch --gpus-per-task=0 (slurm/NOTES.md)
+#SBATCH --gpus-per-node=4        # all the node's GPUs visible to every rank (NCCL peer-to-peer);
+#                                  a rank takes its local rank's. No GPUs: sbatch --gpus-per-node=0
 #SBATCH --cpus-per-task=8        # data-loader workers and host threads per rank
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out

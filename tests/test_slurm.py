@@ -2,7 +2,7 @@
 
 `.ci/slurm_up.sh` starts a one-node cluster on localhost (slurm/NOTES.md: how it behaves).
 The scripts ask for 4 GPUs per node; here they run on CPU with the overrides a user of a
-CPU-only cluster would give: ``--gpus-per-task=0 --cpus-per-task=1`` on sbatch's command
+CPU-only cluster would give: ``--gpus-per-node=0 --cpus-per-task=1`` on sbatch's command
 line, ``--device cpu --dataset synthetic`` and a tiny config after the script name.
 
     bash .ci/slurm_up.sh && .venv/bin/python -m pytest -q tests/test_slurm.py
@@ -31,8 +31,8 @@ PHASE1_CHECKPOINT = "checkpoints/subnet0-last.pt"
 TIMEOUT = 600  # seconds per job: 2 shared cores, other suites may run beside us
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
-# sbatch options: the scripts' '#SBATCH --gpus-per-task=1' neutralised, one CPU per rank
-ON_CPU = ["--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--gpus-per-task=0"]
+# sbatch options: the scripts' '#SBATCH --gpus-per-node=4' neutralised, one CPU per rank
+ON_CPU = ["--nodes=1", "--ntasks=4", "--cpus-per-task=1", "--gpus-per-node=0"]
 # dd-train flags after the script name: they follow the preset, so they win
 TINY_ANY_N = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
               "--strategy", "dd", "--subnet-epochs", "1", "--finetune-epochs", "1",
@@ -142,6 +142,27 @@ def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
     check_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2)
 
 
+def test_a_job_on_two_nodes(tmp_path):
+    """The localhost cluster has two nodes (.ci/slurm_up.sh): a 2-node job of 2 ranks each, as
+    the scripts ask for GPUs (--ntasks-per-node, --gpus-per-node neutralised): ranks numbered
+    node by node, each node's local ranks from 0, one sub-net per rank, groups contiguous."""
+    if len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()) < 2:
+        pytest.skip("the Slurm cluster has one node: start the two-node one with `bash .ci/slurm_up.sh`")
+    # DD_SRUN_MPI=none: pip's MPICH under srun --mpi=pmi2 hangs in MPI_Init when two Slurm nodes
+    # share one host (slurm/NOTES.md); torch.distributed then meets at MASTER_ADDR alone
+    job = Submission(["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+                      str(SLURM / "resnet32.sh"), *TINY_ANY_N, "--subnets", "4"], cwd=tmp_path,
+                     env=job_env(DD_SRUN_MPI="none"))
+    rc = job.wait()
+    log = read_log(tmp_path / f"resnet32-{job.job_id}.out")
+    assert rc == 0 and job.state == "COMPLETED", f"sbatch exit {rc}\n{log[-4000:]}"
+    report = check_report(tmp_path / "runs" / f"resnet32-{job.job_id}", world_size=4, subnets=4)
+    assert report["launcher"] == "slurm"
+    assert [p["node"] for p in report["ranks"]] == ["0", "0", "1", "1"]  # SLURM_NODEID
+    assert [p["local_rank"] for p in report["ranks"]] == [0, 1, 0, 1]
+    assert report["groups"] == [[0], [1], [2], [3]]
+
+
 @pytest.mark.timing
 def test_failing_run_fails_the_job(tmp_path):
     # 3 rank groups cannot split 4 ranks: dd-train exits 2 on every rank
@@ -160,7 +181,7 @@ def test_ranks_that_get_no_shared_mpi_world_fail_at_once(tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\nsrun --mpi=pmi2 env -u PMI_FD dd-train " + " ".join(TINY)
                       + f" --out {tmp_path / 'run'}\n")
-    job = Submission(["--ntasks=2", "--cpus-per-task=1", "--gpus-per-task=0", "--output=%x-%j.out",
+    job = Submission(["--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0", "--output=%x-%j.out",
                       "--job-name=alone", str(script)], cwd=tmp_path)
     rc = job.wait(timeout=120)
     log = read_log(tmp_path / f"alone-{job.job_id}.out")
@@ -265,7 +286,7 @@ def test_scancel_checkpoints_and_stays_cancelled(tmp_path):
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
-           "--cpus-per-task=1", "--gpus-per-task=0", "--", *TINY, "--out", str(out)]
+           "--cpus-per-task=1", "--gpus-per-node=0", "--", *TINY, "--out", str(out)]
     result = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True,
                             timeout=2 * TIMEOUT)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
@@ -300,7 +321,7 @@ def test_scaling_study_tiny_sweep(tmp_path):
     study = tmp_path / "study"
     env = job_env(NODES="1", SUBNETS="1 2", TASKS_PER_NODE="2", STUDY=str(study))
     cmd = ["bash", str(SLURM / "scaling_study.sh"), "--wait", "--cpus-per-task=1",
-           "--gpus-per-task=0", "--", *TINY_ANY_N]
+           "--gpus-per-node=0", "--", *TINY_ANY_N]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=2 * TIMEOUT)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
