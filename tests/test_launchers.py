@@ -14,7 +14,8 @@ import pytest
 from helpers import BIN, launcher_free_env, read_report
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), REPO / ".ci" / "run"])
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), *REPO.glob("benchmarks/*.sh"),
+                  REPO / ".ci" / "run"])
 TIMEOUT = 600  # seconds: 2 shared cores, other suites may run beside us
 
 

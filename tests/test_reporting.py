@@ -196,3 +196,19 @@ def test_report_defaults_to_the_run_directory(real_run):
     for name in reporting.REPORT_FILES:
         assert (real_run / name).stat().st_size > 0
     assert (real_run / "report.md").exists()  # dd-train's own file is left alone
+
+
+def test_paper_puts_the_papers_numbers_beside_a_runs(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    report["config"]["preset"] = "cifar10-resnet32"
+    (run / "report.json").write_text(json.dumps(report))
+    assert reporting.main(["--paper", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "paper top-1 (%)" in text
+    assert "| sub_net_0 | 40.00 | 1.5000 | 10.0 | 81.25 |" in text  # the paper's sub_net_1 (1-based)
+    assert "| transfer_T | 60.00 | 1.0000 | 8.0 | 94.09 |" in text and "| random_T | 55.00 | 1.1000 | 30.0 | 92.82 |" in text
+    assert "| DD total | 21.0 | 5.65 |" in text and "| speedup (baseline / DD) | 1.43x | 1.51x |" in text
+    other = fake_run(tmp_path, "other")
+    assert reporting.main(["--paper", str(other)]) == 0
+    assert "no paper numbers: the run's preset is None" in capsys.readouterr().out
