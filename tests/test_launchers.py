@@ -55,10 +55,17 @@ def test_launch_script_runs_the_tiny_default(tmp_path, script):
     if script == "horovodrun.sh" and not have_horovod():
         pytest.skip("Horovod not built: run launch/build_horovod.sh")
     out = tmp_path / "out"
+    command, env = ["bash", str(REPO / "launch" / script)], launcher_env()
+    if script == "srun.sh":
+        # as its header documents (salloc -n 4 bash launch/srun.sh), on the first test node,
+        # seen through that node's slurm.conf copy: srun's pmi2 finds the step's sockets under
+        # srun's own SlurmdSpoolDir, and the two test slurmds on one host have one each
+        # (slurm/NOTES.md). One slurmd per host needs neither.
+        command = ["salloc", "--quiet", "-w", "dd-n1", "-n", "4", *command]
+        env["SLURM_CONF"] = "/etc/slurm/slurmd-dd-n1.conf"
     # run from elsewhere than the repository: relative --out lands in the caller's directory
-    result = subprocess.run(["bash", str(REPO / "launch" / script), "--out", "out",
-                             "--train-samples", "256", "--test-samples", "128"],
-                            cwd=tmp_path, env=launcher_env(), capture_output=True, text=True,
+    result = subprocess.run([*command, "--out", "out", "--train-samples", "256", "--test-samples", "128"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     report = read_report(out)

@@ -260,11 +260,14 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path):
 def test_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     """A plain time limit (no lead signal: URG is ignored by the shell): Slurm's TERM reaches
     every rank and the batch shell; the job checkpoints and, because the reason is the time
-    limit, requeues itself. The restarted job gets more time."""
-    job, out, log_path = start_preemptible(tmp_path, ["--time=1", "--signal=B:URG@1"], epochs=80)
+    limit, requeues itself. The restarted job gets more time.
+
+    slurmctld enforces time limits on a ~30 s timer, so TERM comes 60-90 s after the start;
+    160 epochs (~0.8 s each here, unloaded) keep the first run busy well past that."""
+    job, out, log_path = start_preemptible(tmp_path, ["--time=1", "--signal=B:URG@1"], epochs=160)
     log = resume_after_requeue(job, log_path, TimeLimit="15")
     assert "after SIGTERM, reason TimeLimit" in log and "requeueing" in log
-    check_resumed_without_loss(out, log, epochs=80)
+    check_resumed_without_loss(out, log, epochs=160)
 
 
 @pytest.mark.timing
