@@ -84,7 +84,7 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
     device = pick_device(cfg.device, launch)
     world = init_world(launch, device, timeout=cfg.timeout, io_timeout=cfg.io_timeout)
     comm = world.comm
-    data = load_for_run(cfg, comm)
+    data = load_for_run(cfg, comm, workers=0)  # both loops read in the main process (DataPlan below)
     spec = cfg.model_spec(data.num_classes)
     precision = pick_precision(cfg.precision, device)  # both loops alike (--precision; bf16 on GPU)
     recipe = Recipe(cfg.lr, 1000, 0.0, cfg.schedule, cfg.momentum, cfg.weight_decay, 0.0)

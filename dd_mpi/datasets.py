@@ -80,8 +80,9 @@ def load_dataset(name: str, data_dir: str | None, *, download: bool, image_size:
     return _capped(bundle, train_samples, test_samples)  # (the synthetic set is made to size)
 
 
-def load_for_run(cfg, comm) -> DatasetBundle:
-    """The dataset named by --dataset, the same on every rank of ``comm`` (the world).
+def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
+    """The dataset named by --dataset, the same on every rank of ``comm`` (the world);
+    ``workers``: the rank's DataLoader workers, as resolved once by the CLI.
 
     After rank 0's check every rank parses its own view of --data-dir, and on a cluster that
     may be another copy (node-local disks): the ranks then compare what they read, so that a
@@ -101,8 +102,8 @@ def load_for_run(cfg, comm) -> DatasetBundle:
     views = comm.slow.allgather_object((error, seen))
     _raise_for_views(views, cfg.data_dir, comm.size)
     if data.decode_size is not None:
-        data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, cfg.workers),
-                       test=decode_in_memory(data.test, data.decode_size, comm, cfg.workers))
+        data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers),
+                       test=decode_in_memory(data.test, data.decode_size, comm, workers))
     return data
 
 

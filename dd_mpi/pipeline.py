@@ -41,7 +41,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
-    data = load_for_run(cfg, world.comm)  # before anything is written: bad data leaves no run behind
+    data = load_for_run(cfg, world.comm, workers)  # before anything is written: bad data leaves no run behind
     prepare_output(cfg, world.comm, out)
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
