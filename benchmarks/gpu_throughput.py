@@ -3,6 +3,7 @@ grouped-convolution net, and the global net; projected hours for the preset's ep
 
     python benchmarks/gpu_throughput.py            # on a machine with a GPU
     python benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 --compile reduce-overhead
+    python benchmarks/gpu_throughput.py --device cpu --threads 1 --batch-size 32 --quick   # one CPU core
 
 Measures images/s of a training step (forward, backward, SGD) on CIFAR-sized input, fp32 and
 bf16 autocast, channels-last, side by side in one process: one sub-net (the paper's split:
@@ -10,7 +11,8 @@ bf16 autocast, channels-last, side by side in one process: one sub-net (the pape
 Then projects wall-clock hours of the preset's epochs on N GPUs (one sub-net per GPU in phase
 1, on its shard with ``shard``; all N data-parallel in phase 3 and for the baseline; perfect
 scaling) next to the paper's 5.65 h (DD) and 8.53 h (conventional). Last line: the projected
-speedup.
+speedup. ``--device cpu`` measures fp32 only (no bf16 units assumed) and skips the projection;
+``--memory-format contiguous`` shows what channels-last gives.
 """
 
 from __future__ import annotations
@@ -30,31 +32,32 @@ from dd_mpi.train import member_losses  # noqa: E402
 CIFAR_TRAIN = 50_000
 
 
-def images_per_second(spec: ModelSpec, batch: int, bf16: bool, steps: int, compile_mode: str | None) -> float:
+def images_per_second(spec: ModelSpec, batch: int, bf16: bool, steps: int, compile_mode: str | None,
+                      device: torch.device, memory_format: torch.memory_format, image_size: int = 32) -> float:
     """Images/s of training steps (per member for a fused net: its k nets' images)."""
-    device = torch.device("cuda")
     k = spec.members
-    model = build_model(spec).to(device, memory_format=torch.channels_last)
+    model = build_model(spec).to(device, memory_format=memory_format)
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    images = torch.randn(batch, 3 * k, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(10, (batch, k) if k > 1 else (batch,), device=device)
+    images = torch.randn(batch, 3 * k, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(spec.num_classes, (batch, k) if k > 1 else (batch,), device=device)
     criterion = torch.nn.CrossEntropyLoss(reduction="none")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = member_losses(forward(images).float(), labels, criterion).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(10):  # cuDNN autotuning, compilation and allocator warm-up
         step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return steps * batch * k / (time.perf_counter() - start)
 
 
@@ -65,26 +68,37 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10-resnet32")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help="torch.compile mode, e.g. default or reduce-overhead (CUDA graphs)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_throughput: no GPU visible")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_throughput: no GPU visible (--device cpu measures a CPU)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
+    device = torch.device(args.device)
+    memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
     steps = 30 if args.quick else 100
     preset = PRESETS[args.preset]
     subnets = preset["subnets"]
     global_spec = ModelSpec(preset["arch"], preset["width"], 10, preset.get("shortcut", "A"))
     sub_spec = subnet_spec(global_spec, subnets)
-    print(f"# {' '.join(sys.argv)}\n# {torch.cuda.get_device_name()} torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"# {' '.join(sys.argv)}\n# {name}, {args.memory_format}, batch {args.batch_size}, torch {torch.__version__}")
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
         bf16 = precision == "bf16"
-        sub = images_per_second(sub_spec, args.batch_size, bf16, steps, args.compile)
-        fused = images_per_second(sub_spec.fused(subnets), args.batch_size, bf16, steps, args.compile)
-        glob = images_per_second(global_spec, args.batch_size, bf16, steps, args.compile)
+        measure = lambda spec: images_per_second(spec, args.batch_size, bf16, steps, args.compile,  # noqa: E731
+                                                 device, memory_format)
+        sub, fused, glob = measure(sub_spec), measure(sub_spec.fused(subnets)), measure(global_spec)
         results[precision] = (sub, glob)
         print(f"{precision}: sub-net {sub:,.0f} img/s, {subnets} fused {fused:,.0f} sub-net img/s "
               f"(fused / alone {fused / sub:.2f}x), global net {glob:,.0f} img/s, sub/global {sub / glob:.2f}x "
-              f"(FLOP ideal {subnets ** 2}x)")
+              f"(FLOP ideal {subnets ** 2}x); fused / global {fused / glob:.2f}x "
+              f"(sub-net images per global image: the ceiling of phase 1's shard speed ratio)")
+    if device.type != "cuda":
+        return
     sub, glob = results["bf16"]
     e1, e3, eb = preset["subnet_epochs"], preset["finetune_epochs"], preset["baseline_epochs"]
     per_subnet = CIFAR_TRAIN // subnets if preset.get("subnet_data") == "shard" else CIFAR_TRAIN

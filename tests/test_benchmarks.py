@@ -98,3 +98,25 @@ def test_comm_headline(tmp_path):
 def test_gpu_throughput_headline():
     lines = run_benchmark("gpu_throughput.py", "--quick", "--batch-size", "32", header=False)
     headline_numbers(lines[-1], r"projected speedup: ([0-9.]+)")
+
+
+def test_gpu_throughput_measures_a_cpu_too():
+    """--device cpu: the fp32 line (no projection), its ratios those of its own figures."""
+    lines = run_benchmark("gpu_throughput.py", "--device", "cpu", "--threads", "1", "--quick", "--batch-size", "8",
+                          header=False)
+    numbers = r"[0-9,.]+"
+    match = re.search(rf"fp32: sub-net ({numbers}) img/s, 4 fused ({numbers}) sub-net img/s \(fused / alone "
+                      rf"({numbers})x\), global net ({numbers}) img/s.*fused / global ({numbers})x", lines[-1])
+    assert match, lines
+    sub, fused, fused_vs_alone, glob, fused_vs_global = (float(g.replace(",", "")) for g in match.groups())
+    assert fused_vs_alone == pytest.approx(fused / sub, rel=0.02)
+    assert fused_vs_global == pytest.approx(fused / glob, rel=0.02)
+
+
+def test_decode_speed_says_how_many_workers_keep_up():
+    lines = run_benchmark("decode_speed.py", "--images", "12", "--consume", "1000", header=False)
+    (rate,) = [float(m.group(1)) for line in lines if (m := re.match(r"decode \+ train transform: ([0-9.]+) img/s", line))]
+    workers, consume, shown_rate = headline_numbers(
+        lines[-1], r"workers per rank to keep up: ([0-9]+) \(([0-9.]+) / ([0-9.]+) img/s\)")
+    assert shown_rate == round(rate)
+    assert math.ceil(1000 / (rate + 0.5)) <= workers <= math.ceil(1000 / (rate - 0.5))  # rate is rounded

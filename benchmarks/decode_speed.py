@@ -1,0 +1,95 @@
+"""Decoding a large-image set (Food-101's kind): images/s one DataLoader worker delivers
+through dd_mpi's training transform, next to what a phase-1 rank consumes.
+
+    python benchmarks/decode_speed.py --quick                    # ~1 minute on 2 cores
+    python benchmarks/decode_speed.py --consume 2400             # a rank that trains 2,400 img/s
+
+Writes ``--images`` JPEGs of Food-101's size (at most 512 px a side, quality 90, smooth
+random content) to a temporary directory, then times one process (= one worker) loading each
+file and applying the train transform of ``--dataset food101`` (RandomResizedCrop 224 + flip
++ normalise), after one warm pass so the page cache holds the files. Last line: the workers
+one rank needs to keep up with ``--consume`` images/s (default: the rate this script measures
+for one training step of the preset's sub-net on this machine's device, fp32, batch 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from dd_mpi import formats  # noqa: E402
+from dd_mpi.decompose import subnet_spec  # noqa: E402
+from dd_mpi.models import ModelSpec  # noqa: E402
+from dd_mpi.presets import PRESETS  # noqa: E402
+
+
+def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """Food-101-like files: 512 x 384..512, smooth content (JPEG sizes of photos, ~50-100 kB)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        height = int(rng.integers(384, 513))
+        coarse = rng.integers(0, 256, (height // 32 + 1, 17, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((512, height), Image.BICUBIC)
+        path = root / f"{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def decode_rate(paths: list[Path], size: int) -> float:
+    """Images/s of dd_mpi's loader + Food-101 train transform, files already in the page cache."""
+    load = formats.CheckedLoader()
+    train, _ = formats._large_transforms(size)
+    for path in paths:  # warm: the files in the page cache, as on a node's second epoch
+        path.read_bytes()
+    start = time.perf_counter()
+    for path in paths:
+        train(load(path))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def training_rate(preset: str, size: int, batch: int = 32, steps: int = 5) -> float:
+    """Images/s of training steps of the preset's sub-net at ``size`` px on this device."""
+    from gpu_throughput import images_per_second
+    options = PRESETS[preset]
+    spec = subnet_spec(ModelSpec(options["arch"], options["width"], num_classes=101), options["subnets"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return images_per_second(spec, batch, False, steps, None, device, torch.channels_last, image_size=size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100 images (default 400)")
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--preset", default="food101-resnet50")
+    parser.add_argument("--consume", type=float, help="images/s one rank trains (default: measured here)")
+    args = parser.parse_args()
+    count = args.images or (100 if args.quick else 400)
+    torch.set_num_threads(1)
+    print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, one process = one worker, 1 thread")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), count)
+        kib = sum(p.stat().st_size for p in paths) / len(paths) / 1024
+        rate = decode_rate(paths, args.image_size)
+    print(f"decode + train transform: {rate:.0f} img/s per worker ({count} JPEGs, mean {kib:.0f} KiB)")
+    consume = args.consume
+    if consume is None:
+        consume = training_rate(args.preset, args.image_size)
+        where = "GPU" if torch.cuda.is_available() else "CPU, 1 thread"
+        print(f"{args.preset} sub-net training step ({where}, fp32, batch 32): {consume:.0f} img/s")
+    print(f"workers per rank to keep up: {math.ceil(consume / rate)} ({consume:.0f} / {rate:.0f} img/s)")
+
+
+if __name__ == "__main__":
+    main()
