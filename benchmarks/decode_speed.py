@@ -1,11 +1,11 @@
 """Decoding a large-image set (Food-101's kind): images/s one DataLoader worker delivers
 through dd_mpi's training transform, next to what a phase-1 rank consumes.
 
-    python benchmarks/decode_speed.py --quick                    # ~1 minute on 2 cores
+    python benchmarks/decode_speed.py --quick                    # ~20 s on 2 cores
     python benchmarks/decode_speed.py --consume 2400             # a rank that trains 2,400 img/s
 
 Writes ``--images`` JPEGs of Food-101's size (at most 512 px a side, quality 90, smooth
-random content) to a temporary directory, then times one process (= one worker) loading each
+random content; an upper bound for photos) to a temporary directory, then times one process (= one worker) loading each
 file and applying the train transform of ``--dataset food101`` (RandomResizedCrop 224 + flip
 + normalise), after one warm pass so the page cache holds the files. Last line: the workers
 one rank needs to keep up with ``--consume`` images/s (default: the rate this script measures
@@ -33,7 +33,8 @@ from dd_mpi.presets import PRESETS  # noqa: E402
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
-    """Food-101-like files: 512 x 384..512, smooth content (JPEG sizes of photos, ~50-100 kB)."""
+    """Food-101-sized files: 512 x 384..512 px, smooth random content (~30 KiB each; real photos
+    carry more detail, are larger and decode somewhat slower: the rate here is an upper bound)."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
