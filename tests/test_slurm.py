@@ -96,7 +96,9 @@ class Submission:
                 pytest.fail(f"job {self.job_id} still running after {timeout} s")
             self.poll()
             time.sleep(0.5)
-        self.poll()
+        # sbatch --wait can return while the controller still says COMPLETING (a cancelled
+        # step's last task is still being reaped): follow to the final state
+        self.follow(60, until=FINAL)
         self.stderr = self.proc.stderr.read()
         return self.proc.returncode
 
