@@ -147,10 +147,10 @@ def pools(level: Level, plan: Plan, num_samples: int, cfg: RunConfig) -> list[to
     """Each net's training samples: all of them (``full``), or in ``shard`` mode sub-net j's
     shard j of N, and a composed net the union of its sub-nets' shards."""
     from .data import subset_for_group
+    if level.world_wide or cfg.subnet_data == "full":  # (the baseline: also with no DD levels)
+        return [torch.arange(num_samples)] * level.nets
     n = plan.subnets
     shards = [subset_for_group(num_samples, subnet_data=cfg.subnet_data, group=j, groups=n, seed=cfg.seed)
               for j in range(n)]
-    if level.world_wide or cfg.subnet_data == "full":
-        return [torch.arange(num_samples)] * level.nets
     per_net = n // level.nets
     return [torch.cat(shards[j * per_net:(j + 1) * per_net]).sort().values for j in range(level.nets)]

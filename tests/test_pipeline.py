@@ -135,3 +135,15 @@ def test_groups_that_split_neither_ranks_nor_subnets_fail_fast_on_every_rank(tmp
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "--groups 2" in errors[0] and "3 ranks" in errors[0] and "choose one of 1" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_baseline_alone(tmp_path):
+    """--strategy baseline: the conventional run only (a scaling study's or a benchmark's
+    reference), with no DD level in the plan."""
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--strategy", "baseline", "--out", str(out)], nproc=4)
+    assert result.returncode == 0, explain(result)
+    report = read_report(out)
+    assert 0 <= report["random_T"]["top1"] <= 100 and not report.get("sub_nets")
+    rows = read_metrics(out)
+    assert rows and {r["phase"] for r in rows} == {"baseline"}
