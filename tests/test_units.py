@@ -218,6 +218,9 @@ def test_every_preset_is_a_valid_run_whose_sub_nets_compose_back(name):
     (["--offdiag-std", "-0.01"], "--offdiag-std -0.01 is invalid"),
     (["--finetune-warmup-epochs", "-1"], "--finetune-warmup-epochs -1.0 is invalid"),
     (["--workers", "-1"], "--workers -1 is invalid"),
+    (["--subnet-batch-size", "0"], "--subnet-batch-size 0 is invalid: use 1 or more"),
+    (["--global-batch-size", "0"], "--global-batch-size 0 is invalid: use 1 or more"),
+    (["--groups", "0"], "--groups 0 is invalid: use 1 or more"),
     (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
 ])
 def test_config_validation_names_the_flag(argv, message):
