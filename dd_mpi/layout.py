@@ -73,12 +73,3 @@ def choose_groups(world_size: int, nets: int, forced: int | None = None) -> int:
 
 def layout_for(world_size: int, nets: int, forced_groups: int | None = None) -> Layout:
     return Layout(world_size, nets, choose_groups(world_size, nets, forced_groups))
-
-
-def group_layout(world_size: int, groups: int) -> list[list[int]]:
-    """Contiguous blocks of ranks, ``groups`` of them (``groups`` divides ``world_size``)."""
-    return Layout(world_size, groups, groups).rank_lists
-
-
-def group_of(rank: int, layout: list[list[int]]) -> int:
-    return next(k for k, ranks in enumerate(layout) if rank in ranks)

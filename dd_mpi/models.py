@@ -75,10 +75,6 @@ class ModelSpec:
         return family_of(self.depth)
 
     @property
-    def is_bottleneck(self) -> bool:
-        return self.family is FAMILIES["bottleneck"]
-
-    @property
     def default_image_size(self) -> int:
         return self.family.image_size
 

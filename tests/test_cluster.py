@@ -7,7 +7,6 @@ an epoch resumed bit for bit, and workers restarted by torchrun continuing the s
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess

@@ -346,7 +346,6 @@ def test_image_file_augmentation_is_the_same_with_any_workers_and_after_a_restar
     """Each sample's crops and flips follow its own seed: 0 or 2 workers, persistent workers
     several epochs old, or a fresh plan (a resumed run) all give the same batches."""
     from dd_mpi.comm import Comm
-    from dd_mpi.config import RunConfig
     from dd_mpi.data import DataPlan
 
     write_imagefolder(tmp_path, classes=("a", "b"), per_class=4, val_per_class=1, size=80)

@@ -16,7 +16,7 @@ from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm
 from dd_mpi.errors import peer_lost as exit_quietly_if_peer_lost
 from dd_mpi.flat import flatten_state, unflatten_into
-from dd_mpi.layout import group_layout, group_of
+from dd_mpi.layout import Layout
 from dd_mpi.config import PRESETS, RunConfig, build_parser, parse_config
 from dd_mpi.data import (DataPlan, batch_slices, eval_indices, random_crop_flip, subset_for_group, train_indices,
                          train_steps)
@@ -74,8 +74,8 @@ def test_threads_per_rank_do_not_oversubscribe():
 
 
 def test_group_layout_is_contiguous_blocks():
-    assert group_layout(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert [group_of(r, group_layout(6, 2)) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert Layout(8, 4, 4).rank_lists == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [Layout(6, 2, 2).group_of_rank(r) for r in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
 # --- data plans: pure functions of (seed, stream, epoch, rank in the comm) ----------------
