@@ -24,6 +24,12 @@ LAUNCHER_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "PMI_", "PMIX_", "OMPI_", "HO
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def python_path(first: Path) -> str:
+    """``first`` ahead of any PYTHONPATH already set, so a test's sitecustomize is found and
+    a checkout put on PYTHONPATH (another tree sharing this venv) is still the one imported."""
+    return os.pathsep.join(p for p in (str(first), os.environ.get("PYTHONPATH")) if p)
+
+
 def launcher_free_env(**extra: str) -> dict:
     """This environment without any enclosing launcher's or job's variables (they would change
     rank discovery), our venv first on PATH, unbuffered output; then ``extra``."""

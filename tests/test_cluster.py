@@ -20,7 +20,7 @@ from dd_mpi.checkpoint import checkpoint_path, load
 from dd_mpi.config import RunConfig, config_yaml, parse_config
 from dd_mpi.errors import UsageError
 
-from helpers import BIN, TINY, explain, launcher_free_env, read_metrics, read_report, run_dd
+from helpers import BIN, TINY, explain, launcher_free_env, python_path, read_metrics, read_report, run_dd
 
 
 # --- config files: defaults < preset < file < flags ---------------------------------------
@@ -178,7 +178,7 @@ def test_torchrun_max_restarts_continues_the_same_run(tmp_path):
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "dd_mpi",
            *TINY, "--subnets", "2", "--subnet-epochs", "3", "--strategy", "both", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env=launcher_free_env(PYTHONPATH=str(tmp_path / "site")))
+                            env=launcher_free_env(PYTHONPATH=python_path(tmp_path / "site")))
     assert result.returncode == 0, explain(result)
     assert re.search(r"subnet1: resuming after epoch 1$", result.stdout, re.M), explain(result)
     report = read_report(out)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import datagen
-from helpers import REPORT_KEYS, explain, read_report, run_dd
+from helpers import REPORT_KEYS, explain, python_path, read_report, run_dd
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def md5_patch_env(tmp_path, cls_name: str, md5s: dict) -> dict:
         f"sys.path.insert(0, {str(datagen.__file__.rsplit('/', 1)[0])!r})\n"
         "import datagen\n"
         f"datagen.patch_md5_table(d.{cls_name}, json.load(open({str(tmp_path / 'md5s.json')!r})))\n")
-    return {"PYTHONPATH": str(tmp_path / "site")}
+    return {"PYTHONPATH": python_path(tmp_path / "site")}
 
 
 def check(out, num_classes_over_10: bool) -> dict:
@@ -114,7 +114,7 @@ def rank_patch_env(tmp_path, rank: str, patch: str) -> dict:
         f"if os.environ.get('RANK') == {rank!r}:\n"
         "    import torchvision.datasets as d\n"
         + "".join(f"    {line}\n" for line in patch.splitlines()))
-    return {"PYTHONPATH": str(tmp_path / "site")}
+    return {"PYTHONPATH": python_path(tmp_path / "site")}
 
 
 @pytest.mark.parametrize("patch, message", [

@@ -1,8 +1,11 @@
 """dd-inspect as a user runs it: table, JSON contract, --verify exit code."""
 
 import json
+import os
 import subprocess
 import sys
+
+from helpers import python_path
 
 
 def run(*args):
@@ -66,7 +69,7 @@ def test_verify_fails_when_not_exact(tmp_path):
         "d.compose = broken\n"
         "import dd_mpi.inspection as i\n"
         "i.compose = broken\n")
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": python_path(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "dd_mpi.inspection", "--arch", "resnet20", "--width", "2",
                              "--subnets", "2", "--verify"], capture_output=True, text=True, env=env)
     assert result.returncode == 1 and "NOT exact" in result.stderr

@@ -26,7 +26,7 @@ import torch
 
 from dd_mpi.checkpoint import CHECKPOINT_DIR, checkpoint_path, load
 
-from helpers import BIN, explain, launcher_command, launcher_free_env, read_metrics, read_report, run_dd
+from helpers import BIN, explain, launcher_command, launcher_free_env, python_path, read_metrics, read_report, run_dd
 
 # Every run below trains the same nets as the reference run unless it says otherwise.
 RUN = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
@@ -294,8 +294,7 @@ def fault_env(tmp_path: Path, rank: int) -> dict:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(FAULT)
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, "DD_TEST_FAIL_RANK": str(rank)}
+    return {"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": str(rank)}
 
 
 def check_one_traceback(result: subprocess.CompletedProcess, out: Path) -> None:
