@@ -43,6 +43,7 @@ class RunConfig:
     train_samples: int | None = None  # cap the training set (smoke runs)
     test_samples: int | None = None  # cap the test set
     workers: int | None = None  # DataLoader workers per rank (default: the rank's CPUs - 1, at most 8)
+    cache_dir: str | None = None  # large images (Food-101): decode once into a memory-mapped cache here
     # --- optimisation (Goyal et al. 2017: LR linear in the global batch, warm-up) ---
     batch_size: int = 32  # per rank and net (4 ranks: 128, the batch He et al.'s LR 0.1 was tuned at)
     subnet_batch_size: int | None = None  # phase 1 batch per rank and sub-net (default --batch-size)
@@ -165,6 +166,9 @@ class RunConfig:
             raise UsageError(f"--only-group {self.only_group} is invalid: use 0..{self.subnets - 1}")
         if self.only_group is not None and self.strategy == "baseline":
             raise UsageError("--only-group runs one sub-network's phase 1: it needs --strategy dd or both")
+        if self.cache_dir is not None and self.dataset in ("synthetic", "cifar10", "cifar100"):
+            raise UsageError(f"--cache-dir is for image files (food101, imagefolder); {self.dataset} is "
+                             "held in memory already: drop --cache-dir")
         if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
             raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
         return self

@@ -4,8 +4,8 @@ Index plans are pure functions of (seed, stream, epoch, rank in the comm), so a 
 sees exactly the data order of an uninterrupted one, and a net's data does not depend on
 which rank, or beside which other nets, it trains. Small datasets (synthetic, CIFAR, small
 ImageFolders) stay in memory (on the GPU when there is one) as uint8 and are augmented per
-batch with tensor ops; large on-disk image datasets (Food-101) go through a DataLoader
-with workers.
+batch with tensor ops, and so are large image sets cached with --cache-dir (memory-mapped,
+random-resized crops); without a cache, large image files go through a DataLoader with workers.
 
 A batch for k nets fused into one (``models``) stacks the nets' own batches along channels:
 images [B, 3k, H, W], labels [B, k]; each net keeps its own samples and augmentation.
@@ -13,8 +13,10 @@ images [B, 3k, H, W], labels [B, k]; each net keeps its own samples and augmenta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -139,19 +141,22 @@ class Batches:
         # Everything random or indexed is drawn for the whole epoch and moved to the device
         # once: per-batch host-to-device copies of small tensors each wait for the GPU queue.
         images_device = self.split.images.device
-        size = self.split.images.shape[2]
+        stored, crop_to = self.split.images.shape[2], self.split.crop_to
         indices = [i.to(images_device) for i in self.indices]
         crops = None
         if self.generators is not None:
-            crops = [[t.to(images_device) for t in draw_crop_flip(len(i), size, g)]
+            draw = draw_crop_flip if crop_to is None else draw_resized_crops
+            crops = [[t.to(images_device) for t in draw(len(i), stored, g)]
                      for i, g in zip(indices, self.generators)]
         for part in self.slices():
             images, labels = [], []
             for j, idx in enumerate(indices):
                 batch = self.split.images[idx[part]].to(self.device, non_blocking=True)
                 if crops is not None:
-                    dy, dx, flip = (t[part].to(self.device) for t in crops[j])
-                    batch = random_crop_flip(batch, dy, dx, flip)
+                    augment = random_crop_flip if crop_to is None else partial(resized_crop_flip, size=crop_to)
+                    batch = augment(batch, *(t[part].to(self.device) for t in crops[j]))
+                elif crop_to is not None:
+                    batch = centre_crop(batch, crop_to)
                 images.append((batch.float().div_(255) - self.mean) / self.std)
                 labels.append(self.split.labels[idx[part]].to(self.device, non_blocking=True))
             if len(images) == 1:
@@ -182,6 +187,42 @@ def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, f
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+def draw_resized_crops(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random-resized-crop boxes (the ImageNet recipe: 8-100 % of the area, aspect 3/4-4/3)
+    in a ``size``-square image, and flips, for ``n`` images: (left, top, width, height) in
+    pixels, continuous. One draw per image where torchvision retries up to ten: a box that
+    would not fit is clipped to the image (its aspect then nearer 1)."""
+    area = torch.empty(n).uniform_(0.08, 1.0, generator=generator) * size * size
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    width = (area * log_ratio.exp()).sqrt().clamp(max=size)
+    height = (area / log_ratio.exp()).sqrt().clamp(max=size)
+    left = torch.rand(n, generator=generator) * (size - width)
+    top = torch.rand(n, generator=generator) * (size - height)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return left, top, width, height, flip
+
+
+def resized_crop_flip(images: torch.Tensor, left: torch.Tensor, top: torch.Tensor, width: torch.Tensor,
+                      height: torch.Tensor, flip: torch.Tensor, *, size: int) -> torch.Tensor:
+    """Each image's box (pixels) resampled bilinearly to ``size``×``size``, h-flipped where
+    ``flip``: one ``grid_sample`` for the batch (float, 0..255). The box is at most 1.14× the
+    output (the cache stores 256 px for 224), so bilinear needs no antialiasing."""
+    n, _, h, w = images.shape
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = width / w * torch.where(flip, -1.0, 1.0)
+    theta[:, 0, 2] = (2 * left + width) / w - 1
+    theta[:, 1, 1] = height / h
+    theta[:, 1, 2] = (2 * top + height) / h - 1
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's CenterCrop on a batch (same offsets)."""
+    top, left = int(round((images.shape[2] - size) / 2.0)), int(round((images.shape[3] - size) / 2.0))
+    return images[:, :, top:top + size, left:left + size]
+
+
 class DataPlan:
     """Builds each epoch's batches for one comm; keeps DataLoader workers alive across epochs."""
 
@@ -192,7 +233,7 @@ class DataPlan:
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         for split in (data.train, data.test):
-            if isinstance(split, InMemorySplit) and device.type == "cuda":
+            if isinstance(split, InMemorySplit) and split.crop_to is None and device.type == "cuda":
                 object.__setattr__(split, "images", split.images.to(device))
                 object.__setattr__(split, "labels", split.labels.to(device))
         self._loaders: dict[int, tuple[DataLoader, _IndexBatches]] = {}

@@ -2,7 +2,7 @@
 
 ``load_dataset`` parses one dataset (``formats``, or the built-in ``synthetic`` set) and caps
 it; ``load_for_run`` is what a run calls: rank 0's integrity checks shared with all, every
-rank's own parse compared across ranks, and small image files decoded once into memory.
+rank's own parse compared across ranks, and image files decoded once (``decoded``).
 
 Sample caps (``--train-samples``/``--test-samples``) keep a fixed-seed random subset, sorted,
 so classes stay mixed and every rank keeps the same samples.
@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms as T
+from torch.utils.data import Dataset, Subset
 
+from .decoded import cached_split, decode_in_memory
 from .errors import UsageError
-from .formats import (IMAGENET_MEAN, IMAGENET_STD, CheckedLoader, DatasetBundle, InMemorySplit, Verifier,
+from .formats import (IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier,
                       load_cifar, load_food101, load_imagefolder)
+from .progress import log
 from .synthetic import make_synthetic
 
 __all__ = ["DATASETS", "DatasetBundle", "IMAGENET_MEAN", "IMAGENET_STD", "InMemorySplit", "load_dataset",
@@ -88,7 +89,8 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     may be another copy (node-local disks): the ranks then compare what they read, so that a
     rank with other classes or other sample counts, or one whose parse failed, stops every
     rank with one line instead of training on other labels or leaving the others waiting.
-    Small image files are then decoded once, by rank 0, and sent to all (``decode_in_memory``)."""
+    Small image files are then decoded once, by rank 0, and sent to all; large ones, with
+    --cache-dir, go through a memory-mapped cache that rank 0 builds once (``decoded``)."""
     data, error = None, None
     try:
         data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
@@ -102,8 +104,14 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     views = comm.slow.allgather_object((error, seen))
     _raise_for_views(views, cfg.data_dir, comm.size)
     if data.decode_size is not None:
+        if cfg.cache_dir is not None:
+            log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)
         data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers),
                        test=decode_in_memory(data.test, data.decode_size, comm, workers))
+    elif cfg.cache_dir is not None:
+        data = replace(data, **{split: cached_split(getattr(data, split), split_name=split, size=data.image_size,
+                                                    cfg=cfg, comm=comm, workers=workers)
+                                for split in ("train", "test")})
     return data
 
 
@@ -129,55 +137,6 @@ def _raise_for_views(views: list, data_dir: str | None, size: int) -> None:
                          f"another copy on its node?): give every rank the same data")
 
 
-# ---------------------------------------------------------------------------- small image files
-
-class _Decoded(Dataset):
-    """An image-file split's samples as uint8 tensors at ``size`` (Resize + CentreCrop, the
-    test transform without its normalisation): what the in-memory batches augment."""
-
-    def __init__(self, split: Dataset, size: int):
-        base, self.indices = (split.dataset, split.indices) if isinstance(split, Subset) else (split, None)
-        self.samples = base.samples
-        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[self.indices[i] if self.indices is not None else i]
-        return self.transform(CheckedLoader()(path)), label
-
-
-def decode_in_memory(split: Dataset, size: int, comm, workers: int) -> InMemorySplit:
-    """A split of small image files decoded once, by rank 0 (its DataLoader workers), into
-    uint8 tensors, and broadcast to every rank: training then augments whole batches with
-    tensor ops, as for CIFAR, instead of decoding every image every epoch. One rank reads
-    the files, so a shared file system sees one pass, not one per rank."""
-    n = len(split)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    labels = torch.empty(n, dtype=torch.int64)
-
-    def decode() -> None:
-        loader = DataLoader(_Decoded(split, size), batch_size=256, num_workers=workers)
-        offset = 0
-        try:
-            for batch, targets in loader:
-                images[offset:offset + len(batch)] = batch
-                labels[offset:offset + len(batch)] = targets
-                offset += len(batch)
-        except UsageError as error:  # from a worker: keep the one line
-            raise UsageError(str(error).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
-
-    verdict = comm.verdict_of_root(decode)  # an unreadable image: every rank raises rank 0's one line
-    if verdict is not None:
-        raise UsageError(verdict)
-    for tensor in (images, labels):
-        moved = tensor.to(comm.device)
-        comm.slow.broadcast_(moved)
-        tensor.copy_(moved.cpu())
-    return InMemorySplit(images, labels)
-
-
 def split_size(split) -> int:
     return len(split.labels) if isinstance(split, InMemorySplit) else len(split)
 
@@ -197,7 +156,7 @@ def _cap(split: InMemorySplit | Dataset, cap: int | None) -> InMemorySplit | Dat
     if keep is None:
         return split
     if isinstance(split, InMemorySplit):
-        return InMemorySplit(split.images[keep].contiguous(), split.labels[keep])
+        return replace(split, images=split.images[keep].contiguous(), labels=split.labels[keep])
     return Subset(split, keep.tolist())
 
 

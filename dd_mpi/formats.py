@@ -17,7 +17,8 @@ Two decisions shape this module:
 * **CIFAR comes back in memory, image files as Datasets.** CIFAR comes back as uint8 NCHW
   tensors (``InMemorySplit``); the trainer augments whole batches with tensor ops. Food-101
   and ImageFolder come back as torch Datasets whose transforms augment and normalise (small
-  ImageFolders are then decoded once into memory: ``datasets.decode_in_memory``). An
+  ImageFolders are then decoded once into memory, large ones with --cache-dir into a
+  memory-mapped cache: ``decoded``). An
   unreadable image is only found when it is loaded, so the loader names the file in a
   ``UsageError``.
 """
@@ -50,11 +51,18 @@ SMALL_IMAGE_PX = 64  # ImageFolder images this size or smaller are treated like 
 
 @dataclass(frozen=True)
 class InMemorySplit:
-    """A whole split as tensors: small datasets (CIFAR) live in memory; augmentation is done
-    by the trainer on batches."""
+    """A whole split as tensors: small datasets (CIFAR) live in memory, large ones can be a
+    memory-mapped cache (``decoded``); augmentation is done by the trainer on batches."""
 
     images: torch.Tensor  # uint8, [N, C, H, W], contiguous
     labels: torch.Tensor  # int64, [N]
+    crop_to: int | None = None  # None: images at training size (CIFAR's pad and crop); else
+    # stored larger (a cache): random-resized crops to this size in training, the centre crop in testing
+
+
+def stored_size(size: int) -> int:
+    """The ImageNet recipe's test resize for crops of ``size`` (256 for 224): what a cache stores."""
+    return round(size * 256 / 224)
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:
     """The ImageNet recipe: random-resized crops for training, resize 256/224 + centre crop to test."""
     normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
-    test = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *normalise])
+    test = T.Compose([T.Resize(stored_size(size)), T.CenterCrop(size), *normalise])
     return train, test
 
 

@@ -77,6 +77,31 @@ def test_food101_four_ranks_reports_top5(tmp_path):
     check(tmp_path / "run", True)
 
 
+def test_food101_through_a_cache_built_once_by_rank_0(tmp_path):
+    """--cache-dir: the first job builds the cache (rank 0) and trains from it on 4 ranks; the
+    next job reuses it; a job where one rank cannot read it stops every rank with one line."""
+    classes = tuple(f"dish_{c:02d}" for c in range(12))
+    datagen.write_food101(tmp_path / "data", classes=classes, per_class=4, test_per_class=2)
+    flags = [*TINY, "--dataset", "food101", "--data-dir", str(tmp_path / "data"), "--image-size", "28",
+             "--cache-dir", str(tmp_path / "cache")]
+    first = run_dd([*flags, "--out", str(tmp_path / "run1")])
+    assert first.returncode == 0, explain(first)
+    assert first.stdout.count("images at 32 px built") == 2, explain(first)  # train and test
+    check(tmp_path / "run1", True)
+    assert len(list((tmp_path / "cache").glob("food101-*.images.npy"))) == 2
+    second = run_dd([*flags, "--out", str(tmp_path / "run2")])
+    assert second.returncode == 0 and second.stdout.count("px reused") == 2, explain(second)
+    unseen = rank_patch_env(tmp_path, "2", "import dd_mpi.decoded as c\n"
+                                           "def missing(stem, size):\n"
+                                           "    raise FileNotFoundError(f'{stem} not on this node')\n"
+                                           "c.open_cache = missing")
+    third = run_dd([*flags, "--out", str(tmp_path / "run3")], env=unseen, timeout=180)
+    assert third.returncode == 2, explain(third)
+    errors = [line for line in third.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "rank 2 cannot read the cache rank 0 wrote" in errors[0], explain(third)
+    assert not (tmp_path / "run3" / "config.json").exists()
+
+
 def test_imagefolder_four_ranks(tmp_path):
     """As a user runs it: no --workers (the default comes from the rank's CPUs)."""
     datagen.write_imagefolder(tmp_path / "data", per_class=8, val_per_class=4, size=24)

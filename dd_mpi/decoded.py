@@ -1,0 +1,176 @@
+"""Image files decoded once into uint8 tensors, so that training augments whole batches with
+tensor ops instead of decoding every image every epoch (a narrow sub-net eats images faster
+than a few workers decode JPEGs: BENCHMARKS.md §5).
+
+* **Small images** (a CIFAR-like ImageFolder) are decoded by rank 0 into memory and
+  broadcast to every rank (``decode_in_memory``).
+* **Large images** (Food-101, a large ImageFolder) go, with ``--cache-dir``, into a cache on
+  disk: each image resized (shorter side to the test resize, 256 for 224) and centre-cropped
+  to a square, stored as one ``.npy`` array that every rank memory-maps (``cached_split``).
+  One rank builds it, once; the ranks of a node then share one copy in the page cache.
+  Training takes random-resized crops of the stored square (``data.resized_crop_flip``);
+  testing its centre crop: the same pixels as the test transform.
+
+A cache is only ever whole: it is written under a temporary name and renamed, and its index
+(``.json``, written last) names the exact samples it holds, so a changed dataset, image size
+or sample cap builds a new one instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+
+from .errors import UsageError
+from .formats import CheckedLoader, InMemorySplit, stored_size
+from .progress import log
+
+CACHE_FORMAT = 1  # bump when the stored pixels change meaning
+
+
+def sample_list(split: Dataset) -> list[tuple[str, int]]:
+    """(path, label) of every sample of an image-file split (ImageFolder, Food-101, a Subset)."""
+    base, keep = (split.dataset, split.indices) if isinstance(split, Subset) else (split, None)
+    if hasattr(base, "samples"):  # ImageFolder
+        samples = [(str(path), int(label)) for path, label in base.samples]
+    else:  # torchvision's Food101
+        samples = [(str(path), int(label)) for path, label in zip(base._image_files, base._labels)]
+    return samples if keep is None else [samples[i] for i in keep]
+
+
+class _Decoded(Dataset):
+    """Samples as uint8 tensors: Resize(``resize``) + CentreCrop(``crop``), no normalisation."""
+
+    def __init__(self, samples: list[tuple[str, int]], resize: int, crop: int):
+        self.samples = samples
+        self.transform = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.PILToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(CheckedLoader()(path)), label
+
+
+def _decode_into(images, labels, dataset: _Decoded, workers: int) -> None:
+    """Fill ``images``/``labels`` (tensors or arrays) with ``dataset``, decoded by ``workers``."""
+    offset = 0
+    try:
+        for batch, targets in DataLoader(dataset, batch_size=256, num_workers=workers):
+            images[offset:offset + len(batch)] = batch.numpy() if isinstance(images, np.ndarray) else batch
+            labels[offset:offset + len(batch)] = targets.numpy() if isinstance(labels, np.ndarray) else targets
+            offset += len(batch)
+    except UsageError as error:  # from a worker: keep the one line
+        raise UsageError(str(error).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+
+
+def decode_in_memory(split: Dataset, size: int, comm, workers: int) -> InMemorySplit:
+    """A split of small image files decoded once, by rank 0 (its DataLoader workers), into
+    uint8 tensors at ``size`` (the test transform without its normalisation), and broadcast
+    to every rank. One rank reads the files, so a shared file system sees one pass, not one
+    per rank."""
+    samples = sample_list(split)
+    images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(samples), dtype=torch.int64)
+    verdict = comm.verdict_of_root(lambda: _decode_into(images, labels, _Decoded(samples, size, size), workers))
+    if verdict is not None:  # an unreadable image: every rank raises rank 0's one line
+        raise UsageError(verdict)
+    for tensor in (images, labels):
+        moved = tensor.to(comm.device)
+        comm.slow.broadcast_(moved)
+        tensor.copy_(moved.cpu())
+    return InMemorySplit(images, labels)
+
+
+# ---------------------------------------------------------------------------- the disk cache
+
+def cache_stem(cache_dir: str, dataset: str, split: str, samples: list[tuple[str, int]], size: int,
+               data_dir: str) -> Path:
+    """Where a split's cache lives: its name says what it is, its hash which samples (paths
+    relative to --data-dir, so a copy of the data elsewhere finds the same cache)."""
+    stored = stored_size(size)
+    listing = [(os.path.relpath(path, data_dir), label) for path, label in samples]
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, stored, listing]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{dataset}-{split}-{stored}px-{digest}"
+
+
+def _files(stem: Path) -> tuple[Path, Path, Path]:
+    return stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy"), stem.with_suffix(".json")
+
+
+def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: int) -> bool:
+    """Decode ``samples`` into the cache at ``stem`` unless it is there, whole. Returns True
+    if it was built. Written under temporary names and renamed, the index last: a build that
+    fails or is killed leaves no cache that a later run would take for whole."""
+    images_path, labels_path, index_path = _files(stem)
+    if index_path.exists() and images_path.exists() and labels_path.exists():
+        return False
+    stored = stored_size(size)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    temporary = [path.with_name(f"{path.name}.tmp{os.getpid()}") for path in (images_path, labels_path, index_path)]
+    try:
+        images = np.lib.format.open_memmap(temporary[0], mode="w+", dtype=np.uint8,
+                                           shape=(len(samples), 3, stored, stored))
+        labels = np.lib.format.open_memmap(temporary[1], mode="w+", dtype=np.int64, shape=(len(samples),))
+        _decode_into(images, labels, _Decoded(samples, stored, stored), workers)
+        images.flush(), labels.flush()
+        del images, labels
+        temporary[2].write_text(json.dumps({"format": CACHE_FORMAT, "samples": len(samples), "stored_px": stored,
+                                            "first": samples[0][0] if samples else None}))
+        for done, final in zip(temporary, (images_path, labels_path, index_path)):
+            os.replace(done, final)
+    finally:
+        for path in temporary:
+            path.unlink(missing_ok=True)
+    return True
+
+
+def open_cache(stem: Path, size: int) -> InMemorySplit:
+    """The cache at ``stem`` memory-mapped (copy-on-write: nothing this rank does reaches the file)."""
+    images_path, labels_path, _ = _files(stem)
+    images = torch.from_numpy(np.load(images_path, mmap_mode="c"))
+    labels = torch.from_numpy(np.load(labels_path, mmap_mode="c"))
+    return InMemorySplit(images, labels, crop_to=size)
+
+
+def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, workers: int) -> InMemorySplit:
+    """``split`` as the memory-mapped cache in ``cfg.cache_dir``: built by rank 0 if it is not
+    there (every rank waits, up to --io-timeout), then opened by every rank. A rank that cannot
+    read it (a node-local folder) stops every rank with one line."""
+    samples = sample_list(split)
+    stem = cache_stem(cfg.cache_dir, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir))
+    start = time.perf_counter()
+    built = []
+
+    def build() -> None:
+        try:
+            built.append(build_cache(stem, samples, size, workers))
+        except OSError as error:
+            raise UsageError(f"--cache-dir {cfg.cache_dir}: cannot write the cache ({error.strerror or error}): "
+                             f"give a writable folder with room for it") from None
+
+    verdict = comm.verdict_of_root(build)
+    if verdict is not None:
+        raise UsageError(verdict)
+    error = None
+    try:
+        opened = open_cache(stem, size)
+    except (OSError, ValueError) as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    failed = [(rank, message) for rank, message in enumerate(comm.slow.allgather_object(error)) if message]
+    if failed:
+        rank, message = failed[0]
+        raise UsageError(f"--cache-dir {cfg.cache_dir}: rank {rank} cannot read the cache rank 0 wrote "
+                         f"({message}): give a folder every rank shares")
+    what = f"built in {time.perf_counter() - start:.0f} s" if built and built[0] else "reused"
+    log(f"cache: {split_name} {len(samples):,} images at {stored_size(size)} px {what}: {stem}.*", rank=comm.rank)
+    return opened

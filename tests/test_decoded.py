@@ -1,0 +1,127 @@
+"""The memory-mapped cache of large image files (``--cache-dir``), on Food-101's real layout:
+what it stores, that training and testing read the right pixels from it, that it is reused
+and rebuilt when it should be, and that a failed build leaves nothing behind."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dd_mpi.comm import Comm
+from dd_mpi.config import RunConfig, parse_config
+from dd_mpi.data import DataPlan, centre_crop, draw_resized_crops, resized_crop_flip
+from dd_mpi.datasets import load_dataset
+from dd_mpi.decoded import cached_split, sample_list
+from dd_mpi.errors import UsageError
+from dd_mpi.formats import stored_size
+
+from datagen import write_food101
+
+CPU = torch.device("cpu")
+
+
+def food101(tmp_path, image_size=28, train_samples=None):
+    write_food101(tmp_path / "data", per_class=3, test_per_class=2)
+    return load_dataset("food101", str(tmp_path / "data"), download=False, image_size=image_size,
+                        train_samples=train_samples, test_samples=None, verify_once=lambda check: check())
+
+
+def cache(tmp_path, split, image_size=28, **overrides):
+    cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
+                    **overrides)
+    return cached_split(split, split_name="train", size=image_size, cfg=cfg, comm=Comm([0], 0, None, CPU),
+                        workers=0)
+
+
+def test_the_cached_test_split_gives_the_test_transforms_pixels(tmp_path):
+    """28 px crops of 32 px stored squares: the centre crop is exactly Resize(32) + CentreCrop(28)."""
+    data = food101(tmp_path)
+    cached = cache(tmp_path, data.test)
+    assert stored_size(224) == 256  # the ImageNet recipe's test resize
+    assert cached.images.shape == (len(data.test), 3, stored_size(28), stored_size(28)) == (6, 3, 32, 32)
+    assert cached.images.dtype == torch.uint8 and cached.crop_to == 28
+    assert cached.labels.tolist() == [label for _, label in sample_list(data.test)]
+    plan = DataPlan(replace(data, test=cached), CPU, seed=0, batch_size=4)
+    got = torch.cat([images for images, _ in plan.test(Comm([0], 0, None, CPU))])
+    expected = torch.stack([data.test[i][0] for i in range(len(data.test))])  # formats' own test transform
+    assert got.shape == expected.shape == (6, 3, 28, 28)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_resized_crops_resample_the_box_they_drew():
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    n, full = torch.full((3,), 0.0), torch.full((3,), 16.0)
+    no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    same = resized_crop_flip(images, n, n, full, full, no, size=16)
+    assert torch.allclose(same, images.float(), atol=1e-3)  # the whole image at its own size: itself
+    flipped = resized_crop_flip(images, n, n, full, full, yes, size=16)
+    assert torch.allclose(flipped, images.flip(3).float(), atol=1e-3)
+    left, top, side = torch.tensor([2.0, 5.0, 8.0]), torch.tensor([0.0, 3.0, 8.0]), torch.full((3,), 8.0)
+    boxes = resized_crop_flip(images, left, top, side, side, no, size=8)  # a box at its own size: a slice
+    for i in range(3):
+        t, l = int(top[i]), int(left[i])
+        assert torch.allclose(boxes[i], images[i, :, t:t + 8, l:l + 8].float(), atol=1e-3)
+    assert torch.equal(centre_crop(images, 12), images[:, :, 2:14, 2:14])
+
+
+def test_resized_crop_boxes_follow_the_imagenet_recipe_and_their_seed():
+    draws = draw_resized_crops(20_000, 32, torch.Generator().manual_seed(1))
+    left, top, width, height, flip = draws
+    assert bool((left >= 0).all() and (top >= 0).all() and (left + width <= 32 + 1e-4).all()
+                and (top + height <= 32 + 1e-4).all())
+    area = width * height / 32 ** 2
+    assert area.min() >= 0.08 - 1e-4 and area.max() <= 1 + 1e-4
+    unclipped = (width < 32) & (height < 32)
+    ratio = (width / height)[unclipped]
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    assert abs(ratio.log().mean().item()) < 0.01 and 0.45 < flip.float().mean().item() < 0.55
+    again = draw_resized_crops(20_000, 32, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))
+    assert not torch.equal(left, draw_resized_crops(20_000, 32, torch.Generator().manual_seed(2))[0])
+    assert math.isclose(area.mean().item(), 0.54, abs_tol=0.03)  # uniform in [0.08, 1] (a little clipped)
+
+
+def test_a_cache_is_built_once_reused_and_rebuilt_for_other_samples(tmp_path, capsys):
+    data = food101(tmp_path)
+    first = cache(tmp_path, data.train)
+    assert "built" in capsys.readouterr().out
+    files = sorted((tmp_path / "cache").iterdir())
+    assert [f.name.split(".", 1)[1] for f in files] == ["images.npy", "json", "labels.npy"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = cache(tmp_path, data.train)
+    assert "reused" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in files] == stamps and torch.equal(first.images, again.images)
+    capped = food101(tmp_path, train_samples=5)  # another sample list: another cache beside it
+    cache(tmp_path, capped.train)
+    assert "built" in capsys.readouterr().out and len(list((tmp_path / "cache").iterdir())) == 6
+    bigger = food101(tmp_path, image_size=32)  # another resolution: another cache too
+    assert cache(tmp_path, bigger.train, image_size=32).images.shape[-1] == stored_size(32) == 37
+
+
+def test_a_build_that_fails_leaves_no_cache_behind(tmp_path):
+    data = food101(tmp_path)
+    path, _ = sample_list(data.train)[4]
+    with open(path, "r+b") as f:
+        f.truncate(40)  # a truncated JPEG: decoding it fails midway through the build
+    with pytest.raises(UsageError) as caught:
+        cache(tmp_path, data.train)
+    assert os.path.basename(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache, no temporaries
+
+
+def test_an_unwritable_cache_dir_is_one_line(tmp_path):
+    data = food101(tmp_path)
+    (tmp_path / "cache").write_text("a file, not a folder")
+    with pytest.raises(UsageError) as caught:
+        cache(tmp_path, data.train)
+    assert str(caught.value).startswith(f"--cache-dir {tmp_path / 'cache'}: cannot write")
+
+
+def test_cache_dir_is_refused_for_data_held_in_memory():
+    with pytest.raises(UsageError, match="--cache-dir is for image files"):
+        parse_config(["--dataset", "cifar10", "--data-dir", "x", "--cache-dir", "c"])
+    assert parse_config(["--dataset", "food101", "--data-dir", "x", "--cache-dir", "c"]).cache_dir == "c"
