@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU acceptance in one command (about 8 minutes on one GPU): the pipeline on the GPU (NCCL
 # when there are 2 or more GPUs), bf16 and fp16, --compile, benchmarks/gpu_throughput.py
-# (fused vs separate sub-nets, sub-net vs global) and benchmarks/overhead.py --device cuda;
+# (fused vs separate sub-nets, sub-net vs global), benchmarks/overhead.py --device cuda and
+# benchmarks/decode_speed.py (JPEG decoding and the --cache-dir cache against the GPU's rate);
 # one Markdown summary.
 #
 #   bash benchmarks/gpu_check.sh [SUMMARY.md]        # default: runs/gpu-check-<time>/summary.md
@@ -54,6 +55,7 @@ step "gpu-throughput" 150 "$python" benchmarks/gpu_throughput.py --quick --prese
 step "gpu-throughput-graphs" 180 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 \
     --compile reduce-overhead
 step "overhead" 120 "$python" benchmarks/overhead.py --quick --device cuda --nproc "$nproc"
+step "decode-vs-cache" 120 "$python" benchmarks/decode_speed.py --quick  # the Food-101 sub-net's rate on this GPU
 
 {
     echo
@@ -66,6 +68,6 @@ step "overhead" 120 "$python" benchmarks/overhead.py --quick --device cuda --npr
     done
     echo "## gpu_throughput.py"
     echo
-    sed 's/^/    /' "$dir/gpu-throughput.log" "$dir/gpu-throughput-graphs.log" 2>/dev/null
+    sed 's/^/    /' "$dir/gpu-throughput.log" "$dir/gpu-throughput-graphs.log" "$dir/decode-vs-cache.log" 2>/dev/null
 } >>"$summary"
 echo "gpu_check: summary in $summary"

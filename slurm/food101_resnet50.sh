@@ -3,6 +3,7 @@
 # 2022, §5). Two 4-GPU nodes: 8 ranks, 2 per sub-network (1 with --subnets 8).
 #
 #   sbatch slurm/food101_resnet50.sh --data-dir /data          # the paper's run
+#   sbatch slurm/food101_resnet50.sh --data-dir /data --cache-dir /scratch/$USER/dd-cache  # JPEGs decoded once
 #   sbatch slurm/food101_resnet50.sh --data-dir /data --subnets 8
 #   sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=1 slurm/food101_resnet50.sh \
 #       --device cpu --dataset synthetic --image-size 64 --subnet-epochs 1 --finetune-epochs 1 \

@@ -120,3 +120,8 @@ def test_decode_speed_says_how_many_workers_keep_up():
         lines[-1], r"workers per rank to keep up: ([0-9]+) \(([0-9.]+) / ([0-9.]+) img/s\)")
     assert shown_rate == round(rate)
     assert math.ceil(1000 / (rate + 0.5)) <= workers <= math.ceil(1000 / (rate - 0.5))  # rate is rounded
+    (cache,) = [m.groups() for line in lines if (m := re.match(
+        r"cache \(--cache-dir\): gather ([0-9.]+) img/s, gather \+ train augmentation on CPU ([0-9.]+) img/s "
+        r"per rank \(([0-9.]+)x one decoding worker\)", line))]
+    gather, augmented, versus = (float(v) for v in cache)
+    assert gather > 0 and 0 < augmented and versus == pytest.approx(augmented / rate, abs=0.1)
