@@ -204,8 +204,12 @@ class RunConfig:
         """'flag: saved -> now' for every shaping setting that differs from a saved config
         (a setting the saved config predates counts as its default)."""
         defaults = RunConfig()
-        return [f"--{k.replace('_', '-')}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(self, k)!r}"
-                for k in self.SHAPING if saved.get(k, getattr(defaults, k)) != getattr(self, k)]
+        differ = [f"--{k.replace('_', '-')}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(self, k)!r}"
+                  for k in self.SHAPING if saved.get(k, getattr(defaults, k)) != getattr(self, k)]
+        if (saved.get("cache_dir") is None) != (self.cache_dir is None):  # where it is may change, not whether
+            differ.append(f"--cache-dir: {saved.get('cache_dir')!r} -> {self.cache_dir!r} (a cache's crops "
+                          "are of the stored square, the files' of the whole image)")
+        return differ
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

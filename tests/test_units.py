@@ -251,6 +251,10 @@ def test_resume_names_every_setting_that_differs():
     differences = RunConfig(arch="resnet32", width=4.0, subnets=2, dataset="cifar10").incompatible_with(saved)
     assert differences == ["--arch: 'resnet20' -> 'resnet32'", "--width: 2.0 -> 4.0",
                            "--dataset: 'synthetic' -> 'cifar10'"]
+    cached = RunConfig(dataset="food101", cache_dir="/scratch/a").to_dict()
+    assert RunConfig(dataset="food101", cache_dir="/scratch/b").incompatible_with(cached) == []  # moved: fine
+    (dropped,) = RunConfig(dataset="food101").incompatible_with(cached)
+    assert dropped.startswith("--cache-dir: '/scratch/a' -> None")
 
 
 def test_nproc_is_not_passed_on_to_the_ranks():
