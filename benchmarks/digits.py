@@ -5,6 +5,8 @@ real image-file path (decoded once into memory at --image-size, 32 by default).
 
     python benchmarks/digits.py runs/digits              # writes the folder, prints its path
     dd-train --dataset imagefolder --data-dir runs/digits ...
+    python benchmarks/digits.py runs/digits-96 96        # upscaled 96 px JPEGs: the large-image
+                                                         # path (decoded per epoch, or --cache-dir)
 
 The split is fixed (seed 0, 20 % of each class for validation). Needs `pip install -e ".[bench]"`.
 """
@@ -18,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """The digits as RGB PNGs (grey to 0..255, three equal channels). Idempotent."""
+def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0, size: int | None = None) -> Path:
+    """The digits as RGB PNGs (grey to 0..255, three equal channels); with ``size``, upscaled
+    (bicubic) to size x size JPEGs (quality 90). Idempotent."""
     from sklearn.datasets import load_digits
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
@@ -35,9 +38,14 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
             folder = root / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             for i in part:
-                Image.fromarray(np.repeat(images[i][:, :, None], 3, axis=2)).save(folder / f"{i:04d}.png")
+                image = Image.fromarray(np.repeat(images[i][:, :, None], 3, axis=2))
+                if size is None:
+                    image.save(folder / f"{i:04d}.png")
+                else:
+                    image.resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
     return root
 
 
 if __name__ == "__main__":
-    print(write_digits(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/digits")))
+    print(write_digits(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/digits"),
+                       size=int(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -107,12 +107,16 @@ def _files(stem: Path) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy"), stem.with_suffix(".json")
 
 
+def cache_is_whole(stem: Path) -> bool:
+    return all(path.exists() for path in _files(stem))
+
+
 def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: int) -> bool:
     """Decode ``samples`` into the cache at ``stem`` unless it is there, whole. Returns True
     if it was built. Written under temporary names and renamed, the index last: a build that
     fails or is killed leaves no cache that a later run would take for whole."""
     images_path, labels_path, index_path = _files(stem)
-    if index_path.exists() and images_path.exists() and labels_path.exists():
+    if cache_is_whole(stem):
         return False
     stored = stored_size(size)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,9 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     built = []
 
     def build() -> None:
+        if not cache_is_whole(stem):
+            log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* with {workers} workers "
+                f"(once; the other ranks wait up to --io-timeout)")
         try:
             built.append(build_cache(stem, samples, size, workers))
         except OSError as error:
