@@ -151,14 +151,14 @@ class Batches:
         for part in self.slices():
             images, labels = [], []
             for j, idx in enumerate(indices):
-                batch = self.split.images[idx[part]].to(self.device, non_blocking=True)
+                batch = self.split.images.index_select(0, idx[part]).to(self.device, non_blocking=True)
                 if crops is not None:
                     augment = random_crop_flip if crop_to is None else partial(resized_crop_flip, size=crop_to)
                     batch = augment(batch, *(t[part].to(self.device) for t in crops[j]))
                 elif crop_to is not None:
                     batch = centre_crop(batch, crop_to)
                 images.append((batch.float().div_(255) - self.mean) / self.std)
-                labels.append(self.split.labels[idx[part]].to(self.device, non_blocking=True))
+                labels.append(self.split.labels.index_select(0, idx[part]).to(self.device, non_blocking=True))
             if len(images) == 1:
                 yield images[0], labels[0]
             else:
