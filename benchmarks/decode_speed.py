@@ -86,13 +86,13 @@ def cache_rates(paths: list[Path], size: int, cache_dir: Path, batch: int = 32) 
     images[order].sum()  # warm: the cache in the page cache, as on a node's second epoch
     start = time.perf_counter()
     for part in parts:
-        images[part].contiguous()
+        images.index_select(0, part)
     gather = len(paths) / (time.perf_counter() - start)
     boxes = data.draw_resized_crops(len(paths), images.shape[-1], torch.Generator().manual_seed(0))
     start = time.perf_counter()
     for i, part in enumerate(parts):
         window = slice(i * batch, i * batch + len(part))
-        batch_images = data.resized_crop_flip(images[part], *(t[window] for t in boxes), size=size)
+        batch_images = data.resized_crop_flip(images.index_select(0, part), *(t[window] for t in boxes), size=size)
         (batch_images.float().div_(255) - mean) / std
     return gather, len(paths) / (time.perf_counter() - start)
 
