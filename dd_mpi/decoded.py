@@ -7,7 +7,8 @@ than a few workers decode JPEGs: BENCHMARKS.md §5).
 * **Large images** (Food-101, a large ImageFolder) go, with ``--cache-dir``, into a cache on
   disk: each image resized (shorter side to the test resize, 256 for 224) and centre-cropped
   to a square, stored as one ``.npy`` array that every rank memory-maps (``cached_split``).
-  One rank builds it, once; the ranks of a node then share one copy in the page cache.
+  Rank 0 builds it, once (with a node-local folder, one rank per node); the ranks of a
+  node then share one copy in the page cache.
   Training takes random-resized crops of the stored square (``data.resized_crop_flip``);
   testing its centre crop: the same pixels as the test transform.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -147,27 +149,41 @@ def open_cache(stem: Path, size: int) -> InMemorySplit:
 
 
 def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, workers: int) -> InMemorySplit:
-    """``split`` as the memory-mapped cache in ``cfg.cache_dir``: built by rank 0 if it is not
-    there (every rank waits, up to --io-timeout), then opened by every rank. A rank that cannot
-    read it (a node-local folder) stops every rank with one line."""
+    """``split`` as the memory-mapped cache in ``cfg.cache_dir`` (``$VARS`` expanded on each
+    rank, e.g. a node-local ``$TMPDIR``), built where it is missing, then opened by every rank.
+
+    Rank 0 builds first: in a folder every rank shares, that one build serves all. Ranks that
+    still do not see it have node-local folders: then the first such rank of each host builds
+    its host's copy (every node decodes the files once). The other ranks wait, up to
+    --io-timeout. An unreadable image, an unwritable folder or a cache a rank cannot read
+    stops every rank with one line."""
+    folder = os.path.expandvars(os.path.expanduser(cfg.cache_dir))
     samples = sample_list(split)
-    stem = cache_stem(cfg.cache_dir, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir))
-    start = time.perf_counter()
-    built = []
-
-    def build() -> None:
-        if not cache_is_whole(stem):
-            log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* with {workers} workers "
-                f"(once; the other ranks wait up to --io-timeout)")
-        try:
-            built.append(build_cache(stem, samples, size, workers))
-        except OSError as error:
-            raise UsageError(f"--cache-dir {cfg.cache_dir}: cannot write the cache ({error.strerror or error}): "
-                             f"give a writable folder with room for it") from None
-
-    verdict = comm.verdict_of_root(build)
-    if verdict is not None:
-        raise UsageError(verdict)
+    stem = cache_stem(folder, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir))
+    host, start, built = socket.gethostname(), time.perf_counter(), False
+    builders = {0}  # then, for node-local folders, one rank per host that lacks it
+    for _ in range(2):
+        error = None
+        if comm.rank in builders:
+            try:
+                built = _build_logged(stem, samples, size, workers, split_name, host) or built
+            except UsageError as raised:
+                error = str(raised)
+            except OSError as raised:
+                error = (f"--cache-dir {cfg.cache_dir}: cannot write the cache on {host} "
+                         f"({raised.strerror or raised}): give a writable folder with room for it")
+        failed = [message for message in comm.slow.allgather_object(error) if message]  # (the builds are done)
+        if failed:
+            raise UsageError(failed[0])
+        states = comm.slow.allgather_object((host, cache_is_whole(stem)))
+        missing = [(rank, where) for rank, (where, whole) in enumerate(states) if not whole]
+        if not missing:
+            break
+        builders = {min(rank for rank, where in missing if where == h) for _, h in missing}
+    else:
+        rank, where = missing[0]
+        raise UsageError(f"--cache-dir {cfg.cache_dir}: rank {rank} on {where} does not see the cache its host "
+                         f"built ({stem.name}.*): give the ranks of a host one folder")
     error = None
     try:
         opened = open_cache(stem, size)
@@ -176,8 +192,15 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     failed = [(rank, message) for rank, message in enumerate(comm.slow.allgather_object(error)) if message]
     if failed:
         rank, message = failed[0]
-        raise UsageError(f"--cache-dir {cfg.cache_dir}: rank {rank} cannot read the cache rank 0 wrote "
-                         f"({message}): give a folder every rank shares")
-    what = f"built in {time.perf_counter() - start:.0f} s" if built and built[0] else "reused"
+        raise UsageError(f"--cache-dir {cfg.cache_dir}: rank {rank} cannot read the cache {stem.name}.* "
+                         f"({message}): delete those files to have it rebuilt")
+    what = f"built in {time.perf_counter() - start:.0f} s" if built else "reused"
     log(f"cache: {split_name} {len(samples):,} images at {stored_size(size)} px {what}: {stem}.*", rank=comm.rank)
     return opened
+
+
+def _build_logged(stem: Path, samples, size: int, workers: int, split_name: str, host: str) -> bool:
+    if not cache_is_whole(stem):
+        log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* on {host} with {workers} "
+            f"workers (once; the other ranks wait up to --io-timeout)")
+    return build_cache(stem, samples, size, workers)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 
@@ -98,8 +100,29 @@ def test_food101_through_a_cache_built_once_by_rank_0(tmp_path):
     third = run_dd([*flags, "--out", str(tmp_path / "run3")], env=unseen, timeout=180)
     assert third.returncode == 2, explain(third)
     errors = [line for line in third.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "rank 2 cannot read the cache rank 0 wrote" in errors[0], explain(third)
+    assert len(errors) == 1 and "rank 2 cannot read the cache food101-" in errors[0], explain(third)
     assert not (tmp_path / "run3" / "config.json").exists()
+
+
+def test_a_node_local_cache_is_built_once_per_node(tmp_path):
+    """--cache-dir '$TMPDIR'-like (expanded on each rank): ranks 2 and 3 play a second node
+    whose folder rank 0's build does not reach; that node's first rank builds its own copy."""
+    datagen.write_food101(tmp_path / "data", per_class=4, test_per_class=2)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, socket\n"
+        "os.environ['DD_TEST_NODE'] = 'b' if os.environ.get('RANK') in ('2', '3') else 'a'\n"
+        "if os.environ['DD_TEST_NODE'] == 'b':\n"
+        "    socket.gethostname = lambda: 'node-b'\n")
+    result = run_dd([*TINY, "--dataset", "food101", "--data-dir", str(tmp_path / "data"), "--image-size", "28",
+                     "--cache-dir", str(tmp_path / "local-$DD_TEST_NODE"), "--out", str(tmp_path / "run")],
+                    env={"PYTHONPATH": python_path(tmp_path / "site")})
+    assert result.returncode == 0, explain(result)
+    for node in ("a", "b"):
+        assert len(list((tmp_path / f"local-{node}").glob("food101-*.images.npy"))) == 2, explain(result)
+    builds = re.findall(r"^cache: decoding \d+ (train|test) images into .*/local-(a|b)/.* on (\S+) ", result.stdout, re.M)
+    assert sorted(builds) == [("test", "a", socket.gethostname()), ("test", "b", "node-b"),
+                              ("train", "a", socket.gethostname()), ("train", "b", "node-b")], explain(result)
 
 
 def test_imagefolder_four_ranks(tmp_path):
