@@ -206,7 +206,7 @@ def resized_crop_flip(images: torch.Tensor, left: torch.Tensor, top: torch.Tenso
                       height: torch.Tensor, flip: torch.Tensor, *, size: int, batched: bool | None = None) -> torch.Tensor:
     """Each image's box resampled bilinearly to ``size``×``size``, h-flipped where ``flip``.
     On a GPU one ``grid_sample`` for the batch (float out); on a CPU a uint8 resize per image,
-    ~4x faster there (``batched`` forces either; they agree to within rounding). The box is
+    ~3x faster there (``batched`` forces either; they agree to within rounding). The box is
     at most 1.14x the output (the cache stores 256 px for 224): no antialiasing needed."""
     if not (images.device.type != "cpu" if batched is None else batched):
         boxes = torch.stack([left, top, width, height], 1).tolist()

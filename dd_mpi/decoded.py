@@ -122,7 +122,8 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
         return False
     stored = stored_size(size)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    temporary = [path.with_name(f"{path.name}.tmp{os.getpid()}") for path in (images_path, labels_path, index_path)]
+    writer = f"{socket.gethostname()}-{os.getpid()}"  # two jobs building at once (job arrays) write apart
+    temporary = [path.with_name(f"{path.name}.tmp-{writer}") for path in (images_path, labels_path, index_path)]
     try:
         images = np.lib.format.open_memmap(temporary[0], mode="w+", dtype=np.uint8,
                                            shape=(len(samples), 3, stored, stored))
