@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DatasetBundle, InMemorySplit
+from .datasets import DatasetBundle, InMemorySplit, split_size
 from .errors import UsageError
 
 
@@ -331,6 +331,3 @@ class _IndexBatches:
     def __len__(self):
         return len(self.slices)
 
-
-def split_size(split) -> int:
-    return len(split.labels) if isinstance(split, InMemorySplit) else len(split)

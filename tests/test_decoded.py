@@ -32,9 +32,8 @@ def food101(tmp_path, image_size=28, train_samples=None):
                         train_samples=train_samples, test_samples=None, verify_once=lambda check: check())
 
 
-def cache(tmp_path, split, image_size=28, **overrides):
-    cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
-                    **overrides)
+def cache(tmp_path, split, image_size=28):
+    cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     return cached_split(split, split_name="train", size=image_size, cfg=cfg, comm=Comm([0], 0, None, CPU),
                         workers=0)
 
