@@ -4,6 +4,7 @@ grouped-convolution net, and the global net; projected hours for the preset's ep
     python benchmarks/gpu_throughput.py            # on a machine with a GPU
     python benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 --compile reduce-overhead
     python benchmarks/gpu_throughput.py --device cpu --threads 1 --batch-size 32 --quick   # one CPU core
+    python benchmarks/gpu_throughput.py --device cpu --threads 1 --batch-size 32 --quick --arch resnet20 --width 2 --subnets 2  # the demo's nets
 
 Measures images/s of a training step (forward, backward, SGD) on CIFAR-sized input, fp32 and
 bf16 autocast, channels-last, side by side in one process: one sub-net (the paper's split:
@@ -11,7 +12,8 @@ bf16 autocast, channels-last, side by side in one process: one sub-net (the pape
 Then projects wall-clock hours of the preset's epochs on N GPUs (one sub-net per GPU in phase
 1, on its shard with ``shard``; all N data-parallel in phase 3 and for the baseline; perfect
 scaling) next to the paper's 5.65 h (DD) and 8.53 h (conventional). Last line: the projected
-speedup. ``--device cpu`` measures fp32 only (no bf16 units assumed) and skips the projection;
+speedup. ``--device cpu`` skips the projection and measures bf16 only where the CPU has bf16
+units (oneDNN's check: AVX512-BF16 or AMX), before fp32, whose line stays the last;
 ``--memory-format contiguous`` shows what channels-last gives.
 """
 
@@ -71,6 +73,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
+    parser.add_argument("--arch", help="another global net than the preset's (with --width, --subnets, --shortcut)")
+    parser.add_argument("--width", type=float)
+    parser.add_argument("--subnets", type=int)
+    parser.add_argument("--shortcut", choices=("A", "B"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_throughput: no GPU visible (--device cpu measures a CPU)")
@@ -81,13 +87,18 @@ def main() -> None:
     memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
     steps = 30 if args.quick else 100
     preset = PRESETS[args.preset]
-    subnets = preset["subnets"]
-    global_spec = ModelSpec(preset["arch"], preset["width"], 10, preset.get("shortcut", "A"))
+    subnets = args.subnets or preset["subnets"]
+    global_spec = ModelSpec(args.arch or preset["arch"], args.width or preset["width"], 10,
+                            args.shortcut or preset.get("shortcut") or "A")
     sub_spec = subnet_spec(global_spec, subnets)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"# {' '.join(sys.argv)}\n# {name}, {args.memory_format}, batch {args.batch_size}, torch {torch.__version__}")
     results = {}
-    for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+    if device.type == "cuda":
+        precisions = ("fp32", "bf16")
+    else:  # the fp32 line last: it is the CPU's headline
+        precisions = ("bf16", "fp32") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32",)
+    for precision in precisions:
         bf16 = precision == "bf16"
         measure = lambda spec: images_per_second(spec, args.batch_size, bf16, steps, args.compile,  # noqa: E731
                                                  device, memory_format)

@@ -101,7 +101,8 @@ def test_gpu_throughput_headline():
 
 
 def test_gpu_throughput_measures_a_cpu_too():
-    """--device cpu: the fp32 line (no projection), its ratios those of its own figures."""
+    """--device cpu: the fp32 line last (no projection), its ratios those of its own figures;
+    a bf16 line before it where the CPU has bf16 units."""
     lines = run_benchmark("gpu_throughput.py", "--device", "cpu", "--threads", "1", "--quick", "--batch-size", "8",
                           header=False)
     numbers = r"[0-9,.]+"
@@ -111,6 +112,8 @@ def test_gpu_throughput_measures_a_cpu_too():
     sub, fused, fused_vs_alone, glob, fused_vs_global = (float(g.replace(",", "")) for g in match.groups())
     assert fused_vs_alone == pytest.approx(fused / sub, rel=0.02)
     assert fused_vs_global == pytest.approx(fused / glob, rel=0.02)
+    bf16 = [line for line in lines if line.startswith("bf16: sub-net ")]  # where the CPU has bf16 units
+    assert len(bf16) == int(torch.ops.mkldnn._is_mkldnn_bf16_supported()), lines
 
 
 def test_decode_speed_says_how_many_workers_keep_up():
