@@ -87,7 +87,8 @@ def test_compiled_sub_nets_train_as_the_eager_ones(layouts, tmp_path):
     """--compile on CPU (inductor, a fresh cache): the same 4 sub-nets, fused 2 per rank, as
     eager. Inductor fuses BatchNorm and the adds into kernels that sum in another order, and
     4 steps at this LR amplify it: measured 1.1e-3 to 1.9e-3 per weight, against ~1 between
-    two different sub-nets; so 2e-2 (a sub-net that got another's data or LR is off by more)."""
+    two different sub-nets (another seed and data); so 2e-2, and the test checks that it tells
+    the compiled sub-nets apart."""
     out = tmp_path / "run"
     result = run_dd([*LAYOUT_RUN, "--compile", "--out", str(out)], nproc=2, timeout=900,
                     env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
