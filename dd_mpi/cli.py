@@ -25,6 +25,7 @@ from .decompose import subnet_spec
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
 from .launch import cpu_threads_per_rank, data_workers, detect_launch, run_local
 from .plan import comm_partitions, level_layouts
+from .progress import say
 from .rendezvous import pick_device, pick_precision
 
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             return run_local(cfg.nproc, _without_nproc(argv))
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
-            print(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
-                  f"{launch.world_size} ranks", file=sys.stderr, flush=True)
+            say(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
+                f"{launch.world_size} ranks", sys.stderr)
         # Everything that needs no communication is checked first, identically on every rank.
         layouts = level_layouts(cfg, launch.world_size) if "dd" in cfg.strategies else []
         if layouts:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
         # torch then (no handler for its SIGTERM yet): there, every rank says the same line
         if launch.rank == 0 or launch.launcher == "torchrun":
-            print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+            say(f"dd-train: error: {error}", sys.stderr)
         return EXIT_USAGE
 
     torch.set_num_threads(cfg.threads or cpu_threads_per_rank(launch))
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UsageError as error:
         if launch.rank == 0 or not error.everywhere:
-            print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+            say(f"dd-train: error: {error}", sys.stderr)
         if not error.everywhere and world is not None:
             world.comm.abort(EXIT_USAGE)  # the other ranks may be waiting on this one
         _close(world)
@@ -110,25 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if isinstance(error, Preempted):
             if launch.rank == 0:
-                print("dd-train: stopped by signal after checkpointing; run again with --resume",
-                      file=sys.stderr, flush=True)
+                say("dd-train: stopped by signal after checkpointing; run again with --resume", sys.stderr)
             _close(world)
             return EXIT_PREEMPTED
         if isinstance(error, PhaseFailed):
             if launch.rank == 0:
-                print(f"dd-train: error: {error}", file=sys.stderr, flush=True)
+                say(f"dd-train: error: {error}", sys.stderr)
             _close(world)
             return EXIT_FAILURE
         if peer_lost(error):
             # one line, but with the message: the match is by substring, so a genuine local
             # timeout (a DataLoader's, say) must still say what it was
             detail = (str(error).strip().splitlines() or [""])[0][:200]
-            print(f"dd-train: rank {launch.rank}: lost contact with another rank "
-                  f"({type(error).__name__}: {detail}); stopping", file=sys.stderr, flush=True)
+            say(f"dd-train: rank {launch.rank}: lost contact with another rank "
+                f"({type(error).__name__}: {detail}); stopping", sys.stderr)
         else:
-            print(f"dd-train: rank {launch.rank} failed:", file=sys.stderr)
-            traceback.print_exc()
-            sys.stderr.flush()
+            say(f"dd-train: rank {launch.rank} failed:\n{traceback.format_exc().rstrip()}", sys.stderr)
         if world is not None:
             world.comm.abort(EXIT_FAILURE)  # MPI: the whole job; otherwise this process
         return EXIT_FAILURE

@@ -25,7 +25,7 @@ from .decompose import fuse_states, unfuse_state
 from .errors import PhaseFailed, Preempted, UsageError
 from .models import build_model
 from .plan import Level, Plan
-from .progress import Reporter, log
+from .progress import Reporter, log, say
 from .report import metrics_row, write_metrics
 from .train import EpochProgress, NonFiniteLoss, evaluate, make_optimizer, make_scheduler, train_epoch
 
@@ -225,8 +225,8 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
 
 def print_epoch(name: str, epochs: int, row: dict) -> None:
     test = f" test {row['test_top1']:.2f}%" if row.get("test_top1") is not None else ""
-    print(f"[{name}] epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train {row['top1']:.2f}%"
-          f"{test} {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s", flush=True)
+    say(f"[{name}] epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train {row['top1']:.2f}%"
+        f"{test} {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s")
 
 
 def model_of(level: Level, state: dict, device: torch.device) -> nn.Module:

@@ -16,10 +16,19 @@ from pathlib import Path
 import torch
 
 
+def say(text: str, stream=None) -> None:
+    """Write `text` and its newline in one write and flush. The ranks share one pipe or
+    terminal, and under PYTHONUNBUFFERED (a launcher's or a test's) `print` writes the text
+    and the newline apart, so two group leaders' lines would interleave mid-line."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def log(message: str, *, rank: int = 0) -> None:
     """Progress goes to stdout from rank 0 only (the rank of the comm passed in)."""
     if rank == 0:
-        print(message, flush=True, file=sys.stdout)
+        say(message)
 
 
 def _duration(seconds: float) -> str:
@@ -56,8 +65,8 @@ class StepProgress:
         rate = (self.step - self.first_step) / max(now - self.start, 1e-9)  # steps/s this epoch
         left = (self.steps - self.step + (self.epochs - self.epoch) * self.steps) / max(rate, 1e-9)
         loss = f" loss {float(loss_sum.sum()) / max(seen, 1) / loss_sum.numel():.4f}" if loss_sum is not None else ""
-        print(f"[{self.label}] epoch {self.epoch}/{self.epochs} step {self.step}/{self.steps} "
-              f"{rate * self.images_per_step:.0f} img/s{loss} ETA {_duration(left)}", flush=True)
+        say(f"[{self.label}] epoch {self.epoch}/{self.epochs} step {self.step}/{self.steps} "
+            f"{rate * self.images_per_step:.0f} img/s{loss} ETA {_duration(left)}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
+from .progress import say
 
 NET_KEYS = ("transfer", "transfer_T", "random_T")  # the global nets' rows, in the paper's order
 RESULT_KEYS = ("top1", "top5", "loss", "seconds")  # what a net's row keeps of an evaluation
@@ -123,4 +124,4 @@ def write_report(out: Path, report: dict) -> None:
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     table = format_table(report)
     atomic_write_bytes(out / "report.md", f"# dd_mpi report: {out}\n\n{table}\n".encode())
-    print(table, flush=True)
+    say(table)

@@ -361,3 +361,23 @@ def test_every_flag_of_dd_train_has_help_in_its_section():
     assert not undocumented, f"RunConfig fields without a comment: {undocumented}"
     titles = {g.title for g in parser._action_groups if g._group_actions}
     assert {"model", "method", "data", "optimisation", "processes", "outputs and recovery"} <= titles
+
+
+def test_ranks_sharing_a_pipe_never_split_each_others_lines():
+    """Group leaders print to one pipe at once, under PYTHONUNBUFFERED (our tests, some
+    launchers): `print` would write each text and its newline apart and interleave two lines
+    (CI once read 'subnet1: resuming after epoch 1subnet0: resuming after epoch 2');
+    `progress.say` writes a line in one write."""
+    import subprocess
+    import sys
+    writer = ("import sys; from dd_mpi.progress import say\n"
+              "for i in range(3000): say(f'rank {sys.argv[1]} line {i} ' + 'x' * 60)")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stdout=write, env=env) for rank in (0, 1)]
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    expected = {f"rank {rank} line {i} " + "x" * 60 for rank in (0, 1) for i in range(3000)}
+    assert len(lines) == 6000 and set(lines) == expected
