@@ -7,6 +7,8 @@ discovery, data plans, config validation, checkpoint files, failure classificati
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -368,8 +370,6 @@ def test_ranks_sharing_a_pipe_never_split_each_others_lines():
     launchers): `print` would write each text and its newline apart and interleave two lines
     (CI once read 'subnet1: resuming after epoch 1subnet0: resuming after epoch 2');
     `progress.say` writes a line in one write."""
-    import subprocess
-    import sys
     writer = ("import sys; from dd_mpi.progress import say\n"
               "for i in range(3000): say(f'rank {sys.argv[1]} line {i} ' + 'x' * 60)")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
