@@ -47,7 +47,7 @@ def print_header(title: str) -> None:
 def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 7200) -> tuple[dict, list[dict]]:
     """One dd-train job on ``nproc`` local ranks; returns (report.json, metrics.jsonl rows).
     Its output goes to OUT/log.txt; on failure the tail is shown and we stop."""
-    cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(nproc), *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(nproc), *last_flags_win(args), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}  # we are no rank
     out.mkdir(parents=True, exist_ok=True)
     print("  $ " + shlex.join(["dd-train", *cmd[3:]]), flush=True)
@@ -60,6 +60,30 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return report, metrics
+
+
+def last_flags_win(args: list[str]) -> list[str]:
+    """A preset followed by flags that override it, as dd-train reads it: each flag once, at
+    its first place, with its last value (``--x``/``--no-x`` are one flag). Same run, and the
+    printed command says what ran instead of listing ``--arch resnet20 ... --arch resnet32``."""
+    items: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):  # a stray value: keep it where it is
+            items[f"#{i}"] = [token]
+            i += 1
+            continue
+        name = token.split("=", 1)[0]
+        if "=" in token or i + 1 == len(args) or args[i + 1].startswith("--"):
+            item = [token]  # --flag=value or a switch
+            i += 1
+        else:
+            item = [token, args[i + 1]]
+            i += 2
+        key = name.replace("--no-", "--", 1) if len(item) == 1 and "=" not in token else name
+        items[key] = item  # a dict keeps the first insertion's place
+    return [token for item in items.values() for token in item]
 
 
 def default_out(name: str) -> Path:

@@ -132,3 +132,16 @@ def test_decode_speed_says_how_many_workers_keep_up():
         r"per rank \(([0-9.]+)x one decoding worker\)", line))]
     gather, augmented, versus = (float(v) for v in cache)
     assert gather > 0 and 0 < augmented and versus == pytest.approx(augmented / rate, abs=0.1)
+
+
+def test_a_preset_overridden_by_later_flags_runs_and_prints_each_flag_once():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harness import last_flags_win
+
+    preset = ["--arch", "resnet20", "--width", "2", "--compile", "--seed", "-1", "--lr=0.1"]
+    merged = last_flags_win([*preset, "--arch", "resnet32", "--no-compile", "--lr", "0.2", "--seed", "3"])
+    assert merged == ["--arch", "resnet32", "--width", "2", "--no-compile", "--seed", "3", "--lr", "0.2"]
+    # what dd-train's own parser makes of the merged list is what it makes of the original
+    from dd_mpi.config import build_parser
+    original = [*preset, "--arch", "resnet32", "--no-compile", "--lr", "0.2", "--seed", "3"]
+    assert vars(build_parser().parse_args(merged)) == vars(build_parser().parse_args(original))
