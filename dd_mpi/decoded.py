@@ -19,6 +19,7 @@ or sample cap builds a new one instead of reusing a stale one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -141,6 +142,31 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
     return True
 
 
+def remove_killed_builds(stem: Path, host: str) -> list[Path]:
+    """Delete the temporaries of this cache that a killed build on this host left (a build
+    that fails cleans up after itself; SIGKILL or a lost node does not, and an image cache's
+    temporary can be gigabytes). A writer is known dead only on its own host, by its PID;
+    another host's temporaries, or a live PID's (another job building now), are left."""
+    removed = []
+    for path in stem.parent.glob(glob.escape(f"{stem.name}.") + "*" + glob.escape(f".tmp-{host}-") + "*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def open_cache(stem: Path, size: int) -> InMemorySplit:
     """The cache at ``stem`` memory-mapped (copy-on-write: nothing this rank does reaches the file)."""
     images_path, labels_path, _ = _files(stem)
@@ -202,6 +228,8 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
 
 def _build_logged(stem: Path, samples, size: int, workers: int, split_name: str, host: str) -> bool:
     if not cache_is_whole(stem):
+        for path in remove_killed_builds(stem, host):
+            log(f"cache: removed {path}, left by a killed build on {host}")
         log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* on {host} with {workers} "
             f"workers (once; the other ranks wait up to --io-timeout)")
     return build_cache(stem, samples, size, workers)

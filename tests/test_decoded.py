@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import subprocess
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +129,33 @@ def test_a_build_that_fails_leaves_no_cache_behind(tmp_path):
         cache(tmp_path, data.train)
     assert os.path.basename(path) in str(caught.value) and "\n" not in str(caught.value)
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache, no temporaries
+
+
+def test_a_killed_builds_temporaries_on_this_host_are_removed_by_the_next_build(tmp_path, capsys):
+    data = food101(tmp_path)
+    cache(tmp_path, data.train)
+    stem = str(next((tmp_path / "cache").glob("*.json"))).removesuffix(".json")
+    for path in (tmp_path / "cache").iterdir():
+        path.unlink()
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # a PID that was a writer and is gone: what SIGKILL leaves behind
+    running = subprocess.Popen(["sleep", "60"])  # another job building right now
+    host = socket.gethostname()
+    killed = [f"{stem}.{part}.tmp-{host}-{finished.pid}" for part in ("images.npy", "labels.npy")]
+    kept = [f"{stem}.images.npy.tmp-{host}-{running.pid}", f"{stem}.images.npy.tmp-other-node-{finished.pid}",
+            f"{stem}-another-cache.images.npy.tmp-{host}-{finished.pid}"]
+    try:
+        for name in killed + kept:
+            Path(name).write_bytes(b"half a cache")
+        capsys.readouterr()
+        cache(tmp_path, data.train)
+        assert all(not os.path.exists(name) for name in killed)
+        assert all(os.path.exists(name) for name in kept)
+        out = capsys.readouterr().out
+        assert all(f"removed {name}, left by a killed build on {host}" in out for name in killed), out
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_an_unwritable_cache_dir_is_one_line(tmp_path):
