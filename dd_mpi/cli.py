@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"dd-train: rank {launch.rank}: lost contact with another rank "
                 f"({type(error).__name__}: {detail}); stopping", sys.stderr)
         else:
-            say(f"dd-train: rank {launch.rank} failed:\n{traceback.format_exc().rstrip()}", sys.stderr)
+            # every line names its rank: ranks that fail together interleave their tracebacks
+            trace = traceback.format_exc().rstrip().splitlines()
+            say("\n".join([f"dd-train: rank {launch.rank} failed:", *(f"[rank {launch.rank}] {line}" for line in trace)]),
+                sys.stderr)
         if world is not None:
             world.comm.abort(EXIT_FAILURE)  # MPI: the whole job; otherwise this process
         return EXIT_FAILURE

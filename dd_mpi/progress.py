@@ -9,6 +9,7 @@ no per-step host sync.
 
 from __future__ import annotations
 
+import select
 import sys
 import time
 from pathlib import Path
@@ -19,10 +20,30 @@ import torch
 def say(text: str, stream=None) -> None:
     """Write `text` and its newline in one write and flush. The ranks share one pipe or
     terminal, and under PYTHONUNBUFFERED (a launcher's or a test's) `print` writes the text
-    and the newline apart, so two group leaders' lines would interleave mid-line."""
+    and the newline apart, so two group leaders' lines would interleave mid-line. A pipe
+    keeps a write whole only up to PIPE_BUF bytes, so a longer text (a traceback) goes out
+    in writes of whole lines, each at most PIPE_BUF: other ranks' lines may fall between
+    them, never inside a line."""
     stream = sys.stdout if stream is None else stream
-    stream.write(text + "\n")
-    stream.flush()
+    for chunk in whole_line_chunks(text + "\n", select.PIPE_BUF):
+        stream.write(chunk)
+        stream.flush()
+
+
+def whole_line_chunks(text: str, limit: int) -> list[str]:
+    """`text` cut at line ends into pieces of at most `limit` UTF-8 bytes (a longer line
+    stays one piece)."""
+    chunks, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        length = len(line.encode("utf-8", "backslashreplace"))
+        if current and size + length > limit:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += length
+    if current:
+        chunks.append("".join(current))
+    return chunks
 
 
 def log(message: str, *, rank: int = 0) -> None:

@@ -301,7 +301,7 @@ def check_one_traceback(result: subprocess.CompletedProcess, out: Path) -> None:
     """Rank 2 raised in phase 1: the job failed, in bounded time, with its traceback once."""
     assert result.returncode not in (0, 2, EXIT_PREEMPTED), explain(result)
     output = result.stdout + result.stderr
-    assert output.count("RuntimeError: injected failure on purpose") == 1, explain(result)
+    assert output.count("[rank 2] RuntimeError: injected failure on purpose") == 1, explain(result)
     assert output.count("dd-train: rank 2 failed") == 1 and "rank 0 failed" not in output
     assert output.count(f"dd_mpi{os.sep}cli.py\", line") == 1  # one rank's traceback, not P
     assert result.seconds < 120, f"the job took {result.seconds:.0f}s to end"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -381,3 +382,24 @@ def test_ranks_sharing_a_pipe_never_split_each_others_lines():
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     expected = {f"rank {rank} line {i} " + "x" * 60 for rank in (0, 1) for i in range(3000)}
     assert len(lines) == 6000 and set(lines) == expected
+
+
+def test_ranks_sharing_a_pipe_never_split_each_others_long_texts_inside_a_line():
+    """A traceback is longer than PIPE_BUF, and a pipe may cut a longer write anywhere to let
+    another writer in: `say` writes such a text as whole lines, so two ranks failing at once
+    interleave their tracebacks line by line (each line names its rank), never mid-line."""
+    writer = ("import sys; from dd_mpi.progress import say\n"
+              "for b in range(40): say('\\n'.join(f'rank {sys.argv[1]} block {b} line {i} ' + 'x' * 60 for i in range(150)))")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stdout=write, env=env) for rank in (0, 1)]
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = []
+        while chunk := pipe.read(1000):  # a slow reader: the pipe fills, and writers block mid-write
+            lines.append(chunk)
+            time.sleep(0.0005)
+        lines = "".join(lines).splitlines()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    expected = {f"rank {rank} block {b} line {i} " + "x" * 60 for rank in (0, 1) for b in range(40) for i in range(150)}
+    assert len(lines) == len(expected) and set(lines) == expected
