@@ -87,6 +87,15 @@ class Stream:
 
     pool: torch.Tensor
     stream: int
+    take: int | None = None  # samples per epoch (None: the whole pool); see epoch_samples
+
+
+def epoch_samples(streams: list[Stream]) -> int:
+    """Samples per net and epoch when ``streams`` train fused: equal for all. A level's
+    streams carry its smallest pool as ``take`` (``pipeline.streams_of``), so a net trains
+    the same epochs alone or fused with any others: N shards of a set N does not divide
+    differ by one sample."""
+    return min(len(s.pool) if s.take is None else s.take for s in streams)
 
 
 @dataclass
@@ -257,16 +266,15 @@ class DataPlan:
                                 start_step=start_step)
 
     def train_fused(self, comm, streams: list[Stream], *, epoch: int, batch_size: int | None = None,
-                    take: int | None = None, start_step: int = 0) -> Batches:
-        """An epoch of k nets trained as one: each net its own pool, stream and augmentation
-        (``take``: the samples per net and epoch, the same for all)."""
+                    start_step: int = 0) -> Batches:
+        """An epoch of k nets trained as one: each net its own pool, stream and augmentation,
+        ``epoch_samples(streams)`` samples each."""
         batch_size = batch_size or self.batch_size
-        if take is None and len({len(s.pool) for s in streams}) > 1:
-            take = min(len(s.pool) for s in streams)
+        take = epoch_samples(streams)
         indices = [train_indices(s.pool, seed=self.seed, stream=s.stream, epoch=epoch, rank=comm.rank,
                                  size=comm.size, take=take) for s in streams]
         gens = [generator(self.seed, s.stream, epoch, comm.rank, 1) for s in streams]  # rank in the comm
-        steps = train_steps(take or len(streams[0].pool), comm.size, batch_size)
+        steps = train_steps(take, comm.size, batch_size)
         return self._batches(self.data.train, indices, gens, steps, batch_size, start_step)
 
     def test(self, comm, members: int = 1) -> Batches:

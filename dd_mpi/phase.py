@@ -20,7 +20,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .checkpoint import PhaseState
 from .config import RunConfig
-from .data import DataPlan, Stream, train_steps
+from .data import DataPlan, Stream, epoch_samples, train_steps
 from .decompose import fuse_states, unfuse_state
 from .errors import PhaseFailed, Preempted, UsageError
 from .models import build_model
@@ -106,8 +106,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
     name = level.group_name(nets)
     model = build_model(level.spec.fused(k)).to(comm.device, memory_format=torch.channels_last)
     model.load_state_dict(fuse_states(states) if k > 1 else states[0])
-    take = min(len(s.pool) for s in streams)
-    steps = train_steps(take, comm.size, level.batch_size)
+    steps = train_steps(epoch_samples(streams), comm.size, level.batch_size)
     optimizer = make_optimizer(model, recipe, level.batch_size * comm.size)
     scheduler = make_scheduler(optimizer, recipe, steps)
     scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
@@ -152,7 +151,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
 
     for epoch in range(state.epoch, recipe.epochs):
         resume = EpochProgress(**state.progress) if state.progress else None
-        batches = run.data.train_fused(comm, streams, epoch=epoch, batch_size=level.batch_size, take=take,
+        batches = run.data.train_fused(comm, streams, epoch=epoch, batch_size=level.batch_size,
                                        start_step=resume.step if resume else 0)
         progress = run.reporter.epoch(name, leader=comm.is_leader, world_phase=level.world_wide, epoch=epoch + 1,
                                       epochs=recipe.epochs, steps=steps, start_step=resume.step if resume else 0,

@@ -75,8 +75,10 @@ def place_of(world: BaseWorld) -> dict:
 
 # ---------------------------------------------------------------------------------------
 def streams_of(job: Run, level: Level, nets: list[int]) -> list[Stream]:
+    """``nets``' data; each takes the level's smallest pool per epoch, whoever it trains with."""
     every = pools(level, job.plan, split_size(job.data.data.train), job.cfg)
-    return [Stream(every[j], level.stream(j)) for j in nets]
+    take = min(len(pool) for pool in every)
+    return [Stream(every[j], level.stream(j), take) for j in nets]
 
 
 def run_levels(job: Run, world: BaseWorld) -> dict:

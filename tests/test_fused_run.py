@@ -15,10 +15,12 @@ from helpers import REPORT_KEYS, explain, read_metrics, read_report, run_dd
 
 pytestmark = pytest.mark.slow
 
-# 4 sub-nets of a 1x ResNet20 on shards of 256 samples: 64 each, 4 steps of 16 per sub-net;
-# one thread per rank, so that every layout sums in the same order where it can.
+# 4 sub-nets of a 1x ResNet20 on shards of 258 samples: 64 or 65 each (4 does not divide 258),
+# and every sub-net takes 64 per epoch, alone or fused: 4 steps of 16 per sub-net (a sub-net
+# alone once took all 65, 5 steps, and fused with a 64 only 64); one thread per rank, so that
+# every layout sums in the same order where it can.
 LAYOUT_RUN = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1", "--subnets", "4",
-              "--subnet-epochs", "1", "--finetune-epochs", "1", "--train-samples", "256", "--test-samples", "64",
+              "--subnet-epochs", "1", "--finetune-epochs", "1", "--train-samples", "258", "--test-samples", "64",
               "--batch-size", "16", "--strategy", "dd", "--subnet-data", "shard", "--deterministic", "--threads", "1"]
 # Tolerance, per weight, between a sub-net trained alone (P = 4) and fused (P = 1 or 2), after
 # its 4 steps in fp32. Fused and alone, a sub-net's forward pass is bit for bit the same
