@@ -41,9 +41,11 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
-    data = load_for_run(cfg, world.comm, workers)  # before anything is written: bad data leaves no run behind
-    prepare_output(cfg, world.comm, out)
+    # data and plan before anything is written: bad data or a batch the layout cannot split
+    # leaves no run behind (a config.json would make the corrected run ask for --resume)
+    data = load_for_run(cfg, world.comm, workers)
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
+    prepare_output(cfg, world.comm, out)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
     job = Run(cfg, plan, plan_data, data.num_classes, out, should_stop, reporter, precision, world.rank)

@@ -404,6 +404,7 @@ def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
     ("local", 4, ["--preset", "nope"], "--preset 'nope' is unknown"),
     ("local", 4, ["--finetune-epochs", "-1"], "--finetune-epochs -1 is invalid"),
     ("local", 4, ["--batch-size", "0"], "--batch-size 0 is invalid"),
+    ("local", 3, ["--global-batch-size", "128"], "--global-batch-size 128 is not divisible by the 3 ranks"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, launcher, nproc, flags, needle):
     """Rank 0 says it, the others exit quietly; under torchrun, which stops all ranks when
