@@ -104,9 +104,7 @@ class RunConfig:
     @property
     def level_counts(self) -> list[int]:
         """Nets per level: N first, 1 last (``--levels``, else N,1)."""
-        if self.levels is None:
-            return [self.subnets, 1] if self.subnets > 1 else [1, 1]
-        return [int(v) for v in self.levels.split(",")]
+        return _level_counts(self.levels, self.subnets)
 
     def phase_lr(self, phase: str) -> float:
         return {"subnet": self.subnet_lr or self.lr,
@@ -196,7 +194,7 @@ class RunConfig:
                "train_samples", "test_samples", "seed", "offdiag_std", "batch_size", "lr",
                "subnet_lr", "finetune_lr", "baseline_lr", "schedule", "subnet_epochs",
                "finetune_epochs", "baseline_epochs", "strategy", "label_smoothing",
-               "momentum", "weight_decay", "warmup_epochs", "finetune_warmup_epochs", "levels",
+               "momentum", "weight_decay", "warmup_epochs", "finetune_warmup_epochs",
                "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "nesterov",
                "bn_weight_decay", "warmup_style")
 
@@ -206,6 +204,10 @@ class RunConfig:
         defaults = RunConfig()
         differ = [f"--{k.replace('_', '-')}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(self, k)!r}"
                   for k in self.SHAPING if saved.get(k, getattr(defaults, k)) != getattr(self, k)]
+        saved_subnets = saved.get("subnets", defaults.subnets)
+        saved_counts = _level_counts(saved.get("levels"), saved_subnets)
+        if saved_subnets == self.subnets and saved_counts != self.level_counts:  # "4,1" is the default 4
+            differ.append(f"--levels: {','.join(map(str, saved_counts))} -> {','.join(map(str, self.level_counts))}")
         if (saved.get("cache_dir") is None) != (self.cache_dir is None):  # where it is may change, not whether
             differ.append(f"--cache-dir: {saved.get('cache_dir')!r} -> {self.cache_dir!r} (a cache's crops "
                           "are of the stored square, the files' of the whole image)")
@@ -213,6 +215,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _level_counts(levels: str | None, subnets: int) -> list[int]:
+    if levels is None:
+        return [subnets, 1] if subnets > 1 else [1, 1]
+    return [int(v) for v in levels.split(",")]
 
 
 def _choice(flag: str, value, choices) -> None:

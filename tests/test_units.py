@@ -254,6 +254,11 @@ def test_resume_names_every_setting_that_differs():
     differences = RunConfig(arch="resnet32", width=4.0, subnets=2, dataset="cifar10").incompatible_with(saved)
     assert differences == ["--arch: 'resnet20' -> 'resnet32'", "--width: 2.0 -> 4.0",
                            "--dataset: 'synthetic' -> 'cifar10'"]
+    four = RunConfig(subnets=4).to_dict()  # --levels: what it means counts, not how it is spelt
+    assert RunConfig(subnets=4, levels="4,1").incompatible_with(four) == []
+    assert RunConfig(subnets=4, levels="4, 1").incompatible_with(RunConfig(subnets=4, levels="4,1").to_dict()) == []
+    assert RunConfig(subnets=4, levels="4,2,1").incompatible_with(four) == ["--levels: 4,1 -> 4,2,1"]
+    assert RunConfig(subnets=2).incompatible_with(four) == ["--subnets: 4 -> 2"]
     cached = RunConfig(dataset="food101", cache_dir="/scratch/a").to_dict()
     assert RunConfig(dataset="food101", cache_dir="/scratch/b").incompatible_with(cached) == []  # moved: fine
     (dropped,) = RunConfig(dataset="food101").incompatible_with(cached)
