@@ -116,6 +116,9 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
     last_path = ckpt.checkpoint_path(run.out, name, "last")
     saved = ckpt.load(last_path) if cfg.resume else None
     if saved is not None:
+        if saved.get("nets") is not None and list(saved["nets"]) != list(nets):  # named by an older dd_mpi
+            raise UsageError(f"--resume: {last_path} holds nets {list(saved['nets'])}, not {nets}: delete it "
+                             "to retrain them")
         state = PhaseState.from_dict(saved)
         if state.ranks != comm.size:  # LR scaling, steps and data split would change
             raise UsageError(f"--resume: {name} was trained on {state.ranks} ranks and would resume on "

@@ -52,10 +52,14 @@ class Level:
         return f"subnet{net}" if self.is_first else f"{self.phase}-net{net}"
 
     def group_name(self, nets: list[int]) -> str:
-        """The checkpoint name of a group training ``nets`` fused (``-last``, ``-best``)."""
+        """The checkpoint name of a group training ``nets`` fused (``-last``, ``-best``): a
+        run ``subnet0-3``, other sets each member (``subnet0+3``: the rest of a group whose
+        other nets finished elsewhere, as --only-group tasks), so no two sets share a name."""
         if len(nets) == 1:
             return self.net_name(nets[0])
-        return f"{self.net_name(nets[0])}-{nets[-1]}"
+        if list(nets) == list(range(nets[0], nets[-1] + 1)):
+            return f"{self.net_name(nets[0])}-{nets[-1]}"
+        return "+".join([self.net_name(nets[0]), *map(str, nets[1:])])
 
     def stream(self, net: int) -> int:
         return self.stream_base + net

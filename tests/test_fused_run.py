@@ -6,6 +6,8 @@ whatever the layout, under each launcher; and composition in stages (--levels) e
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -73,6 +75,26 @@ def test_n_greater_than_p_runs_end_to_end_with_its_layout_in_the_report(layouts)
         if per_rank > 1:
             assert (out / "checkpoints" / f"subnet0-{per_rank - 1}-last.pt").exists()  # the group's
         assert all((out / "checkpoints" / f"subnet{j}-final.pt").exists() for j in range(4))  # each net's
+
+
+def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished_elsewhere(layouts, tmp_path):
+    """Sub-nets 1 and 2 finished (say by --only-group tasks), 0 and 3 not: one rank trains
+    0 and 3 fused, as a set of its own with its own checkpoints (it once took the whole group's
+    subnet0-3-last.pt for its own and crashed on its shapes), into the same sub-nets."""
+    out = tmp_path / "run"
+    shutil.copytree(layouts[1][0], out)
+    for path in [*(out / "checkpoints").glob("subnet[03]-final.pt"), *(out / "checkpoints").glob("finetune-*"),
+                 out / "checkpoints" / "composed.pt", out / "report.json"]:
+        path.unlink()
+    result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert "subnet1: finished earlier" in result.stdout and "subnet2: finished earlier" in result.stdout
+    assert (out / "checkpoints" / "subnet0+3-last.pt").exists()
+    before = subnet_states(layouts[1][0])
+    for j, state in enumerate(subnet_states(out)):
+        worst = max((state[k].double() - before[j][k].double()).abs().max().item() for k in state)
+        assert worst < FUSED_VS_ALONE, f"sub-net {j}: retrained 2 fused vs 4 fused differ by {worst:.2e}"
+    assert read_report(out)["world_size"] == 1
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
