@@ -89,12 +89,18 @@ def sets_from_mpi_splits(hvd, mpi_world, partitions: list[list[list[int]]]) -> l
     """The same sets from communicator splits (where Horovod has MPI): for every partition
     that needs one, every rank hands Horovod the communicator of its own part, in the same
     order on every rank (a subset's split gives the other ranks a set of their own too,
-    never used)."""
+    never used). A partition already split is skipped (two levels on the same groups, as
+    ``--levels 4,2,1`` on 6 ranks): Horovod refuses a set registered twice."""
     rank, size = mpi_world.Get_rank(), mpi_world.Get_size()
-    sets = []
+    sets, seen = [], []
     for partition in partitions:
         if not any(1 < len(ranks) < size for ranks in partition):
             continue
+        rest = sorted(set(range(size)).difference(*partition))
+        parts = sorted([sorted(ranks) for ranks in partition] + ([rest] if rest else []))
+        if parts in seen:  # the same on every rank: every rank skips it, as Split is collective
+            continue
+        seen.append(parts)
         mine = next((k for k, ranks in enumerate(partition) if rank in ranks), len(partition))
         sets.append(hvd.ProcessSet(mpi_world.Split(color=mine, key=rank)))
     return sets

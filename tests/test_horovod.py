@@ -166,6 +166,22 @@ def test_whole_pipeline_under_mpiexec(runs):
     assert "horovod: 2 process sets from MPI communicator splits" in result.stdout
 
 
+@pytest.mark.mpi
+def test_levels_on_the_same_groups_register_their_sets_once_under_mpiexec(tmp_path):
+    """--levels 4,2,1 with --groups 2 on 4 ranks: levels 0 and 1 both split the world into
+    [0, 1], [2, 3] (and their leaders [0, 2]); Horovod refuses a set registered twice, so the
+    MPI splits are made once per distinct partition (it once failed on every rank at init)."""
+    out = tmp_path / "run"
+    result = run_job(mpiexec(sys.executable, "-m", "dd_mpi", "--backend", "horovod", *TINY, "--subnets", "4",
+                             "--width", "2", "--groups", "2", "--levels", "4,2,1", "--level-epochs", "1",
+                             "--strategy", "dd", "--out", out))
+    assert result.returncode == 0, explain(result)
+    assert "horovod: 2 process sets from MPI communicator splits" in result.stdout, explain(result)
+    report = read_report(out)
+    assert [entry["groups"] for entry in report["layout"]] == [2, 2, 1]
+    assert [len(level["nets"]) for level in report["intermediate"]] == [2]
+
+
 @pytest.mark.parametrize("launcher, subnets", [
     ("horovodrun", 2), ("horovodrun", 1), pytest.param("mpiexec", 2, marks=pytest.mark.mpi)])
 def test_accuracies_agree_with_torch_engine(runs, launcher, subnets):
