@@ -120,8 +120,10 @@ def build_plan(cfg: RunConfig, layouts: list[Layout], world_size: int, num_class
 def _level(cfg: RunConfig, k: int, count: int, nets: int, spec: ModelSpec, layout: Layout) -> Level:
     if k == 0:
         recipe = _recipe(cfg, "subnet", cfg.subnet_epochs, cfg.warmup_epochs)
-        return Level(0, nets, spec, layout, recipe, _batch(cfg, cfg.subnet_batch_size or cfg.batch_size, layout),
-                     "subnet", "--subnet-lr", 100)
+        # --subnet-batch-size is phase 1's own per-rank batch: it wins over --global-batch-size
+        # (a preset's), which would otherwise set phase 1's batch too
+        batch = cfg.subnet_batch_size or _batch(cfg, cfg.batch_size, layout)
+        return Level(0, nets, spec, layout, recipe, batch, "subnet", "--subnet-lr", 100)
     if k == count - 1:
         recipe = _recipe(cfg, "finetune", cfg.finetune_epochs, cfg.finetune_warmup_epochs)
         return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), "finetune",

@@ -80,6 +80,10 @@ def test_global_batch_is_divided_over_each_nets_ranks_or_refused():
     assert [lv.batch_size for lv in plan.levels] == [64, 32] and plan.baseline.batch_size == 32
     with pytest.raises(UsageError, match="--global-batch-size 128 is not divisible by the 3 ranks"):
         build_plan(cfg, level_layouts(cfg, 3), 3, 10)
+    # phase 1's own batch per rank wins over a preset's global batch, in phase 1 only
+    own = parse_config(["--preset", "cifar10-resnet32", "--subnet-batch-size", "512"])
+    plan = build_plan(own, level_layouts(own, 4), 4, 10)
+    assert [lv.batch_size for lv in plan.levels] == [512, 32]
 
 
 def test_shards_of_a_composed_net_are_its_sub_nets_shards():
