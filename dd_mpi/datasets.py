@@ -98,7 +98,8 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
                             verify_once=comm.verdict_of_root, seed=cfg.seed)
     except UsageError as raised:
         error = str(raised)
-    except (OSError, ValueError) as raised:  # this rank's copy would not parse (files, formats)
+    except Exception as raised:  # this rank's copy would not parse: files, formats, and what
+        # torchvision or pickle raise (RuntimeError 'Dataset not found', UnpicklingError, ...)
         error = f"--data-dir {cfg.data_dir}: {type(raised).__name__}: {raised}"
     seen = None if data is None else (data.class_names, split_size(data.train), split_size(data.test))
     views = comm.slow.allgather_object((error, seen))

@@ -178,7 +178,13 @@ def rank_patch_env(tmp_path, rank: str, patch: str) -> dict:
     ("def broken(self, directory):\n"
      "    raise FileNotFoundError(f'no class folders in {directory}')\n"
      "d.ImageFolder.find_classes = broken",
-     "rank 3: ")])
+     "rank 3: "),
+    # ... with what torchvision raises for a dataset it cannot find (Food-101, CIFAR), or a
+    # truncated pickle or a malformed JSON would: not an OSError
+    ("def missing(self, directory):\n"
+     "    raise RuntimeError('Dataset not found. You can use download=True to download it')\n"
+     "d.ImageFolder.find_classes = missing",
+     "rank 3: --data-dir ")])
 def test_a_rank_that_reads_other_data_stops_every_rank_with_one_line(tmp_path, patch, message):
     datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
     result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
