@@ -113,9 +113,14 @@ def free_port() -> int:
 
 
 def cpu_threads_per_rank(launch: LaunchInfo, env: Mapping[str, str] = os.environ) -> int:
-    """Cores this rank may use without oversubscribing the node (OMP_NUM_THREADS rule)."""
-    if _int(env, "SLURM_CPUS_PER_TASK"):
-        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    """Cores this rank may use without oversubscribing the node (OMP_NUM_THREADS rule).
+    SLURM_CPUS_PER_TASK counts one Slurm task's CPUs: a rank's own under srun and the MPI
+    launchers (a task per rank), shared by the node's ranks under torchrun and --nproc, which
+    start them all inside one task (`srun --ntasks-per-node 1 -c 32 torchrun --nproc-per-node 4`)."""
+    per_task = _int(env, "SLURM_CPUS_PER_TASK")
+    if per_task:
+        shared = launch.launcher in ("torchrun", "local")
+        return max(1, per_task // max(1, launch.local_world_size) if shared else per_task)
     cores = len(os.sched_getaffinity(0))
     return max(1, cores // max(1, launch.local_world_size))
 

@@ -26,7 +26,7 @@ from dd_mpi.data import (DataPlan, batch_slices, eval_indices, random_crop_flip,
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.errors import UsageError
-from dd_mpi.launch import _wait_all, cpu_threads_per_rank, detect_launch
+from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch
 from dd_mpi.synthetic import make_synthetic
 
 
@@ -72,7 +72,14 @@ def test_detect_launch_rendezvous_address():
 
 
 def test_threads_per_rank_do_not_oversubscribe():
-    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "6"}) == 6
+    # torchrun's 4 ranks share its Slurm task's CPUs; a rank that srun or MPI started is a task
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "32"}) == 8
+    assert data_workers(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "32"}) == 7
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "6"}) == 1
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"}
+    assert cpu_threads_per_rank(detect_launch(srun), {"SLURM_CPUS_PER_TASK": "6"}) == 6
+    hydra = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}
+    assert cpu_threads_per_rank(detect_launch(hydra), {"SLURM_CPUS_PER_TASK": "6"}) == 6
     assert cpu_threads_per_rank(detect_launch(TORCHRUN), {}) == max(1, len(os.sched_getaffinity(0)) // 4)
 
 
