@@ -12,9 +12,9 @@ than a few workers decode JPEGs: BENCHMARKS.md §5).
   Training takes random-resized crops of the stored square (``data.resized_crop_flip``);
   testing its centre crop: the same pixels as the test transform.
 
-A cache is only ever whole: it is written under a temporary name and renamed, and its index
-(``.json``, written last) names the exact samples it holds, so a changed dataset, image size
-or sample cap builds a new one instead of reusing a stale one.
+A cache is only ever whole: it is written under a temporary name and renamed, and its name
+hashes the exact samples it holds and a fingerprint of their files, so a changed dataset, image
+size or sample cap builds a new one instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -64,16 +64,21 @@ class _Decoded(Dataset):
         return self.transform(CheckedLoader()(path)), label
 
 
-def _decode_into(images, labels, dataset: _Decoded, workers: int) -> None:
-    """Fill ``images``/``labels`` (tensors or arrays) with ``dataset``, decoded by ``workers``."""
+def _decoded_batches(dataset: _Decoded, workers: int):
+    """(offset, images, labels) batches of ``dataset``, decoded by ``workers``."""
     offset = 0
     try:
         for batch, targets in DataLoader(dataset, batch_size=256, num_workers=workers):
-            images[offset:offset + len(batch)] = batch.numpy() if isinstance(images, np.ndarray) else batch
-            labels[offset:offset + len(batch)] = targets.numpy() if isinstance(labels, np.ndarray) else targets
+            yield offset, batch, targets
             offset += len(batch)
     except UsageError as error:  # from a worker: keep the one line
         raise UsageError(str(error).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+
+
+def _decode_into(images: torch.Tensor, labels: torch.Tensor, dataset: _Decoded, workers: int) -> None:
+    for offset, batch, targets in _decoded_batches(dataset, workers):
+        images[offset:offset + len(batch)] = batch
+        labels[offset:offset + len(batch)] = targets
 
 
 def decode_in_memory(split: Dataset, size: int, comm, workers: int) -> InMemorySplit:
@@ -97,13 +102,27 @@ def decode_in_memory(split: Dataset, size: int, comm, workers: int) -> InMemoryS
 # ---------------------------------------------------------------------------- the disk cache
 
 def cache_stem(cache_dir: str, dataset: str, split: str, samples: list[tuple[str, int]], size: int,
-               data_dir: str) -> Path:
+               data_dir: str, fingerprint: list) -> Path:
     """Where a split's cache lives: its name says what it is, its hash which samples (paths
-    relative to --data-dir, so a copy of the data elsewhere finds the same cache)."""
+    relative to --data-dir, so a copy of the data elsewhere finds the same cache) and what
+    files (``files_fingerprint``)."""
     stored = stored_size(size)
     listing = [(os.path.relpath(path, data_dir), label) for path, label in samples]
-    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, stored, listing]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, stored, listing, fingerprint]).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{dataset}-{split}-{stored}px-{digest}"
+
+
+FINGERPRINT_FILES = 1000
+
+
+def files_fingerprint(samples: list[tuple[str, int]]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) of up to FINGERPRINT_FILES files spread evenly over ``samples``:
+    another dataset under the same file names, or one processed again, builds a new cache
+    instead of reusing the old pixels. A spread, not every file: stat-ing 101,000 files on a
+    parallel file system at every start costs minutes (so one image edited alone may go unseen)."""
+    step = max(1, -(-len(samples) // FINGERPRINT_FILES))
+    stats = [os.stat(path) for path, _ in samples[::step]]
+    return [(st.st_size, st.st_mtime_ns) for st in stats]
 
 
 def _files(stem: Path) -> tuple[Path, Path, Path]:
@@ -126,12 +145,20 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
     writer = f"{socket.gethostname()}-{os.getpid()}"  # two jobs building at once (job arrays) write apart
     temporary = [path.with_name(f"{path.name}.tmp-{writer}") for path in (images_path, labels_path, index_path)]
     try:
-        images = np.lib.format.open_memmap(temporary[0], mode="w+", dtype=np.uint8,
-                                           shape=(len(samples), 3, stored, stored))
-        labels = np.lib.format.open_memmap(temporary[1], mode="w+", dtype=np.int64, shape=(len(samples),))
-        _decode_into(images, labels, _Decoded(samples, stored, stored), workers)
-        images.flush(), labels.flush()
-        del images, labels
+        # plain writes, not a memory map: a full disk is then an OSError, where a sparse
+        # memory-mapped file kills the process with SIGBUS on the first page it cannot place
+        shape = (len(samples), 3, stored, stored)
+        labels = np.empty(len(samples), dtype=np.int64)
+        with open(temporary[0], "wb") as file:
+            np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                        "fortran_order": False, "shape": shape})
+            for offset, batch, targets in _decoded_batches(_Decoded(samples, stored, stored), workers):
+                file.write(batch.contiguous().numpy().tobytes())
+                labels[offset:offset + len(batch)] = targets.numpy()
+            file.flush()
+            os.fsync(file.fileno())
+        with open(temporary[1], "wb") as file:
+            np.save(file, labels)
         temporary[2].write_text(json.dumps({"format": CACHE_FORMAT, "samples": len(samples), "stored_px": stored,
                                             "first": samples[0][0] if samples else None}))
         for done, final in zip(temporary, (images_path, labels_path, index_path)):
@@ -186,7 +213,16 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     stops every rank with one line."""
     folder = os.path.expandvars(os.path.expanduser(cfg.cache_dir))
     samples = sample_list(split)
-    stem = cache_stem(folder, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir))
+    seen = None
+    if comm.rank == 0:  # rank 0's files name the cache for all (one rank stats them, not every rank)
+        try:
+            seen = files_fingerprint(samples), None
+        except OSError as raised:
+            seen = None, f"--data-dir {cfg.data_dir}: {raised.filename}: {raised.strerror}"
+    fingerprint, error = comm.slow.broadcast_object(seen)
+    if error is not None:
+        raise UsageError(error)
+    stem = cache_stem(folder, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir), fingerprint)
     host, start, built = socket.gethostname(), time.perf_counter(), False
     builders = {0}  # then, for node-local folders, one rank per host that lacks it
     for _ in range(2):

@@ -8,12 +8,14 @@ import math
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms import functional as TF
 
 from dd_mpi.comm import Comm
@@ -118,6 +120,42 @@ def test_a_cache_is_built_once_reused_and_rebuilt_for_other_samples(tmp_path, ca
     assert "built" in capsys.readouterr().out and len(list((tmp_path / "cache").iterdir())) == 6
     bigger = food101(tmp_path, image_size=32)  # another resolution: another cache too
     assert cache(tmp_path, bigger.train, image_size=32).images.shape[-1] == stored_size(32) == 37
+
+
+def test_the_same_file_names_with_other_pixels_build_a_new_cache(tmp_path, capsys):
+    """Data processed again in place (or another set under the same names) is not the data
+    the cache holds: the files' fingerprint is in the cache's name."""
+    data = food101(tmp_path)
+    first = cache(tmp_path, data.train)
+    for path, _ in sample_list(data.train):
+        Image.open(path).convert("RGB").point(lambda v: 255 - v).save(path, format="JPEG")
+    capsys.readouterr()
+    again = cache(tmp_path, data.train)
+    assert "built" in capsys.readouterr().out
+    assert not torch.equal(first.images, again.images)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_a_full_disk_during_the_build_is_an_os_error_not_a_crash(tmp_path):
+    """A cache folder with no room (a 64 KiB tmpfs, mounted in a user namespace): the build
+    raises ENOSPC, which dd-train turns into one line, and leaves nothing behind. (A sparse
+    memory-mapped file once took the process down with SIGBUS, no message.)"""
+    data = food101(tmp_path, image_size=64)
+    room = tmp_path / "small"
+    room.mkdir()
+    build = ("import errno, os, sys; from pathlib import Path; from dd_mpi.decoded import build_cache\n"
+             f"samples = {sample_list(data.train)!r}\n"
+             "try:\n"
+             "    build_cache(Path(sys.argv[1]) / 'c', samples, 64, 0)\n"
+             "except OSError as error:\n"
+             "    print('no space' if error.errno == errno.ENOSPC else error, sorted(os.listdir(sys.argv[1])))\n")
+    script = f'mount -t tmpfs -o size=64k tmpfs "$1" && echo mounted && exec "{sys.executable}" -c "$2" "$1"'
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(room),
+                             build], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    if "mounted" not in result.stdout:
+        pytest.skip(f"cannot mount a small tmpfs here (needs user namespaces): {result.stderr.strip()[:200]}")
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "no space []", result
 
 
 def test_a_build_that_fails_leaves_no_cache_behind(tmp_path):
