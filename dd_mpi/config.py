@@ -167,6 +167,8 @@ class RunConfig:
         if self.cache_dir is not None and self.dataset in ("synthetic", "cifar10", "cifar100"):
             raise UsageError(f"--cache-dir is for image files (food101, imagefolder); {self.dataset} is "
                              "held in memory already: drop --cache-dir")
+        if self.cache_dir is not None and not self.cache_dir.strip():  # an unset $VAR in a script
+            raise UsageError("--cache-dir '' is empty: give a folder (a variable it names may be unset)")
         if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
             raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
         return self

@@ -232,6 +232,7 @@ def test_every_preset_is_a_valid_run_whose_sub_nets_compose_back(name):
     (["--global-batch-size", "0"], "--global-batch-size 0 is invalid: use 1 or more"),
     (["--groups", "0"], "--groups 0 is invalid: use 1 or more"),
     (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
+    (["--dataset", "food101", "--cache-dir", ""], "--cache-dir '' is empty: give a folder"),
 ])
 def test_config_validation_names_the_flag(argv, message):
     with pytest.raises(UsageError) as error:
