@@ -45,11 +45,14 @@ def _samples(textures: torch.Tensor, count: int, generator: torch.Generator,
 def make_synthetic(train_samples: int | None, test_samples: int | None, *, num_classes: int = 10,
                    image_size: int = 32, channels: int = 3, seed: int = 0,
                    noise: float = 1.2, distractor: float = 0.9) -> DatasetBundle:
-    """The same data on every rank for the same arguments (no communication needed)."""
+    """The same data on every rank for the same arguments (no communication needed). The test
+    set draws from its own generator: runs with other --train-samples are scored on the same
+    test images (it once followed the training draws)."""
     generator = torch.Generator().manual_seed(10_007 + seed)
     textures = _textures(num_classes, image_size, channels, generator)
     train = _samples(textures, train_samples or DEFAULT_TRAIN_SAMPLES, generator, noise, distractor)
-    test = _samples(textures, test_samples or DEFAULT_TEST_SAMPLES, generator, noise, distractor)
+    test_generator = torch.Generator().manual_seed(20_011 + seed)
+    test = _samples(textures, test_samples or DEFAULT_TEST_SAMPLES, test_generator, noise, distractor)
     scaled = train.images.float() / 255
     mean = tuple(scaled.mean(dim=(0, 2, 3)).tolist())
     std = tuple(scaled.std(dim=(0, 2, 3)).tolist())

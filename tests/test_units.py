@@ -173,6 +173,14 @@ def test_batches_and_augmentation_depend_only_on_seed_stream_epoch_and_rank_in_c
     assert not torch.equal(first[0], _batches(_comm([0, 1], 0), epoch=2)[0])
 
 
+def test_the_synthetic_test_set_does_not_depend_on_the_training_sets_size():
+    """Runs that vary --train-samples (a scaling study, the paper's split at 4x the data) are
+    scored on the same test images."""
+    small, large, other = make_synthetic(64, 16, seed=3), make_synthetic(128, 16, seed=3), make_synthetic(64, 16, seed=4)
+    assert torch.equal(small.test.images, large.test.images) and torch.equal(small.test.labels, large.test.labels)
+    assert not torch.equal(small.test.images, other.test.images)
+
+
 def test_an_uneven_epoch_trains_every_sample_once_in_the_same_number_of_steps_per_rank():
     data = make_synthetic(66, 16, seed=3)  # 66 over 4 ranks: 17, 17, 16, 16
     plan = DataPlan(data, torch.device("cpu"), seed=3, batch_size=8)
