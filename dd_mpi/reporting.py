@@ -36,7 +36,7 @@ from .errors import UsageError
 from .report import PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
 REPORT_FILES = ("dd_report.md", "dd_report.csv", "accuracy_vs_time.png", "phase_times.png")
-PHASES = tuple((key, label) for key, _, label in PHASE_TIMES if key != "intermediate")  # the bars
+PHASES = tuple((key, label) for key, _, label in PHASE_TIMES)  # the bars, in the order they run
 CSV_FIELDS = ("run", "P", "N", "section", "name", "top1", "top5", "loss", "seconds", "ratio")
 
 
@@ -106,7 +106,8 @@ def dd_timeline(report: dict, metrics: list[dict]) -> dict:
     timing = report.get("timing") or {}
     if report.get("transfer") is None:
         return {"phase1": [], "transfer": None, "finetune": []}
-    composed_at = (timing.get("subnets") or 0.0) + (timing.get("compose") or 0.0)
+    # the global net exists once phase 1, every composition and the levels between are done
+    composed_at = sum(timing.get(key) or 0.0 for key in ("subnets", "compose", "intermediate"))
     # phase 3's clock starts with the composed net's evaluation (its elapsed includes it)
     scored_at = composed_at + (timing.get("transfer_eval") or 0.0)
     return {"phase1": phase1_curve(metrics),
@@ -254,7 +255,8 @@ def plot_phase_times(runs: list[RunFiles], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(12.0, max(4.5, 1.3 * 2 * len(runs) + 1.5)), 4.2))
     labels, x = [], 0
-    colors = {"subnets": "#4c72b0", "compose": "#dd8452", "finetune": "#55a868", "baseline": "#8c8c8c"}
+    colors = {"subnets": "#4c72b0", "intermediate": "#8172b3", "compose": "#dd8452", "finetune": "#55a868",
+              "baseline": "#8c8c8c"}
     used = set()
     for run in runs:
         timing = run.report.get("timing") or {}
@@ -263,6 +265,8 @@ def plot_phase_times(runs: list[RunFiles], path: Path) -> None:
             bottom = 0.0
             for key, text in PHASES:
                 value = timing.get(key) or 0.0
+                if not value and key == "intermediate":  # no --levels: no bar, no legend entry
+                    continue
                 ax.bar(x, value, bottom=bottom, color=colors[key], label=None if key in used else text)
                 used.add(key)
                 bottom += value

@@ -73,6 +73,10 @@ def test_dd_timeline_follows_the_phases(tmp_path):
     assert timeline["transfer"] == (13.5, 50.0)
     assert timeline["finetune"] == [(17.0, 56.0), (21.0, 60.0)]
     assert reporting.baseline_curve(run.metrics) == [(10.0, 35.0), (20.0, 50.0), (30.0, 55.0)]
+    # --levels: the intermediate levels' 4 s come before the global net exists
+    staged = {**run.report, "timing": {**run.report["timing"], "intermediate": 4.0, "dd_total": 25.0}}
+    timeline = reporting.dd_timeline(staged, run.metrics)
+    assert timeline["transfer"] == (17.5, 50.0) and timeline["finetune"][-1] == (25.0, 60.0)
 
 
 def test_table_rows_carry_the_report_numbers(tmp_path):
