@@ -28,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UsageError
-from .flat import flatten_state, unflatten_into
 from .launch import LaunchInfo
 from .rendezvous import agreed_address, mpi_world_for
 
@@ -148,13 +147,20 @@ class BaseComm:
         return self.slow.broadcast_object(verdict)
 
     # --- models ---
-    def broadcast_model_(self, model: nn.Module, root: int = 0) -> None:
-        """Make every rank hold the root's parameters and buffers (one flat broadcast)."""
+    def broadcast_parameters_(self, model: nn.Module, root: int = 0) -> None:
+        """Make every rank hold the root's parameters (one flat broadcast), as DDP does when it
+        wraps a model: not the buffers, so a rank resumed mid-epoch keeps its own BatchNorm
+        statistics (they are averaged at the epoch's end)."""
         if self.size == 1:
             return
-        flat = flatten_state(model.state_dict()).to(self.device)
+        params = list(model.parameters())
+        flat = torch.cat([p.detach().reshape(-1) for p in params]).to(self.device)
         self.broadcast_(flat, root)
-        unflatten_into(model, flat)
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def average_buffers_(self, model: nn.Module) -> None:
         """Average BN running statistics over the ranks, so saved/evaluated nets agree."""

@@ -209,15 +209,16 @@ class HorovodComm(BaseComm):
     # --- data parallelism ---
     def data_parallel(self, model: nn.Module) -> nn.Module:
         """The model itself (gradients are averaged by ``wrap_optimizer``), after every rank
-        of the set took the first rank's weights and buffers: ``hvd.broadcast_parameters``
-        is world-only, so this is one flat broadcast inside the set.
+        of the set took the first rank's weights (not its buffers, as DDP: a rank resumed
+        mid-epoch keeps its own BN statistics): ``hvd.broadcast_parameters`` is world-only,
+        so this is one flat broadcast inside the set.
 
         Horovod reduces contiguous tensors only, and a gradient takes its parameter's
         layout: a channels-last model is turned back to the default layout, in place (the
         optimizer keeps the same parameter objects)."""
         if any(not p.is_contiguous() for p in model.parameters()):
             model.to(memory_format=torch.contiguous_format)
-        self.broadcast_model_(model)
+        self.broadcast_parameters_(model)
         return model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:

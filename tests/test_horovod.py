@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from dd_mpi.checkpoint import checkpoint_path, load
 
 from helpers import BIN, REPORT_KEYS, TINY, explain, launcher_free_env, read_metrics, read_report
 
@@ -180,6 +183,40 @@ def test_levels_on_the_same_groups_register_their_sets_once_under_mpiexec(tmp_pa
     report = read_report(out)
     assert [entry["groups"] for entry in report["layout"]] == [2, 2, 1]
     assert [len(level["nets"]) for level in report["intermediate"]] == [2]
+
+
+STOP_AT_THE_SECOND_CHECK = """\
+import dd_mpi.cli as cli
+checks = []
+
+def second_check_stops(self):  # every rank, at its 2nd step of the run: a stop inside epoch 1
+    checks.append(1)
+    return self.requested or len(checks) == 2
+
+cli.StopSignal.__call__ = second_check_stops
+"""
+
+
+@pytest.mark.mpi
+def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit_under_horovod(tmp_path):
+    """As under the torch engine (test_cluster.py): each rank resumes with its own BatchNorm
+    statistics of the cut epoch. Horovod's wrap once broadcast rank 0's buffers over them,
+    and every running mean and variance of the resumed net came out different."""
+    flags = [*TINY, "--backend", "horovod", "--strategy", "baseline", "--baseline-epochs", "2", "--deterministic",
+             "--signal-check-steps", "1", "--threads", "1"]
+    two = lambda *args: [BIN / "mpiexec", "-n", "2", sys.executable, "-m", "dd_mpi", *flags, *args]  # noqa: E731
+    assert run_job(two("--out", tmp_path / "reference")).returncode == 0
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(STOP_AT_THE_SECOND_CHECK)
+    stopped = run_job(two("--out", tmp_path / "run"),
+                      env=clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO)])))
+    assert stopped.returncode == 75, explain(stopped)
+    assert load(checkpoint_path(tmp_path / "run", "baseline", "last"))["progress"]["step"] == 2
+    resumed = run_job(two("--out", tmp_path / "run", "--resume"))
+    assert resumed.returncode == 0, explain(resumed)
+    reference, mine = (load(checkpoint_path(tmp_path / out, "baseline", "final"))["model"] for out in ("reference", "run"))
+    differ = [k for k in reference if not torch.equal(reference[k], mine[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:4]}"
 
 
 @pytest.mark.parametrize("launcher, subnets", [
