@@ -207,7 +207,7 @@ def gather_and_compose(job: Run, world: BaseWorld, before: Level, level: Level,
                        "spec": level.spec.__dict__, "config": cfg.to_dict()})
             infos = sorted((i for part in gathered for i in part), key=lambda i: i["net"])
             job.record([row for i in infos for row in i["history"]])
-    infos = world.comm.broadcast_object(infos)
+    infos = world.comm.slow.broadcast_object(infos)  # rank 0 wrote composed.pt meanwhile: --io-timeout
     # every rank receives all of ``level``'s nets from rank 0 in one message, keeps its group's
     shapes = net_shapes(level)
     size = sum(math.prod(shape) for shape, _ in shapes.values())

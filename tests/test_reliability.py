@@ -390,6 +390,35 @@ def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
     assert "lost contact with another rank" in job.output() and "Traceback" not in job.output()
 
 
+SLOW_COMPOSED_WRITE = """\
+import time
+import dd_mpi.checkpoint as checkpoint
+save = checkpoint.save
+
+def slow_save(path, state):  # a slow shared file system, for composed.pt only
+    if path.name == "composed.pt":
+        time.sleep(12)
+    return save(path, state)
+
+checkpoint.save = slow_save
+"""
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_the_ranks_wait_for_rank_0s_composed_net_as_long_as_io_timeout_allows(tmp_path):
+    """Rank 0 composes and writes composed.pt while the others wait for it: a wait on a file
+    write, bounded by --io-timeout (30 min by default), not by --timeout (here 5 s: it once
+    ended a healthy job with 'lost contact' when the write took longer)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_COMPOSED_WRITE)
+    result = run_dd([*RUN, "--strategy", "dd", "--subnet-epochs", "1", "--finetune-epochs", "1", "--timeout", "5",
+                     "--out", str(tmp_path / "run")], nproc=2, env={"PYTHONPATH": python_path(tmp_path / "site")},
+                    timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert result.seconds > 12 and (tmp_path / "run" / "report.json").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Contract 6: bad input -> one line, non-zero, within seconds, nothing a later run would trust
 @pytest.mark.slow
