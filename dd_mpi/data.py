@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DatasetBundle, InMemorySplit, split_size
 from .errors import UsageError
+from .formats import worker_ignores_stop_signals
 
 
 def generator(*keys: int) -> torch.Generator:
@@ -294,6 +295,7 @@ class DataPlan:
         if id(split) not in self._loaders:
             sampler = _IndexBatches()
             loader = DataLoader(_SeededSamples(split), batch_sampler=sampler, num_workers=self.workers,
+                                worker_init_fn=worker_ignores_stop_signals,
                                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
             self._loaders[id(split)] = (loader, sampler)
         loader, sampler = self._loaders[id(split)]

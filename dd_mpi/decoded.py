@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from .errors import UsageError
-from .formats import CheckedLoader, InMemorySplit, stored_size
+from .formats import CheckedLoader, InMemorySplit, stored_size, worker_ignores_stop_signals
 from .progress import log
 
 CACHE_FORMAT = 1  # bump when the stored pixels change meaning
@@ -68,7 +68,8 @@ def _decoded_batches(dataset: _Decoded, workers: int):
     """(offset, images, labels) batches of ``dataset``, decoded by ``workers``."""
     offset = 0
     try:
-        for batch, targets in DataLoader(dataset, batch_size=256, num_workers=workers):
+        for batch, targets in DataLoader(dataset, batch_size=256, num_workers=workers,
+                                         worker_init_fn=worker_ignores_stop_signals):
             yield offset, batch, targets
             offset += len(batch)
     except UsageError as error:  # from a worker: keep the one line

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,15 @@ from torchvision import transforms as T
 from torchvision.datasets import utils as tv_utils
 
 from .errors import UsageError
+
+
+def worker_ignores_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: Slurm's SIGTERM (time limit, preemption,
+    scancel) reaches every process of the step, workers too, and a worker killed by it takes
+    the step down ('DataLoader worker is killed by signal') before the rank can checkpoint.
+    The rank decides when to stop; a worker ends with it (PyTorch's watchdog)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

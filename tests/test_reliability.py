@@ -26,6 +26,7 @@ import torch
 
 from dd_mpi.checkpoint import CHECKPOINT_DIR, checkpoint_path, load
 
+import datagen
 from helpers import BIN, explain, launcher_command, launcher_free_env, python_path, read_metrics, read_report, run_dd
 
 # Every run below trains the same nets as the reference run unless it says otherwise.
@@ -388,6 +389,39 @@ def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
     assert 5 <= seconds <= 45
     assert not wait_gone(ranks.values())
     assert "lost contact with another rank" in job.output() and "Traceback" not in job.output()
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_sigterm_to_the_whole_step_with_dataloader_workers_checkpoints_and_exits_75(tmp_path):
+    """Slurm signals every process of the step, DataLoader workers too (images over 64 px are
+    decoded by workers): the workers ignore it and the rank checkpoints and exits 75, which
+    requeues the job. (PyTorch's own worker handler died on SIGTERM, and the rank with it:
+    exit 1, no checkpoint, no requeue.)"""
+    datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=60, val_per_class=4, size=96)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dd_mpi", "--device", "cpu", "--dataset", "imagefolder", "--data-dir",
+           str(tmp_path / "data"), "--image-size", "32", "--arch", "resnet20", "--width", "1", "--batch-size", "8",
+           "--threads", "1", "--signal-check-steps", "1", "--strategy", "baseline", "--baseline-epochs", "50",
+           "--workers", "1", "--out", str(out)]
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=launcher_free_env(),
+                               start_new_session=True)  # a step of its own: the signal goes to every process
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint_path(out, "baseline", "last").exists():  # training, its worker running
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGTERM)
+        code = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    output = (tmp_path / "job.log").read_text()
+    assert code == 75, output
+    assert "killed by signal" not in output and "Traceback" not in output
+    assert load(checkpoint_path(out, "baseline", "last"))["epoch"] < 50  # what it reached, resumable
 
 
 SLOW_COMPOSED_WRITE = """\
