@@ -26,8 +26,9 @@
 #                                  ranks and requeues the job when they exit 75 (common.sh)
 set -eu
 # sbatch runs a spooled copy of this file: find common.sh beside the submitted script
-for dir in "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | awk 'sub(/^ *Command=/, "") {print $1; exit}')")" \
-           "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/slurm"; do
+submitted=$(scontrol show job "$SLURM_JOB_ID" | awk 'sub(/^ *Command=/, "") {print; exit}')  # script, args
+while [[ $submitted == *" "* && ! -f $submitted ]]; do submitted=${submitted% *}; done  # its path may hold spaces
+for dir in "$(dirname "$submitted")" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/slurm"; do
     [[ -f $dir/common.sh ]] && break
 done
 # shellcheck source-path=SCRIPTDIR source=common.sh

@@ -144,6 +144,20 @@ def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
     check_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2)
 
 
+def test_a_script_under_a_path_with_spaces_finds_common_sh_when_submitted_from_elsewhere(tmp_path):
+    """sbatch runs a spooled copy: the script finds common.sh beside the submitted file, whose
+    path Slurm gives as `Command=PATH ARGS` (a path with a space was once cut at it)."""
+    scripts = tmp_path / "my repo" / "slurm"
+    shutil.copytree(SLURM, scripts)
+    (tmp_path / "elsewhere").mkdir()
+    job = Submission(["--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0", str(scripts / "resnet32.sh"),
+                      *TINY, "--print-config"], cwd=tmp_path / "elsewhere")
+    rc = job.wait()
+    log = read_log(tmp_path / "elsewhere" / f"resnet32-{job.job_id}.out")
+    assert rc == 0 and job.state == "COMPLETED", f"sbatch exit {rc}\n{log[-3000:]}"
+    assert "common.sh" not in log and "arch: resnet20" in log, log[-3000:]
+
+
 def test_a_job_on_two_nodes(tmp_path):
     """The localhost cluster has two nodes (.ci/slurm_up.sh): a 2-node job of 2 ranks each, as
     the scripts ask for GPUs (--ntasks-per-node, --gpus-per-node neutralised): ranks numbered
