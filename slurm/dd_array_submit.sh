@@ -12,6 +12,7 @@
 #
 # --array=LIST resubmits only those sub-networks on an existing --out (the others' checkpoints
 # are kept and loaded), then the final job, which composes and fine-tunes as before.
+# N is dd-train's (a preset's, --config's or --subnets'): it is asked with --print-config.
 # The sbatch options go to both submissions; the final job also gets --nodes=N (each
 # sub-network had a node, fine-tuning uses them all) unless the options set --nodes.
 # --wait waits for the final job and exits 1 unless it completed. The last line printed is
@@ -33,7 +34,16 @@ last_value() {  # last_value FLAG DEFAULT: the value dd-train will see for FLAG
     done
     echo "$value"
 }
-subnets=$(last_value --subnets 4)  # the presets split into 4
+here=$(cd "$(dirname "$0")" && pwd)  # absolute: sbatch may be told --chdir
+# N as dd-train will see it (a preset, --config or --subnets set it): one array task each.
+# The job's environment is this shell's (sbatch --export=ALL), so is its dd-train.
+dd_train=$(command -v dd-train || echo "$here/../.venv/bin/dd-train")
+if [[ ! -x $dd_train ]]; then
+    echo "dd_array_submit.sh: dd-train not found: activate dd_mpi's environment (or install it in $here/../.venv)" >&2
+    exit 2
+fi
+config=$("$dd_train" --preset cifar10-resnet32 "${dd_args[@]}" --print-config) || exit 2  # dd_array.sh's flags
+subnets=$(sed -n 's/^subnets: *\([0-9]*\)$/\1/p' <<< "$config")
 out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
 
 wait=0 opts=() tasks="0-$((subnets - 1))"
@@ -44,8 +54,6 @@ for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array 
         *) opts+=("$opt") ;;
     esac
 done
-here=$(cd "$(dirname "$0")" && pwd)  # absolute: sbatch may be told --chdir
-
 array=$(DD_OUT=$out sbatch --parsable --array="$tasks" "${opts[@]}" \
         "$here/dd_array.sh" "${dd_args[@]}")
 array=${array%%;*}  # --parsable prints id[;cluster]

@@ -302,6 +302,23 @@ def test_scancel_checkpoints_and_stays_cancelled(tmp_path):
 
 
 # --- phase 1 as a job array, then compose + fine-tune ---------------------------------------
+def test_the_array_has_a_task_per_sub_network_of_a_preset(tmp_path):
+    """N comes from dd-train's own reading of the flags: food101-resnet50-n8 splits into 8
+    (the array once counted only an explicit --subnets, else 4, and left 4 sub-nets to the
+    final job). Submitted held, read back from the controller, cancelled."""
+    result = subprocess.run(["bash", str(SLURM / "dd_array_submit.sh"), "--hold", "--nodes=1", "--ntasks=1",
+                             "--cpus-per-task=1", "--gpus-per-node=0", "--", "--preset", "food101-resnet50-n8",
+                             "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1])) if result.stdout.strip() else {}
+    try:
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        assert "tasks 0-7 of 8 sub-networks" in result.stdout
+        assert job_info(ids["array"])["ArrayTaskId"] == "0-7"
+    finally:
+        subprocess.run(["scancel", *(ids.get(k, "") for k in ("array", "final") if ids.get(k))], timeout=30)
+
+
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
