@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,6 +73,18 @@ def test_launch_script_runs_the_tiny_default(tmp_path, script):
     assert report["world_size"] == 4 and report["groups"] == [[0, 1], [2, 3]]
     assert report["backend"] == ("horovod" if script == "horovodrun.sh" else "torch")
     assert report["config"]["dataset"] == "synthetic" and report["config"]["train_samples"] == 256
+
+
+def test_a_preset_given_to_a_launch_script_replaces_its_tiny_default(tmp_path):
+    """Flags given beat a preset's values wherever they stand, so the script's tiny default
+    (resnet20, 2 sub-nets, synthetic) would have overridden the preset asked for."""
+    env = {**launcher_free_env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    run = lambda *args: subprocess.run(["bash", str(REPO / "launch" / "local.sh"), *args, "--print-config"],  # noqa: E731
+                                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    preset, tiny = run("--preset", "cifar10-resnet32"), run()
+    assert preset.returncode == 0 and tiny.returncode == 0, preset.stderr + tiny.stderr
+    assert {"arch: resnet32", "subnets: 4", "dataset: cifar10"} <= set(preset.stdout.splitlines()), preset.stdout
+    assert {"arch: resnet20", "subnets: 2", "dataset: synthetic"} <= set(tiny.stdout.splitlines()), tiny.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
