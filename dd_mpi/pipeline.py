@@ -58,6 +58,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
                 return None
         if plan.baseline is not None:
             results["random_T"] = run_baseline(job, world)
+            results["baseline_batch_size"] = plan.baseline.batch_size
     finally:
         reporter.close()
     if world.rank != 0:
@@ -134,7 +135,8 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
 
 def layout_entry(level: Level) -> dict:
     return {"level": level.index, "nets": level.nets, "groups": level.layout.groups,
-            "ranks_per_group": level.layout.ranks_per_group, "nets_per_group": level.layout.nets_per_group}
+            "ranks_per_group": level.layout.ranks_per_group, "nets_per_group": level.layout.nets_per_group,
+            "batch_size": level.batch_size}  # per rank and net, as trained (dd-scaling's model reads it)
 
 
 def fused_view(results: list[NetResult]) -> dict:

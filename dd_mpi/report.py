@@ -62,6 +62,7 @@ def build_report(cfg, world, results: dict) -> dict:
         "ranks": results.get("ranks"),
         "groups": results.get("groups", [list(range(world.size))]),
         "layout": results.get("layout", []),
+        "baseline_batch_size": results.get("baseline_batch_size"),  # per rank
         "checksums": results.get("checksums"),
         "backend": world.backend_name,
         "device": str(world.comm.device),

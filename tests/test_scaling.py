@@ -19,6 +19,7 @@ from test_reporting import assert_png, fake_run
 from dd_mpi import scaling
 from dd_mpi.reporting import RunFiles
 from dd_mpi.scaling import Network, Workload
+from dd_mpi.scaling.perfmodel import measurements
 
 REPO = Path(__file__).resolve().parent.parent
 # The README's tiny sweep: one torch thread per rank (see the README's note on loaded machines)
@@ -172,6 +173,26 @@ def test_run_rows_on_a_known_run(tmp_path):
     assert rows50[("dd", "total")]["time_to_target"] == 13.5  # the composed net has it, once scored
     assert rows50[("baseline", "total")]["time_to_target"] == 20.0
     assert scaling.run_rows(run, target=99.0)[-1]["time_to_target"] is None
+
+
+def test_the_model_calibrates_on_the_batch_each_phase_trained_with(tmp_path):
+    """A preset's --global-batch-size 128 on 2 ranks: phase 1 trained 128 per rank (one rank
+    per sub-net), the fine-tune and the baseline 64; the model once took --batch-size (32)
+    for all three, and so the wrong step and allreduce counts."""
+    def batches(report_changes: dict) -> dict:
+        out = fake_run(tmp_path / str(len(list(tmp_path.iterdir()))))
+        report = json.loads((out / "report.json").read_text())
+        report["config"]["global_batch_size"] = 128
+        report.update(report_changes)
+        (out / "report.json").write_text(json.dumps(report))
+        return {m.phase: m.batch for m in measurements(RunFiles(out))}
+
+    recorded = {"layout": [{"level": 0, "nets": 2, "groups": 2, "ranks_per_group": 1, "nets_per_group": 1,
+                            "batch_size": 128},
+                           {"level": 1, "nets": 1, "groups": 1, "ranks_per_group": 2, "nets_per_group": 1,
+                            "batch_size": 64}], "baseline_batch_size": 64}
+    assert batches(recorded) == {"subnet": 128, "finetune": 64, "baseline": 64}
+    assert batches({}) == {"subnet": 128, "finetune": 64, "baseline": 64}  # a report from before they were recorded
 
 
 def test_collect_writes_csv_and_plot(tmp_path):

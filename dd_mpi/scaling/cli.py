@@ -112,6 +112,10 @@ def run_model(args, dirs: list[Path]) -> int:
           f"{workloads[0][0].baseline_epochs}):")
     for w, note in workloads:
         print("  " + note)
+    global_batch = (runs[0].report.get("config") or {}).get("global_batch_size")
+    if global_batch and not args.per_rank_batch:
+        print(f"  note: the runs set --global-batch-size {global_batch} (a batch per rank that shrinks as P "
+              f"grows); the projection holds {workloads[0][0].batch} per rank at every P: --per-rank-batch sets it")
     print(f"{'P':>5} {'N':>3} {'sub s/ep':>9} {'glob s/ep':>9} {'compose':>8} {'comm% sub':>9} "
           f"{'comm% glob':>10} {'DD s':>9} {'base s':>9} {'speedup':>7}")
     skipped = set()

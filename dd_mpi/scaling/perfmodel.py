@@ -205,17 +205,27 @@ def measurements(run: RunFiles, num_classes: int | None = None) -> list[Measurem
         by_epoch: dict[int, float] = {}
         for r in sub_rows:  # the slowest group per epoch, as the phase waits for it
             by_epoch[r["epoch"]] = max(by_epoch.get(r["epoch"], 0.0), per_rank * ranks / r["images_per_s"])
-        batch = cfg.get("subnet_batch_size") or cfg["batch_size"]
+        batch = layout.get("batch_size") or _batch_of_an_older_report(cfg, ranks, cfg.get("subnet_batch_size"))
         out.append(Measurement(run, "subnet", "global" if N == 1 else f"subnet {N}", ranks, per_rank,
                                batch, k * s_params * BYTES_PER_PARAM, mean_or_none(list(by_epoch.values())), k))
+    trained = {"finetune": (run.report.get("layout") or [{}])[-1].get("batch_size"),
+               "baseline": run.report.get("baseline_batch_size")}
     for phase in ("finetune", "baseline"):
         rows = [r for r in run.metrics if r.get("phase") == phase and r.get("images_per_s")]
         if rows:
             per_rank = D // P
-            out.append(Measurement(run, phase, "global", P, per_rank, cfg["batch_size"],
-                                   g_params * BYTES_PER_PARAM,
+            out.append(Measurement(run, phase, "global", P, per_rank,
+                                   trained[phase] or _batch_of_an_older_report(cfg, P), g_params * BYTES_PER_PARAM,
                                    mean_or_none([per_rank * P / r["images_per_s"] for r in rows])))
     return out
+
+
+def _batch_of_an_older_report(cfg: dict, ranks: int, own: int | None = None) -> int:
+    """The batch per rank a run made before its report recorded it: ``own`` (phase 1's), else
+    --global-batch-size over the net's ranks, else --batch-size."""
+    if own:
+        return own
+    return cfg["global_batch_size"] // ranks if cfg.get("global_batch_size") else cfg["batch_size"]
 
 
 def per_sample_seconds(m: Measurement, net: Network) -> float:
