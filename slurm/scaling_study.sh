@@ -9,8 +9,10 @@
 #
 # Environment (defaults in brackets):
 #   NODES ["1 2 4"]        node counts;  SUBNETS ["2 4 8"]  values of N
-#   TASKS_PER_NODE [4]     ranks (GPUs) per node; pairs whose rank count N does not divide
-#                          are skipped, since every sub-network needs the same number of ranks
+#   TASKS_PER_NODE [4]     ranks per node (any N runs on any rank count)
+#   GPUS_PER_NODE [TASKS_PER_NODE]  GPUs per node, one per rank: the job script's own
+#                          --gpus-per-node would otherwise put two ranks on a GPU at 8 per node
+#                          (CPU nodes: pass --gpus-per-node=0 among the sbatch options)
 #   SCRIPT [slurm/resnet32.sh]   the job script of one run
 #   STUDY [runs/scaling-DATE]    runs go to STUDY/nodes<n>-N<N>/
 # The sbatch options go to every submission; --wait waits for the report job and exits 1
@@ -21,6 +23,7 @@ here=$(cd "$(dirname "$0")" && pwd)  # absolute: the report job sources common.s
 NODES=${NODES:-1 2 4}
 SUBNETS=${SUBNETS:-2 4 8}
 TASKS_PER_NODE=${TASKS_PER_NODE:-4}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$TASKS_PER_NODE}
 SCRIPT=${SCRIPT:-$here/resnet32.sh}
 STUDY=${STUDY:-runs/scaling-$(date +%Y%m%d-%H%M%S)}
 # What the report job runs after `dd-report RUN_DIR` for each run: the sweep's CSV and plot
@@ -40,7 +43,7 @@ for nodes in $NODES; do
     for n in $SUBNETS; do
         dir=$STUDY/nodes$nodes-N$n
         id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
-             --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \
+             --gpus-per-node="$GPUS_PER_NODE" --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \
              "$SCRIPT" "${dd_args[@]}" --subnets "$n" --out "$dir") || {
             # a half-submitted sweep would run without its report job: take it back
             (( ${#ids[@]} )) && scancel "${ids[@]}"
