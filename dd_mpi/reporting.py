@@ -190,11 +190,22 @@ def csv_text(runs: list[RunFiles]) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg: no display needed on a cluster node)
+NO_MATPLOTLIB = "the plots need matplotlib: pip install 'dd_mpi[plot]'"
+
+
+def plots_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("the plots need matplotlib: pip install 'dd_mpi[plot]'") from None
+        raise UsageError(NO_MATPLOTLIB) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -301,6 +312,9 @@ def write_all(runs: list[RunFiles], out: Path, *, with_paper: bool = False) -> d
     files = {name: out / name for name in REPORT_FILES}
     files["dd_report.md"].write_text(markdown(runs, with_paper=with_paper))
     files["dd_report.csv"].write_text(csv_text(runs))
+    if not plots_available():  # an optional extra: the tables are written all the same
+        print(f"dd-report: plots skipped: {NO_MATPLOTLIB}", file=sys.stderr)
+        return {name: path for name, path in files.items() if not name.endswith(".png")}
     plot_accuracy_vs_time(runs, files["accuracy_vs_time.png"])
     plot_phase_times(runs, files["phase_times.png"])
     return files

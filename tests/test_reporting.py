@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,23 @@ def test_several_runs_one_block_each_and_plots(tmp_path):
         assert_png(out / name)
     assert reporting.default_out([a, b]) == tmp_path.resolve()
     assert reporting.default_out([a]) == a
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_plots_skipped(tmp_path):
+    """matplotlib is an extra ('dd_mpi[plot]'): without it dd-report still prints and writes
+    its tables (it once exited 2 with nothing but the install hint)."""
+    run = fake_run(tmp_path)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['matplotlib'] = None  # import matplotlib: ImportError\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.reporting", str(run)], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, explain(result)
+    assert "| transfer_T |" in result.stdout and "plots skipped: the plots need matplotlib" in result.stderr
+    assert (run / "dd_report.md").exists() and (run / "dd_report.csv").exists()
+    assert not list(run.glob("*.png"))
 
 
 def test_dd_only_and_baseline_only_runs(tmp_path):
