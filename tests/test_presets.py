@@ -30,6 +30,7 @@ def test_every_paper_preset_runs_and_writes_the_whole_table(tmp_path, preset, ca
     assert result.returncode == 0, explain(result)
     report = read_report(out)
     assert report["config"]["preset"] == preset and report["config"]["strategy"] == "both"
+    assert report["config"]["subnet_data"] == "shard"  # PAPER.md R2: each sub-net on its own part of the data
     n = PRESETS[preset]["subnets"]
     assert [s["index"] for s in report["sub_nets"]] == list(range(n))
     for name in ("transfer", "transfer_T", "random_T"):
