@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .errors import EXIT_PREEMPTED
+
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
 
 
@@ -148,22 +150,29 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
         children.append(subprocess.Popen([sys.executable, "-m", "dd_mpi", *argv], env=env))
 
+    stop_signals = set()
+
     def forward(signum, _frame):
+        stop_signals.add(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        return _wait_all(children, grace_seconds)
+        return _wait_all(children, grace_seconds, stop_signals)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _wait_all(children: list[subprocess.Popen], grace_seconds: float) -> int:
+def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signals: set[int] = frozenset()) -> int:
+    """The job's exit code once every rank has ended. A rank killed by a stop signal the job
+    was sent (``stop_signals``: it came before the rank could catch it, while it started up)
+    counts as preempted, 75: it had nothing to checkpoint, and the job is to be run again."""
     while True:
         codes = [child.poll() for child in children]
+        codes = [EXIT_PREEMPTED if c is not None and -c in stop_signals else c for c in codes]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
             # the job's code: a usage error or preemption beats the secondary failures it causes
@@ -171,7 +180,7 @@ def _wait_all(children: list[subprocess.Popen], grace_seconds: float) -> int:
             # ranks that stop in order (usage error, preemption) get time to write their
             # checkpoint; after a crash the others are only waiting on the dead rank
             _stop(children, grace_seconds * (6 if code in (2, 75) else 1))
-            finals = [child.returncode for child in children]
+            finals = [EXIT_PREEMPTED if -child.returncode in stop_signals else child.returncode for child in children]
             for preferred in (2, 75):
                 if preferred in finals:
                     return preferred

@@ -7,9 +7,11 @@ discovery, data plans, config validation, checkpoint files, failure classificati
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,8 @@ from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch
 from dd_mpi.synthetic import make_synthetic
+
+from helpers import launcher_free_env
 
 
 # --- rank discovery: every launcher, and the traps of nested launchers --------------------
@@ -376,6 +380,31 @@ def test_the_local_launcher_stops_the_others_and_reports_the_cause(codes, expect
     assert _wait_all(ranks, grace_seconds=0.2) == expected
     assert all(r.returncode is not None for r in ranks)
     assert [r.killed for r in ranks] == [code is None for code in codes]
+
+
+def test_a_rank_killed_by_the_stop_signal_the_job_was_sent_counts_as_preempted():
+    """A SIGTERM that reaches a rank before it can catch it (while it imports torch) kills it:
+    exit 75 all the same (nothing to checkpoint yet; the job is to be requeued), but a rank
+    killed by a signal nobody sent the job is a failure."""
+    assert _wait_all([FakeRank(-signal.SIGTERM), FakeRank(75)], 0.2, {signal.SIGTERM}) == 75
+    assert _wait_all([FakeRank(-signal.SIGTERM), FakeRank(None)], 0.2, {signal.SIGTERM}) == 75
+    assert _wait_all([FakeRank(-signal.SIGTERM), FakeRank(None)], 0.2) == 1
+
+
+@pytest.mark.timing
+def test_sigterm_while_the_ranks_start_up_ends_the_local_job_with_75(tmp_path):
+    job = subprocess.Popen([sys.executable, "-m", "dd_mpi", "--nproc", "2", "--device", "cpu", "--train-samples", "64",
+                            "--out", str(tmp_path / "run")], env=launcher_free_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = Path(f"/proc/{job.pid}/task/{job.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(children.read_text().split()) < 2:  # both ranks started, still importing torch
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.2)  # the launcher's forwarding handler is in place
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 75, output
 
 
 def test_every_flag_of_dd_train_has_help_in_its_section():
