@@ -202,7 +202,7 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit_under_horovod(tmp_
     """As under the torch engine (test_cluster.py): each rank resumes with its own BatchNorm
     statistics of the cut epoch. Horovod's wrap once broadcast rank 0's buffers over them,
     and every running mean and variance of the resumed net came out different."""
-    flags = [*TINY, "--backend", "horovod", "--strategy", "baseline", "--baseline-epochs", "2", "--deterministic",
+    flags = [*TINY, "--backend", "horovod", "--strategy", "baseline", "--baseline-epochs", "1", "--deterministic",
              "--signal-check-steps", "1", "--threads", "1"]
     two = lambda *args: [BIN / "mpiexec", "-n", "2", sys.executable, "-m", "dd_mpi", *flags, *args]  # noqa: E731
     assert run_job(two("--out", tmp_path / "reference")).returncode == 0

@@ -446,9 +446,9 @@ def test_the_ranks_wait_for_rank_0s_composed_net_as_long_as_io_timeout_allows(tm
     ended a healthy job with 'lost contact' when the write took longer)."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_COMPOSED_WRITE)
-    result = run_dd([*RUN, "--strategy", "dd", "--subnet-epochs", "1", "--finetune-epochs", "1", "--timeout", "5",
-                     "--out", str(tmp_path / "run")], nproc=2, env={"PYTHONPATH": python_path(tmp_path / "site")},
-                    timeout=300)
+    result = run_dd([*RUN, "--strategy", "dd", "--subnet-epochs", "1", "--finetune-epochs", "1", "--train-samples",
+                     "128", "--timeout", "5", "--out", str(tmp_path / "run")], nproc=2,
+                    env={"PYTHONPATH": python_path(tmp_path / "site")}, timeout=300)
     assert result.returncode == 0, explain(result)
     assert result.seconds > 12 and (tmp_path / "run" / "report.json").exists()
 
