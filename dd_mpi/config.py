@@ -197,7 +197,7 @@ class RunConfig:
                "subnet_lr", "finetune_lr", "baseline_lr", "schedule", "subnet_epochs",
                "finetune_epochs", "baseline_epochs", "strategy", "label_smoothing",
                "momentum", "weight_decay", "warmup_epochs", "finetune_warmup_epochs",
-               "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "nesterov",
+               "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "groups", "nesterov",
                "bn_weight_decay", "warmup_style")
 
     def incompatible_with(self, saved: dict) -> list[str]:

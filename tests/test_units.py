@@ -279,6 +279,9 @@ def test_resume_names_every_setting_that_differs():
     assert RunConfig(subnets=4, levels="4, 1").incompatible_with(RunConfig(subnets=4, levels="4,1").to_dict()) == []
     assert RunConfig(subnets=4, levels="4,2,1").incompatible_with(four) == ["--levels: 4,1 -> 4,2,1"]
     assert RunConfig(subnets=2).incompatible_with(four) == ["--subnets: 4 -> 2"]
+    # --groups sets each sub-net's batch: sub-nets finished under one G and others under another
+    # would mix two recipes
+    assert RunConfig(subnets=4, groups=1).incompatible_with(four) == ["--groups: None -> 1"]
     cached = RunConfig(dataset="food101", cache_dir="/scratch/a").to_dict()
     assert RunConfig(dataset="food101", cache_dir="/scratch/b").incompatible_with(cached) == []  # moved: fine
     (dropped,) = RunConfig(dataset="food101").incompatible_with(cached)
