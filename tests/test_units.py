@@ -419,20 +419,28 @@ def test_every_flag_of_dd_train_has_help_in_its_section():
     assert {"model", "method", "data", "optimisation", "processes", "outputs and recovery"} <= titles
 
 
-def test_ranks_sharing_a_pipe_never_split_each_others_lines():
-    """Group leaders print to one pipe at once, under PYTHONUNBUFFERED (our tests, some
-    launchers): `print` would write each text and its newline apart and interleave two lines
-    (CI once read 'subnet1: resuming after epoch 1subnet0: resuming after epoch 2');
-    `progress.say` writes a line in one write."""
-    writer = ("import sys; from dd_mpi.progress import say\n"
-              "for i in range(3000): say(f'rank {sys.argv[1]} line {i} ' + 'x' * 60)")
+def lines_of_two_writers_on_one_pipe(writer: str, *, slow_reader: bool = False) -> list[str]:
+    """Two processes run ``writer`` (argv[1]: 0 or 1) into one pipe, under PYTHONUNBUFFERED
+    (our tests', some launchers'); a slow reader lets the pipe fill, so writers block mid-write."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     read, write = os.pipe()
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stdout=write, env=env) for rank in (0, 1)]
     os.close(write)
     with os.fdopen(read) as pipe:
-        lines = pipe.read().splitlines()
+        chunks = []
+        while chunk := pipe.read(1000 if slow_reader else -1):
+            chunks.append(chunk)
+            time.sleep(0.0005 if slow_reader else 0)
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    return "".join(chunks).splitlines()
+
+
+def test_ranks_sharing_a_pipe_never_split_each_others_lines():
+    """Group leaders print to one pipe at once: `print` would write each text and its newline
+    apart and interleave two lines (CI once read 'subnet1: resuming after epoch 1subnet0:
+    resuming after epoch 2'); `progress.say` writes a line in one write."""
+    lines = lines_of_two_writers_on_one_pipe("import sys; from dd_mpi.progress import say\n"
+                                             "for i in range(3000): say(f'rank {sys.argv[1]} line {i} ' + 'x' * 60)")
     expected = {f"rank {rank} line {i} " + "x" * 60 for rank in (0, 1) for i in range(3000)}
     assert len(lines) == 6000 and set(lines) == expected
 
@@ -441,18 +449,9 @@ def test_ranks_sharing_a_pipe_never_split_each_others_long_texts_inside_a_line()
     """A traceback is longer than PIPE_BUF, and a pipe may cut a longer write anywhere to let
     another writer in: `say` writes such a text as whole lines, so two ranks failing at once
     interleave their tracebacks line by line (each line names its rank), never mid-line."""
-    writer = ("import sys; from dd_mpi.progress import say\n"
-              "for b in range(40): say('\\n'.join(f'rank {sys.argv[1]} block {b} line {i} ' + 'x' * 60 for i in range(150)))")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    read, write = os.pipe()
-    procs = [subprocess.Popen([sys.executable, "-c", writer, str(rank)], stdout=write, env=env) for rank in (0, 1)]
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        lines = []
-        while chunk := pipe.read(1000):  # a slow reader: the pipe fills, and writers block mid-write
-            lines.append(chunk)
-            time.sleep(0.0005)
-        lines = "".join(lines).splitlines()
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    lines = lines_of_two_writers_on_one_pipe(
+        "import sys; from dd_mpi.progress import say\n"
+        "for b in range(40): say('\\n'.join(f'rank {sys.argv[1]} block {b} line {i} ' + 'x' * 60 for i in range(150)))",
+        slow_reader=True)
     expected = {f"rank {rank} block {b} line {i} " + "x" * 60 for rank in (0, 1) for b in range(40) for i in range(150)}
     assert len(lines) == len(expected) and set(lines) == expected
