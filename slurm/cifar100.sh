@@ -1,6 +1,6 @@
 #!/bin/bash
-# CIFAR-100: a 4x-wide ResNet$DEPTH split into 4 standard ResNet$DEPTHs (Gu et al., ETNA
-# 2022, §5); DEPTH is 32, 56 or 110 (default 110).
+# CIFAR-100: a standard ResNet$DEPTH split into 4 quarter-width sub-nets, each on a quarter of
+# the data (Gu et al., ETNA 2022, §5; PAPER.md R1, R2); DEPTH is 32, 56 or 110 (default 110).
 #
 #   DEPTH=56 sbatch slurm/cifar100.sh                # the paper's run (presets: dd-train --help)
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/cifar100.sh --device cpu --dataset synthetic \

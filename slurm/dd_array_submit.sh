@@ -45,6 +45,7 @@ fi
 config=$("$dd_train" --preset cifar10-resnet32 "${dd_args[@]}" --print-config) || exit 2  # dd_array.sh's flags
 subnets=$(sed -n 's/^subnets: *\([0-9]*\)$/\1/p' <<< "$config")
 out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
+dd_args+=(--out "$out")  # on the command line: a site's --export=NONE would drop an environment variable
 
 wait=0 opts=() tasks="0-$((subnets - 1))"
 for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array is the array's
@@ -54,7 +55,7 @@ for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array 
         *) opts+=("$opt") ;;
     esac
 done
-array=$(DD_OUT=$out sbatch --parsable --array="$tasks" "${opts[@]}" \
+array=$(sbatch --parsable --array="$tasks" "${opts[@]}" \
         "$here/dd_array.sh" "${dd_args[@]}")
 array=${array%%;*}  # --parsable prints id[;cluster]
 echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run directory $out"
@@ -62,12 +63,12 @@ echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run dire
 final_opts=(--parsable --nodes="$subnets" "${opts[@]}" --output=%x-%j.out
             --dependency="afterok:$array" --kill-on-invalid-dep=yes)
 if (( ! wait )); then
-    final=$(DD_OUT=$out sbatch "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}")
+    final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}")
     echo "array=$array final=${final%%;*} out=$out"
     exit 0
 fi
 rc=0
-final=$(DD_OUT=$out sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}") || rc=$?
+final=$(sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}") || rc=$?
 final=${final%%;*}
 # sbatch --wait exits 0 for a job cancelled before it started (here: a failed array task)
 state=$(scontrol show job "$final" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true

@@ -1,5 +1,6 @@
 #!/bin/bash
-# CIFAR-10: a 4x-wide ResNet32 split into 4 standard ResNet32s (Gu et al., ETNA 2022, §5).
+# CIFAR-10: a standard ResNet32 split into 4 quarter-width sub-nets, each on a quarter of the
+# data (Gu et al., ETNA 2022, §5; PAPER.md R1, R2). The 4x-wide variant: --preset cifar10-resnet32-w4.
 #
 #   sbatch slurm/resnet32.sh                        # the paper's run (presets: dd-train --help)
 #   sbatch slurm/resnet32.sh --strategy dd --seed 1

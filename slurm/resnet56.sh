@@ -1,5 +1,6 @@
 #!/bin/bash
-# CIFAR-10: a 4x-wide ResNet56 split into 4 standard ResNet56s (Gu et al., ETNA 2022, §5).
+# CIFAR-10: a standard ResNet56 split into 4 quarter-width sub-nets, each on a quarter of the
+# data (Gu et al., ETNA 2022, §5; PAPER.md R1, R2). The 4x-wide variant: --preset cifar10-resnet56-w4.
 #
 #   sbatch slurm/resnet56.sh                        # the paper's run (presets: dd-train --help)
 #   sbatch slurm/resnet56.sh --strategy dd --seed 1
