@@ -6,8 +6,9 @@ the test top-1 improves; ``final`` marks a finished phase (its presence is the p
 
 Files in ``OUT/checkpoints/``: ``subnet{k}-final.pt`` per sub-network and
 ``subnet{k}-last.pt``/``-best.pt`` per group (``subnet{a}-{b}-*`` for sub-nets a..b trained
-fused, ``subnet{a}+{c}-*`` for a set that is not a run), ``level{l}-net{j}-*`` for the nets of an intermediate level, ``composed.pt`` (and
-``level{l}-composed.pt``), ``finetune-*.pt``, ``baseline-*.pt``.
+fused, ``subnet{a}+{c}-*`` for a set that is not a run), ``level{l}-net{j}-*`` for the nets
+of an intermediate level, ``composed.pt`` (and ``level{l}-composed.pt``), ``finetune-*.pt``,
+``baseline-*.pt``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class RunConfig:
     cache_dir: str | None = None  # large images (Food-101): decode once into a memory-mapped cache here
     # --- optimisation (Goyal et al. 2017: LR linear in the global batch, warm-up) ---
     batch_size: int = 32  # per rank and net (4 ranks: 128, the batch He et al.'s LR 0.1 was tuned at)
-    subnet_batch_size: int | None = None  # phase 1 batch per rank and sub-net (default --batch-size; wins over --global-batch-size)
+    subnet_batch_size: int | None = None  # phase 1 batch per rank and sub-net (default --batch-size; beats --global-batch-size)
     global_batch_size: int | None = None  # every net's batch over its ranks (He et al.: 128), instead of per rank
     lr: float = 0.1  # LR at a global batch of 128 (scaled linearly to the real global batch)
     subnet_lr: float | None = None  # phase 1 LR (default --lr)
