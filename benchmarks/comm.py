@@ -100,7 +100,7 @@ def main() -> None:
     print(f"setup: {cfg['arch']} width {cfg['width']:g} ({mem['params']:,} parameters, "
           f"{mem['model_mib']:.1f} MiB), {cfg['subnets']} sub-nets, {args.nproc} ranks, {cfg['train_samples']} training samples, epochs "
           f"{cfg['subnet_epochs']} + {cfg['finetune_epochs']}")
-    print(f"time: phase 2 (gather + compose + checkpoint + broadcast + checksums) {t['compose']:.2f} s of "
+    print(f"time: phase 2 (gather + compose + checkpoint + broadcast) {t['compose']:.2f} s of "
           f"{t['dd_total']:.1f} s DD total = {100 * share:.2f} % (phase 1 {t['subnets']:.1f} s, fine-tune "
           f"{t['finetune']:.1f} s)")
     print("rank 0's phase 2 alone (fresh process): step seconds / peak so far as a multiple of the model:")
