@@ -34,8 +34,9 @@ def slurm_answers() -> bool:
     if shutil.which("srun") is None:
         return False
     try:
-        return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                              timeout=30).stdout.strip() in ("idle", "mix", "alloc")
+        states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30).stdout
+        # a line per node state: one node still busy with an earlier test's job is not a dead cluster
+        return bool(set(states.split()) & {"idle", "mix", "alloc"})
     except subprocess.TimeoutExpired:
         return False
 
