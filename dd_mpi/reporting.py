@@ -202,10 +202,9 @@ def plots_available() -> bool:
 
 
 def pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError(NO_MATPLOTLIB) from None
+    if not plots_available():
+        raise UsageError(NO_MATPLOTLIB)
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
