@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# GPU acceptance in one command (about 8 minutes on one GPU): the pipeline on the GPU (NCCL
-# when there are 2 or more GPUs), bf16 and fp16, --compile, benchmarks/gpu_throughput.py
-# (fused vs separate sub-nets, sub-net vs global), benchmarks/overhead.py --device cuda and
-# benchmarks/decode_speed.py (JPEG decoding and the --cache-dir cache against the GPU's rate);
-# one Markdown summary.
+# GPU acceptance in one command (about 8 minutes on one GPU), the figures first:
+# benchmarks/gpu_throughput.py (fused vs separate sub-nets, sub-net vs global, at two batch
+# sizes), benchmarks/phase_speed.py in the paper's split (phase-1 epoch vs global epoch on the
+# GPUs), the pipeline on the GPU (NCCL when there are 2 or more GPUs; N > P fused on one GPU)
+# in bf16, --compile and fp16, benchmarks/overhead.py --device cuda, benchmarks/decode_speed.py
+# (JPEG decoding and the --cache-dir cache against the GPU's rate), CUDA graphs; one Markdown
+# summary, written a row at a time.
 #
 #   bash benchmarks/gpu_check.sh [SUMMARY.md]        # default: runs/gpu-check-<time>/summary.md
+#   GPU_CHECK_BUDGET=480 bash benchmarks/gpu_check.sh  # stop starting steps after 480 s
 #
-# Every step runs under `timeout`, so a hung step is a failed line, not a hung check. Put the
-# summary's figures into BENCHMARKS.md with the date and the GPU model.
+# Every step runs under `timeout`, cut to what is left of GPU_CHECK_BUDGET (seconds, default
+# none), so a hung step is a failed line and a lease's limit is kept: steps that no longer fit
+# are listed as skipped. GPU_CHECK_DIR sets the run directory. Put the summary's figures into
+# BENCHMARKS.md with the date and the GPU model.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-.venv/bin/python}
 [[ -x $python ]] || python=python3
-dir=runs/gpu-check-$(date +%Y%m%d-%H%M%S)
+dir=${GPU_CHECK_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
+budget=${GPU_CHECK_BUDGET:-0}  # seconds; 0: no limit
 summary=${1:-$dir/summary.md}
 mkdir -p "$dir" "$(dirname "$summary")"
 gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
@@ -38,6 +44,15 @@ nproc=$(( gpus >= 4 ? 4 : (gpus >= 2 ? 2 : 1) ))
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, log it, one summary row
     local name=$1 limit=$2
     shift 2
+    if ((budget > 0)); then
+        local left=$((budget - SECONDS - 15))  # 15 s for the summary's tail
+        if ((left < 30)); then
+            echo "| $name | \`$*\` | skipped: GPU_CHECK_BUDGET=$budget s spent | 0 |" >>"$summary"
+            echo "gpu_check: $name skipped (budget spent)"
+            return
+        fi
+        ((limit > left)) && limit=$left
+    fi
     local start=$SECONDS log="$dir/$name.log" rc
     timeout "$limit" "$@" >"$log" 2>&1
     rc=$?
@@ -47,16 +62,22 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, log it, one summary row
     echo "gpu_check: $name exit $rc ($((SECONDS - start)) s)"
 }
 
+# the figures: fused vs separate sub-nets and sub-net vs global per GPU, then phase 1 vs the
+# global net in the real pipeline (the paper's split; N > P runs the sub-nets fused)
+step "gpu-throughput" 120 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32
+step "gpu-throughput-b1024" 120 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 \
+    --batch-size 1024
+step "phase-speed" 180 "$python" benchmarks/phase_speed.py --nproc "$nproc" --out "$dir/phase-speed" \
+    --arch resnet32 --width 1 --subnets 4 --shortcut B --dataset synthetic --train-samples 32768 \
+    --test-samples 1024 --batch-size 128 --epochs 3 --device cuda --precision bf16
 # the pipeline: NCCL between GPUs when there are several, fused sub-nets when N > P
 step "pipeline-bf16" 150 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --precision bf16 --out "$dir/bf16"
-step "pipeline-fp16" 150 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --precision fp16 --out "$dir/fp16"
-step "pipeline-compile" 240 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --compile --out "$dir/compile"
-step "gpu-throughput" 150 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32
-step "gpu-throughput-graphs" 180 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 \
-    --compile reduce-overhead
 step "overhead" 120 "$python" benchmarks/overhead.py --quick --device cuda --nproc "$nproc"
 step "decode-vs-cache" 120 "$python" benchmarks/decode_speed.py --quick  # the Food-101 sub-net's rate on this GPU
-
+step "pipeline-compile" 240 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --compile --out "$dir/compile"
+step "pipeline-fp16" 150 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --precision fp16 --out "$dir/fp16"
+step "gpu-throughput-graphs" 180 "$python" benchmarks/gpu_throughput.py --quick --preset cifar10-resnet32 \
+    --compile reduce-overhead
 {
     echo
     for run in bf16 fp16 compile; do
@@ -66,8 +87,10 @@ step "decode-vs-cache" 120 "$python" benchmarks/decode_speed.py --quick  # the F
         tail -n +3 "$dir/$run/report.md"
         echo
     done
-    echo "## gpu_throughput.py"
+    echo "## the benchmarks' output"
     echo
-    sed 's/^/    /' "$dir/gpu-throughput.log" "$dir/gpu-throughput-graphs.log" "$dir/decode-vs-cache.log" 2>/dev/null
+    for log in gpu-throughput gpu-throughput-b1024 gpu-throughput-graphs phase-speed overhead decode-vs-cache; do
+        [[ -f $dir/$log.log ]] && sed 's/^/    /' "$dir/$log.log"
+    done
 } >>"$summary"
 echo "gpu_check: summary in $summary"
