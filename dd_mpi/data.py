@@ -150,29 +150,34 @@ class Batches:
     def _in_memory(self):
         # Everything random or indexed is drawn for the whole epoch and moved to the device
         # once: per-batch host-to-device copies of small tensors each wait for the GPU queue.
+        # The k fused nets' batches are gathered, augmented and normalised as one batch of
+        # k·n images (net 0's, then net 1's, ...; every op is per image, so each image's
+        # values are those of its net trained alone): one launch per op, not k, which is what
+        # a GPU's step time is made of at these sizes (BENCHMARKS.md §6).
         images_device = self.split.images.device
         stored, crop_to = self.split.images.shape[2], self.split.crop_to
-        indices = [i.to(images_device) for i in self.indices]
+        k = len(self.indices)
+        indices = torch.stack(self.indices).to(images_device)  # [k, epoch samples]
         crops = None
         if self.generators is not None:
             draw = draw_crop_flip if crop_to is None else draw_resized_crops
-            crops = [[t.to(images_device) for t in draw(len(i), stored, g)]
-                     for i, g in zip(indices, self.generators)]
+            crops = [torch.stack(drawn).to(images_device)  # per crop parameter: [k, epoch samples]
+                     for drawn in zip(*(draw(indices.shape[1], stored, g) for g in self.generators))]
+            augment = random_crop_flip if crop_to is None else partial(resized_crop_flip, size=crop_to)
         for part in self.slices():
-            images, labels = [], []
-            for j, idx in enumerate(indices):
-                batch = self.split.images.index_select(0, idx[part]).to(self.device, non_blocking=True)
-                if crops is not None:
-                    augment = random_crop_flip if crop_to is None else partial(resized_crop_flip, size=crop_to)
-                    batch = augment(batch, *(t[part].to(self.device) for t in crops[j]))
-                elif crop_to is not None:
-                    batch = centre_crop(batch, crop_to)
-                images.append((batch.float().div_(255) - self.mean) / self.std)
-                labels.append(self.split.labels.index_select(0, idx[part]).to(self.device, non_blocking=True))
-            if len(images) == 1:
-                yield images[0], labels[0]
-            else:
-                yield torch.cat(images, dim=1), torch.stack(labels, dim=1)
+            idx = indices[:, part].reshape(-1)
+            images = self.split.images.index_select(0, idx).to(self.device, non_blocking=True)
+            if crops is not None:
+                images = augment(images, *(t[:, part].reshape(-1).to(self.device) for t in crops))
+            elif crop_to is not None:
+                images = centre_crop(images, crop_to)
+            images = (images.float().div_(255) - self.mean) / self.std
+            labels = self.split.labels.index_select(0, idx).to(self.device, non_blocking=True)
+            if k > 1:  # as the loader's batches: net j's images are channels 3j..3j+2
+                n, c, h, w = images.shape
+                images = images.view(k, n // k, c, h, w).transpose(0, 1).reshape(n // k, k * c, h, w)
+                labels = labels.view(k, n // k).t()
+            yield images, labels
 
 
 def draw_crop_flip(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ from dd_mpi.errors import peer_lost as exit_quietly_if_peer_lost
 from dd_mpi.flat import flatten_state, unflatten_into
 from dd_mpi.layout import Layout
 from dd_mpi.config import PRESETS, RunConfig, build_parser, parse_config
-from dd_mpi.data import (DataPlan, batch_slices, eval_indices, random_crop_flip, subset_for_group, train_indices,
-                         train_steps)
+from dd_mpi.data import (DataPlan, Stream, batch_slices, eval_indices, random_crop_flip, subset_for_group,
+                         train_indices, train_steps)
+from dd_mpi.formats import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.errors import UsageError
@@ -166,6 +168,27 @@ def _batches(comm: Comm, epoch: int, stream: int = 100) -> list[torch.Tensor]:
 
 def _comm(ranks: list[int], rank: int) -> Comm:
     return Comm(ranks, rank, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("crop_to", [None, 24], ids=["pad-and-crop", "resized-crop"])
+def test_fused_nets_get_exactly_the_batches_each_would_get_alone(crop_to):
+    """The k nets' batches are gathered and augmented as one batch of k·n images: each net's
+    channels and labels must still be, bit for bit, its batches trained alone."""
+    data = make_synthetic(96, 16, seed=3)
+    if crop_to is not None:  # stored larger, as a --cache-dir cache: random-resized crops
+        data = replace(data, train=InMemorySplit(data.train.images, data.train.labels, crop_to=crop_to))
+    plan = DataPlan(data, torch.device("cpu"), seed=3, batch_size=8)
+    comm = _comm([0, 1], 1)
+    streams = [Stream(torch.arange(32) + 32 * j, 100 + j) for j in range(3)]
+    fused = list(plan.train_fused(comm, streams, epoch=2))
+    assert len(fused) == 2
+    for j, stream in enumerate(streams):
+        alone = list(plan.train(comm, stream.pool, stream=stream.stream, epoch=2))
+        assert len(alone) == len(fused)
+        for (images, labels), (own_images, own_labels) in zip(fused, alone):
+            assert images.shape[1] == 9 and torch.equal(images[:, 3 * j:3 * j + 3], own_images)
+            assert torch.equal(labels[:, j], own_labels)
+    assert not torch.equal(fused[0][0][:, :3], fused[0][0][:, 3:6])  # the nets' batches differ
 
 
 def test_batches_and_augmentation_depend_only_on_seed_stream_epoch_and_rank_in_comm():
