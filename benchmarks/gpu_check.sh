@@ -69,7 +69,7 @@ step "gpu-throughput-b1024" 120 "$python" benchmarks/gpu_throughput.py --quick -
     --batch-size 1024
 step "phase-speed" 180 "$python" benchmarks/phase_speed.py --nproc "$nproc" --out "$dir/phase-speed" \
     --arch resnet32 --width 1 --subnets 4 --shortcut B --dataset synthetic --train-samples 32768 \
-    --test-samples 1024 --batch-size 128 --epochs 3 --device cuda --precision bf16
+    --test-samples 1024 --batch-size 128 --epochs 4 --device cuda --precision bf16
 # the pipeline: NCCL between GPUs when there are several, fused sub-nets when N > P
 step "pipeline-bf16" 150 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --precision bf16 --out "$dir/bf16"
 step "overhead" 120 "$python" benchmarks/overhead.py --quick --device cuda --nproc "$nproc"
