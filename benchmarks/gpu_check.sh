@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU acceptance in one command (about 8 minutes on one GPU), the figures first:
+# GPU acceptance in one command (about 10 minutes on one GPU; 456 s on an H200 with
+# GPU_CHECK_BUDGET=470, which cut the last step short), the figures first:
 # benchmarks/gpu_throughput.py (fused vs separate sub-nets, sub-net vs global, at two batch
 # sizes), benchmarks/phase_speed.py in the paper's split (phase-1 epoch vs global epoch on the
 # GPUs), the pipeline on the GPU (NCCL when there are 2 or more GPUs; N > P fused on one GPU)
