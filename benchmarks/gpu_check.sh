@@ -5,11 +5,14 @@
 # sizes), benchmarks/phase_speed.py in the paper's split (phase-1 epoch vs global epoch on the
 # GPUs), the pipeline on the GPU (NCCL when there are 2 or more GPUs; N > P fused on one GPU)
 # in bf16, --compile and fp16, benchmarks/overhead.py --device cuda, benchmarks/decode_speed.py
-# (JPEG decoding and the --cache-dir cache against the GPU's rate), CUDA graphs; one Markdown
-# summary, written a row at a time.
+# (JPEG decoding and the --cache-dir cache against the GPU's rate), CUDA graphs (in the step
+# benchmark and in the pipeline: phase_speed.py with --compile-mode reduce-overhead), and the
+# test suite's GPU-only tests (where pytest is importable); one Markdown summary, written a row
+# at a time.
 #
 #   bash benchmarks/gpu_check.sh [SUMMARY.md]        # default: runs/gpu-check-<time>/summary.md
 #   GPU_CHECK_BUDGET=480 bash benchmarks/gpu_check.sh  # stop starting steps after 480 s
+#   GPU_CHECK_STEPS="phase-speed gpu-tests" bash benchmarks/gpu_check.sh  # only these steps
 #
 # Every step runs under `timeout`, cut to what is left of GPU_CHECK_BUDGET (seconds, default
 # none), so a hung step is a failed line and a lease's limit is kept: steps that no longer fit
@@ -45,6 +48,7 @@ nproc=$(( gpus >= 4 ? 4 : (gpus >= 2 ? 2 : 1) ))
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, log it, one summary row
     local name=$1 limit=$2
     shift 2
+    [[ -z ${GPU_CHECK_STEPS:-} || " $GPU_CHECK_STEPS " == *" $name "* ]] || return 0
     if ((budget > 0)); then
         local left=$((budget - SECONDS - 15))  # 15 s for the summary's tail
         if ((left < 30)); then
@@ -71,6 +75,13 @@ step "gpu-throughput-b1024" 120 "$python" benchmarks/gpu_throughput.py --quick -
 step "phase-speed" 180 "$python" benchmarks/phase_speed.py --nproc "$nproc" --out "$dir/phase-speed" \
     --arch resnet32 --width 1 --subnets 4 --shortcut B --dataset synthetic --train-samples 32768 \
     --test-samples 1024 --batch-size 128 --epochs 4 --device cuda --precision bf16
+step "phase-speed-graphs" 300 "$python" benchmarks/phase_speed.py --nproc "$nproc" --out "$dir/phase-speed-graphs" \
+    --arch resnet32 --width 1 --subnets 4 --shortcut B --dataset synthetic --train-samples 32768 \
+    --test-samples 1024 --batch-size 128 --epochs 4 --device cuda --precision bf16 --compile --compile-mode reduce-overhead
+if "$python" -c 'import pytest' 2>/dev/null; then  # the suite's GPU-only tests (they skip on CPU-only CI)
+    step "gpu-tests" 300 "$python" -m pytest -q -p no:cacheprovider tests/test_fused_run.py tests/test_benchmarks.py \
+        -k "cuda_graphs or gpu_throughput_headline"
+fi
 # the pipeline: NCCL between GPUs when there are several, fused sub-nets when N > P
 step "pipeline-bf16" 150 "$python" -m dd_mpi --nproc "$nproc" "${tiny[@]}" --precision bf16 --out "$dir/bf16"
 step "overhead" 120 "$python" benchmarks/overhead.py --quick --device cuda --nproc "$nproc"
@@ -90,7 +101,8 @@ step "gpu-throughput-graphs" 180 "$python" benchmarks/gpu_throughput.py --quick 
     done
     echo "## the benchmarks' output"
     echo
-    for log in gpu-throughput gpu-throughput-b1024 gpu-throughput-graphs phase-speed overhead decode-vs-cache; do
+    for log in gpu-throughput gpu-throughput-b1024 gpu-throughput-graphs phase-speed phase-speed-graphs overhead \
+        decode-vs-cache gpu-tests; do
         [[ -f $dir/$log.log ]] && sed 's/^/    /' "$dir/$log.log"
     done
 } >>"$summary"

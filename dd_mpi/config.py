@@ -20,6 +20,9 @@ from .models import ModelSpec, parse_depth
 from .presets import PRESETS
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+
+
 @dataclass
 class RunConfig:
     # --- model ---
@@ -74,6 +77,7 @@ class RunConfig:
     threads: int | None = None  # torch threads per rank (default: cores / local ranks)
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model of each phase
+    compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs where a phase's group is one GPU) | max-autotune
     timeout: float = 300.0  # seconds a training collective waits for a stuck (frozen) rank
     io_timeout: float = 1800.0  # seconds for start-up and I/O waits: data checks, checkpoints, compiling
     seed: int = 0  # weights, data order and augmentation (sub-net k: its own seed from it)
@@ -124,6 +128,9 @@ class RunConfig:
         _choice("--device", self.device, ("auto", "cpu", "cuda"))
         _choice("--shortcut", self.shortcut, ("A", "B"))
         _choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("--compile-mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise UsageError(f"--compile-mode {self.compile_mode} applies to compiled models: add --compile")
         if self.subnets < 1:
             raise UsageError(f"--subnets {self.subnets} is invalid: use 1 or more sub-networks")
         self._validate_levels()

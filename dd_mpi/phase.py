@@ -63,6 +63,20 @@ class NetResult:
     initial: dict = field(default_factory=dict)  # the evaluation it started from (a composed net)
 
 
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
+def compile_mode(requested: str, ranks: int) -> str:
+    """torch.compile's mode for a phase whose group has ``ranks`` ranks. CUDA graphs take a
+    narrow net's kernel launches away (~3x per step on an H200, BENCHMARKS.md section 6), but
+    with gradient hooks firing between captured graphs (DDP, Horovod) torch's CUDA graphs are
+    not reliable (pytorch/pytorch#140395, #128218): a group of several ranks keeps the rest of
+    the mode without graphs."""
+    if ranks > 1 and requested in GRAPH_MODES:
+        return "max-autotune-no-cudagraphs" if requested == "max-autotune" else "default"
+    return requested
+
+
 def seeded_states(level: Level, nets: list[int], seed: int) -> list[dict]:
     """Fresh nets, each from its own seed: sub-net j from seed*1000+j+1, the baseline's
     global net from seed*1000+999 (the same in every layout)."""
@@ -138,7 +152,12 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
             run.record(state.history)
     trained = comm.data_parallel(model)
     if cfg.compile:
-        trained = torch.compile(trained)
+        mode = compile_mode(cfg.compile_mode, comm.size)
+        if mode != cfg.compile_mode:
+            log(f"{name}: trained on {comm.size} ranks, so compiled in mode {mode} (--compile-mode "
+                f"{cfg.compile_mode} captures CUDA graphs only where a group is one rank)", rank=comm.rank)
+        # CUDA graphs want static shapes: a graph per batch size (an epoch's last batch may differ)
+        trained = torch.compile(trained, mode=mode, dynamic=False if mode in GRAPH_MODES else None)
     optimizer = comm.wrap_optimizer(optimizer, model)
 
     def save(kinds: tuple[str, ...]) -> None:

@@ -138,6 +138,7 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm, *, member
         if step % check_every == 0 and step > (resume.step if resume else 0) and comm.any(should_stop()):
             stopped = True
             break
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs (if any) may reuse outputs
         with autocast(device, precision):
             logits = model(images)
             losses = member_losses(logits.float(), labels, criterion)
@@ -190,6 +191,7 @@ def evaluate(model: nn.Module, batches, comm, num_classes: int, *, members: int 
     totals = torch.zeros(members, 4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     k = min(5, num_classes)
     for images, labels in batches:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs (if any) may reuse outputs
         with autocast(device, precision):
             logits = model(images).float()
         logits = logits if logits.dim() == 3 else logits[:, None]

@@ -125,6 +125,32 @@ def test_compiled_sub_nets_train_as_the_eager_ones(layouts, tmp_path):
     assert any((tmp_path / "inductor").rglob("*.py"))  # inductor really generated kernels
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none visible")
+def test_cuda_graphs_capture_the_fused_sub_nets_and_train_them_as_eager(tmp_path):
+    """--compile-mode reduce-overhead on one GPU: the 4 sub-nets fused on its one rank are
+    captured and replayed as CUDA graphs (inductor's log records graphs and skips none) and
+    train as eager fp32 does, within the CPU compile test's tolerance (inductor's kernels sum
+    in another order; a graph replays the same kernels)."""
+    on_gpu = [a for a in LAYOUT_RUN if a not in ("--deterministic", "--threads", "1")]
+    on_gpu[on_gpu.index("cpu")] = "cuda"
+    on_gpu += ["--precision", "fp32"]
+    eager = run_dd([*on_gpu, "--out", str(tmp_path / "eager")], nproc=1, timeout=600)
+    assert eager.returncode == 0, explain(eager)
+    graphs = run_dd([*on_gpu, "--compile", "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "graphs")],
+                    nproc=1, timeout=900, env={"TORCH_LOGS": "cudagraphs",
+                                               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert graphs.returncode == 0, explain(graphs)
+    log = graphs.stdout + graphs.stderr
+    assert "Recording function" in log and "skipping cudagraphs" not in log, explain(graphs)
+    assert "compiled in mode default" not in log  # one rank: graphs in every phase
+    eager_states = subnet_states(tmp_path / "eager")
+    for j, captured in enumerate(subnet_states(tmp_path / "graphs")):
+        worst = max((captured[k].double() - eager_states[j][k].double()).abs().max().item() for k in captured)
+        other = max((captured[k].double() - eager_states[(j + 1) % 4][k].double()).abs().max().item()
+                    for k in captured)
+        assert worst < 2e-2 < other / 10, f"sub-net {j}: graphs vs eager {worst:.2e}, vs another {other:.2e}"
+
+
 def test_composition_in_stages_16_4_1(tmp_path):
     """16 sub-nets (4 fused per rank), composed into 4 nets fine-tuned on one rank each, then
     into the global net fine-tuned by all: every level reported and checkpointed."""

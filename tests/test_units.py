@@ -29,6 +29,7 @@ from dd_mpi.data import (DataPlan, Stream, batch_slices, eval_indices, random_cr
 from dd_mpi.formats import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
+from dd_mpi.phase import compile_mode
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch
 from dd_mpi.synthetic import make_synthetic
@@ -266,6 +267,8 @@ def test_every_preset_is_a_valid_run_whose_sub_nets_compose_back(name):
     (["--subnet-batch-size", "0"], "--subnet-batch-size 0 is invalid: use 1 or more"),
     (["--global-batch-size", "0"], "--global-batch-size 0 is invalid: use 1 or more"),
     (["--groups", "0"], "--groups 0 is invalid: use 1 or more"),
+    (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast' is unknown: choose one of default, reduce"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to compiled models: add --compile"),
     (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
     (["--dataset", "food101", "--cache-dir", ""], "--cache-dir '' is empty: give a folder"),
 ])
@@ -273,6 +276,15 @@ def test_config_validation_names_the_flag(argv, message):
     with pytest.raises(UsageError) as error:
         parse_config(argv)
     assert message in str(error.value)
+
+
+def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
+    assert compile_mode("reduce-overhead", 1) == "reduce-overhead"
+    assert compile_mode("max-autotune", 1) == "max-autotune"
+    assert compile_mode("reduce-overhead", 2) == "default"  # DDP's hooks between graphs
+    assert compile_mode("max-autotune", 4) == "max-autotune-no-cudagraphs"
+    assert compile_mode("default", 4) == "default"
+    assert parse_config(["--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
 
 
 @pytest.mark.parametrize("argv, message", [
