@@ -131,9 +131,7 @@ def test_cuda_graphs_capture_the_fused_sub_nets_and_train_them_as_eager(tmp_path
     captured and replayed as CUDA graphs (inductor's log records graphs and skips none) and
     train as eager fp32 does, within the CPU compile test's tolerance (inductor's kernels sum
     in another order; a graph replays the same kernels)."""
-    on_gpu = [a for a in LAYOUT_RUN if a not in ("--deterministic", "--threads", "1")]
-    on_gpu[on_gpu.index("cpu")] = "cuda"
-    on_gpu += ["--precision", "fp32"]
+    on_gpu = [*LAYOUT_RUN, "--device", "cuda", "--precision", "fp32", "--no-deterministic"]  # last flags win
     eager = run_dd([*on_gpu, "--out", str(tmp_path / "eager")], nproc=1, timeout=600)
     assert eager.returncode == 0, explain(eager)
     graphs = run_dd([*on_gpu, "--compile", "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "graphs")],
