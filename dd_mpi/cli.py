@@ -23,7 +23,7 @@ from .comm import init_world
 from .config import config_yaml, parse_config
 from .decompose import subnet_spec
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
-from .launch import cpu_threads_per_rank, data_workers, detect_launch, run_local
+from .launch import cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
 from .plan import comm_partitions, level_layouts
 from .progress import say
 from .rendezvous import pick_device, pick_precision
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"dd-train: error: {error}", sys.stderr)
         return EXIT_USAGE
 
-    torch.set_num_threads(cfg.threads or cpu_threads_per_rank(launch))
+    torch.set_num_threads(cfg.threads or cpu_threads_per_rank(launch))  # until the ranks' masks are known
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     stop = StopSignal()
@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(cfg.device, launch)
         precision = pick_precision(cfg.precision, device)
         world = _init_engine(cfg, launch, device, layouts)
+        # which ranks share which CPUs is known only from all of them (how the launcher bound them)
+        threads = cpu_threads_per_rank(launch, world.comm.slow.allgather_object(cpu_mask()))
+        torch.set_num_threads(cfg.threads or threads)
         from .pipeline import run  # after the world: imports nothing that talks
-        run(cfg, world, stop, layouts, precision, cfg.workers if cfg.workers is not None else data_workers(launch))
+        run(cfg, world, stop, layouts, precision, cfg.workers if cfg.workers is not None else data_workers(threads))
         world.close()
         return 0
     except UsageError as error:

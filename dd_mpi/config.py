@@ -74,7 +74,7 @@ class RunConfig:
     nproc: int | None = None  # start this many local processes (no launcher present)
     backend: str = "auto"  # auto | torch | horovod
     device: str = "auto"  # cpu | cuda | auto
-    threads: int | None = None  # torch threads per rank (default: cores / local ranks)
+    threads: int | None = None  # torch threads per rank (default: its share of the node, by affinity masks)
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model of each phase
     compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs where a phase's group is one GPU) | max-autotune

@@ -114,24 +114,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_threads_per_rank(launch: LaunchInfo, env: Mapping[str, str] = os.environ) -> int:
-    """Cores this rank may use without oversubscribing the node (OMP_NUM_THREADS rule).
-    SLURM_CPUS_PER_TASK counts one Slurm task's CPUs: a rank's own under srun and the MPI
-    launchers (a task per rank), shared by the node's ranks under torchrun and --nproc, which
-    start them all inside one task (`srun --ntasks-per-node 1 -c 32 torchrun --nproc-per-node 4`)."""
+def cpu_mask() -> tuple[str, list[int]]:
+    """This rank's node and the CPUs it may run on (its affinity mask, as the launcher bound it)."""
+    return socket.gethostname(), sorted(os.sched_getaffinity(0))
+
+
+def share_of_node(masks: list[tuple[str, list[int]]], rank: int) -> float:
+    """CPUs that ``rank`` may use without oversubscribing its node, from every rank's
+    ``cpu_mask()``: each CPU of its mask counts 1/k where k ranks of its node may run on it.
+    Right whatever the launcher bound: disjoint masks (srun's or mpirun's per-core binding)
+    give each rank its own, one shared mask (torchrun, --nproc, unbound MPI) is split, and
+    per-socket binding (Open MPI's default for more than 2 ranks) splits each socket."""
+    host, mine = masks[rank]
+    sharers: dict[int, int] = {}
+    for other_host, cpus in masks:
+        if other_host == host:
+            for cpu in cpus:
+                sharers[cpu] = sharers.get(cpu, 0) + 1
+    return sum(1 / sharers[cpu] for cpu in mine)
+
+
+def cpu_threads_per_rank(launch: LaunchInfo, masks: list[tuple[str, list[int]]] | None = None,
+                         env: Mapping[str, str] = os.environ) -> int:
+    """Cores this rank may use without oversubscribing the node (OMP_NUM_THREADS rule): its
+    share of the node's CPUs from all ranks' masks (``share_of_node``; without them, its mask
+    split over the node's ranks), at most what Slurm allotted. SLURM_CPUS_PER_TASK counts one
+    Slurm task's CPUs: a rank's own under srun and the MPI launchers (a task per rank), shared
+    by the node's ranks under torchrun and --nproc, which start them all inside one task
+    (`srun --ntasks-per-node 1 -c 32 torchrun --nproc-per-node 4`)."""
     per_task = _int(env, "SLURM_CPUS_PER_TASK")
     if per_task:
         shared = launch.launcher in ("torchrun", "local")
-        return max(1, per_task // max(1, launch.local_world_size) if shared else per_task)
-    cores = len(os.sched_getaffinity(0))
-    return max(1, cores // max(1, launch.local_world_size))
+        allotted = per_task // max(1, launch.local_world_size) if shared else per_task
+    if masks is None:
+        share = allotted if per_task else len(os.sched_getaffinity(0)) // max(1, launch.local_world_size)
+    else:
+        share = int(share_of_node(masks, launch.rank) + 1e-9)
+        share = min(share, allotted) if per_task else share
+    return max(1, share)
 
 
-def data_workers(launch: LaunchInfo, env: Mapping[str, str] = os.environ) -> int:
-    """DataLoader workers for --workers' default: the rank's own CPUs (Slurm's
-    SLURM_CPUS_PER_TASK, else its share of the affinity mask) less the one that trains,
-    at most 8 (decoding beyond that starves the training threads)."""
-    return min(8, cpu_threads_per_rank(launch, env) - 1)
+def data_workers(threads: int) -> int:
+    """DataLoader workers for --workers' default: the rank's own CPUs (``cpu_threads_per_rank``)
+    less the one that trains, at most 8 (decoding beyond that starves the training threads)."""
+    return min(8, threads - 1)
 
 
 def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:

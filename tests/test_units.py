@@ -31,7 +31,7 @@ from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.phase import compile_mode
 from dd_mpi.errors import UsageError
-from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch
+from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, share_of_node
 from dd_mpi.synthetic import make_synthetic
 
 from helpers import launcher_free_env
@@ -80,14 +80,39 @@ def test_detect_launch_rendezvous_address():
 
 def test_threads_per_rank_do_not_oversubscribe():
     # torchrun's 4 ranks share its Slurm task's CPUs; a rank that srun or MPI started is a task
-    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "32"}) == 8
-    assert data_workers(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "32"}) == 7
-    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {"SLURM_CPUS_PER_TASK": "6"}) == 1
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "32"}) == 8
+    assert data_workers(cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "32"})) == 7
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "6"}) == 1
     srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"}
-    assert cpu_threads_per_rank(detect_launch(srun), {"SLURM_CPUS_PER_TASK": "6"}) == 6
+    assert cpu_threads_per_rank(detect_launch(srun), None, {"SLURM_CPUS_PER_TASK": "6"}) == 6
     hydra = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}
-    assert cpu_threads_per_rank(detect_launch(hydra), {"SLURM_CPUS_PER_TASK": "6"}) == 6
-    assert cpu_threads_per_rank(detect_launch(TORCHRUN), {}) == max(1, len(os.sched_getaffinity(0)) // 4)
+    assert cpu_threads_per_rank(detect_launch(hydra), None, {"SLURM_CPUS_PER_TASK": "6"}) == 6
+    assert cpu_threads_per_rank(detect_launch(TORCHRUN), None, {}) == max(1, len(os.sched_getaffinity(0)) // 4)
+
+
+def test_threads_per_rank_follow_how_the_launcher_bound_the_ranks():
+    """Every rank's (node, affinity mask): a rank's share counts each of its CPUs 1/k, k the
+    node's ranks that may run there. The masks alone once got divided by the node's rank
+    count again: a rank bound to its own 16 cores took 4 threads, one bound to a socket
+    shared by 4 of 8 ranks took 4 instead of 8."""
+    socket0, socket1 = list(range(32)), list(range(32, 64))
+    per_core = [("n1", list(range(16 * r, 16 * r + 16))) for r in range(4)]  # srun/mpirun --bind-to core
+    one_mask = [("n1", socket0 + socket1)] * 8  # torchrun, --nproc, unbound MPI
+    per_socket = [("n1", socket0)] * 4 + [("n1", socket1)] * 4  # Open MPI's default for > 2 ranks
+    two_nodes = [("n1", socket0), ("n1", socket0), ("n2", socket0)]  # the same CPU ids on another node
+    uneven = [("n1", [0, 1]), ("n1", [1])]  # CPU 1 shared: rank 0 gets 1 + 1/2, rank 1 gets 1/2
+    assert [share_of_node(per_core, r) for r in range(4)] == [16] * 4
+    assert [share_of_node(one_mask, r) for r in range(8)] == [8] * 8
+    assert [share_of_node(per_socket, r) for r in range(8)] == [8] * 8
+    assert [share_of_node(two_nodes, r) for r in range(3)] == [16, 16, 32]
+    assert [share_of_node(uneven, r) for r in range(2)] == [1.5, 0.5]
+    mpirun = detect_launch({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+                            "OMPI_COMM_WORLD_LOCAL_RANK": "5", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"})
+    assert cpu_threads_per_rank(mpirun, per_socket, {}) == 8  # the mask split over 8 ranks: 4
+    assert cpu_threads_per_rank(mpirun, per_socket, {"SLURM_CPUS_PER_TASK": "6"}) == 6  # Slurm's allotment caps it
+    torchrun = detect_launch(TORCHRUN)  # rank 2 of 4 local ranks
+    assert cpu_threads_per_rank(torchrun, one_mask[:4], {"SLURM_CPUS_PER_TASK": "64"}) == 16
+    assert cpu_threads_per_rank(torchrun, [("n1", [0])] * 4, {}) == 1  # never 0
 
 
 def test_group_layout_is_contiguous_blocks():
