@@ -33,7 +33,7 @@ class Level:
     batch_size: int  # per rank and net
     phase: str  # metrics' "phase": subnet | level<k> | finetune | baseline
     lr_flag: str  # the flag that sets this level's LR (named when its loss blows up)
-    stream_base: int  # net j's data stream: stream_base + j
+    stream_base: int  # net j's data stream: stream_base + j (``stream``)
 
     @property
     def is_first(self) -> bool:
@@ -62,7 +62,12 @@ class Level:
         return "+".join([self.net_name(nets[0]), *map(str, nets[1:])])
 
     def stream(self, net: int) -> int:
-        return self.stream_base + net
+        """Net ``net``'s data stream: ``stream_base + net`` while that stays in its base's
+        room (sub-nets 100-199, fine-tune 200, baseline 300, level k 1000k-1000k+999: what
+        runs so far used); beyond it (sub-net 100 would draw the fine-tune's data) one far
+        above every base, still unique per level and net."""
+        room = 100 if self.is_first else 1000
+        return self.stream_base + net if net < room else (1 << 40) + self.stream_base * (1 << 20) + net
 
 
 @dataclass(frozen=True)

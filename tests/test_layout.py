@@ -56,6 +56,18 @@ def test_levels_compose_in_stages_with_per_group_padding_and_names():
     assert build_plan(two, level_layouts(two, 4), 4, 10).levels[1].phase == "finetune"  # default: N,1
 
 
+def test_every_net_of_every_level_and_the_baseline_draws_its_own_data_stream():
+    """Sub-net j once drew stream 100 + j: from 100 sub-nets on, sub-net 100 drew the
+    fine-tune's data and sub-net 200 the baseline's."""
+    cfg = parse_config(["--arch", "resnet20", "--width", "16", "--shortcut", "B", "--subnets", "256",
+                        "--levels", "256,2,1", "--strategy", "both"])
+    plan = build_plan(cfg, level_layouts(cfg, 4), 4, 10)
+    streams = [lv.stream(j) for lv in (*plan.levels, plan.baseline) for j in range(lv.nets)]
+    assert len(set(streams)) == len(streams) == 256 + 2 + 1 + 1
+    assert [plan.levels[0].stream(j) for j in (0, 99)] == [100, 199]  # unchanged where they fit
+    assert (plan.levels[-1].stream(0), plan.baseline.stream(0)) == (200, 300)
+
+
 @pytest.mark.parametrize("levels, message", [
     ("16,4", "the last 1"), ("16,5,1", "each count must divide the one before"), ("8,4,1", "starts at 8 nets"),
     ("16,16,1", "each count must divide"), ("x", "give nets per level")])
