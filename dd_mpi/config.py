@@ -77,7 +77,7 @@ class RunConfig:
     threads: int | None = None  # torch threads per rank (default: its share of the node, by affinity masks)
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model of each phase
-    compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs where a phase's group is one GPU) | max-autotune
+    compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs, one-rank groups) | max-autotune
     timeout: float = 300.0  # seconds a training collective waits for a stuck (frozen) rank
     io_timeout: float = 1800.0  # seconds for start-up and I/O waits: data checks, checkpoints, compiling
     seed: int = 0  # weights, data order and augmentation (sub-net k: its own seed from it)

@@ -191,7 +191,6 @@ def evaluate(model: nn.Module, batches, comm, num_classes: int, *, members: int 
     totals = torch.zeros(members, 4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     k = min(5, num_classes)
     for images, labels in batches:
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs (if any) may reuse outputs
         with autocast(device, precision):
             logits = model(images).float()
         logits = logits if logits.dim() == 3 else logits[:, None]
