@@ -77,6 +77,17 @@ def compile_mode(requested: str, ranks: int) -> str:
     return requested
 
 
+def other_layouts_progress(level: Level, out: Path, nets: list[int], own: Path) -> list[Path]:
+    """``-last`` checkpoints of this level whose group shares nets with ``nets`` but is
+    another set: progress that a changed layout (ranks, --groups) leaves behind."""
+    found = []
+    for path in sorted(own.parent.glob("*-last.pt")):
+        theirs = level.nets_named(path.name[:-len("-last.pt")])
+        if path != own and theirs and set(theirs) & set(nets):
+            found.append(path)
+    return found
+
+
 def seeded_states(level: Level, nets: list[int], seed: int) -> list[dict]:
     """Fresh nets, each from its own seed: sub-net j from seed*1000+j+1, the baseline's
     global net from seed*1000+999 (the same in every layout)."""
@@ -129,6 +140,11 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
                        rng={}, ranks=comm.size, config=cfg.to_dict(), phase=name, nets=nets)
     last_path = ckpt.checkpoint_path(run.out, name, "last")
     saved = ckpt.load(last_path) if cfg.resume else None
+    if cfg.resume and saved is None and comm.is_leader:
+        for other in other_layouts_progress(level, run.out, nets, last_path):
+            log(f"{name}: starts afresh: {other} holds progress of some of its nets made in another layout "
+                "(other ranks or --groups), which it cannot continue; relaunch with that layout to use it",
+                rank=comm.rank)
     if saved is not None:
         if saved.get("nets") is not None and list(saved["nets"]) != list(nets):  # named by an older dd_mpi
             raise UsageError(f"--resume: {last_path} holds nets {list(saved['nets'])}, not {nets}: delete it "

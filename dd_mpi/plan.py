@@ -61,6 +61,18 @@ class Level:
             return f"{self.net_name(nets[0])}-{nets[-1]}"
         return "+".join([self.net_name(nets[0]), *map(str, nets[1:])])
 
+    def nets_named(self, name: str) -> list[int] | None:
+        """The nets of a group named by ``group_name`` (None: not a set of this level's nets)."""
+        prefix = "subnet" if self.is_first else f"{self.phase}-net"
+        rest = name[len(prefix):] if name.startswith(prefix) and not self.world_wide else ""
+        try:
+            if "+" in rest:
+                return [int(v) for v in rest.split("+")]
+            first, _, last = rest.partition("-")
+            return list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            return None
+
     def stream(self, net: int) -> int:
         """Net ``net``'s data stream: ``stream_base + net`` while that stays in its base's
         room (sub-nets 100-199, fine-tune 200, baseline 300, level k 1000k-1000k+999: what

@@ -97,6 +97,24 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
     assert read_report(out)["world_size"] == 1
 
 
+def test_progress_that_another_layout_made_is_named_when_a_resume_cannot_use_it(layouts, tmp_path):
+    """Phase 1 ran with all 4 sub-nets fused on one rank and was cut before they finished;
+    resumed on 2 ranks (2 fused per rank) the groups are other sets: they start afresh, and
+    each says which checkpoint's progress it cannot continue (it once did so silently)."""
+    out = tmp_path / "run"
+    shutil.copytree(layouts[1][0], out)
+    for path in [*(out / "checkpoints").glob("subnet*-final.pt"), *(out / "checkpoints").glob("finetune-*"),
+                 out / "checkpoints" / "composed.pt", out / "report.json"]:
+        path.unlink()
+    result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=2, timeout=600)
+    assert result.returncode == 0, explain(result)
+    old = out / "checkpoints" / "subnet0-3-last.pt"
+    for group in ("subnet0-1", "subnet2-3"):
+        assert f"{group}: starts afresh: {old} holds progress of some of its nets" in result.stdout, explain(result)
+    assert "subnet0-1: resuming" not in result.stdout
+    assert (out / "checkpoints" / "subnet0-1-last.pt").exists() and old.exists()  # kept, for that layout
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_fused_sub_nets_under_other_launchers_match_the_local_launcher(layouts, tmp_path, launcher):
     out = tmp_path / "run"

@@ -49,6 +49,10 @@ def test_levels_compose_in_stages_with_per_group_padding_and_names():
     first, middle, last = plan.levels
     assert first.group_name([4, 5, 6, 7]) == "subnet4-7" and first.net_name(5) == "subnet5"
     assert middle.group_name([2]) == "level1-net2" and last.net_name(0) == "finetune"
+    for level, sets in ((first, ([5], [4, 5, 6, 7], [0, 3], [1, 2, 9])), (middle, ([2], [0, 1]))):
+        assert all(level.nets_named(level.group_name(nets)) == nets for nets in sets)  # the names' inverse
+    assert first.nets_named("level1-net0-1") is None and middle.nets_named("subnet0-3") is None
+    assert first.nets_named("subnet-x") is None and last.nets_named("finetune") is None
     assert len({lv.stream(j) for lv in plan.levels for j in range(lv.nets)}) == 21  # every net its own data
     # the last level's net is exactly the net composed from the sub-nets in one step
     assert last.spec == composed_spec(subnet_spec(plan.global_spec, 16), 16)
