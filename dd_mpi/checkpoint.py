@@ -110,6 +110,7 @@ class PhaseState:
     phase: str
     nets: list[int]
     rank_buffers: list[dict] | None = None  # mid-epoch: every rank's BN statistics (averaged only at epochs' ends)
+    precision: str | None = None  # fp32 | bf16 | fp16 as trained last (None: saved by an older dd_mpi)
 
     def to_dict(self) -> dict:
         state = dict(vars(self))

@@ -137,7 +137,8 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
     scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
     state = PhaseState(model={}, optimizer={}, scheduler={}, scaler=None, epoch=0, progress=None, history=[],
                        best=-1.0, seconds=initial_seconds, tests=list(initial) if initial else [{}] * k,
-                       rng={}, ranks=comm.size, config=cfg.to_dict(), phase=name, nets=nets)
+                       rng={}, ranks=comm.size, config=cfg.to_dict(), phase=name, nets=nets,
+                       precision=run.precision)
     last_path = ckpt.checkpoint_path(run.out, name, "last")
     saved = ckpt.load(last_path) if cfg.resume else None
     if cfg.resume and saved is None and comm.is_leader:
@@ -164,6 +165,10 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         ckpt.set_rng_state(state.rng)
         within = f", at step {state.progress['step']} of epoch {state.epoch + 1}" if state.progress else ""
         log(f"{name}: resuming after epoch {state.epoch}{within}", rank=comm.rank)
+        if state.precision not in (None, run.precision):  # --precision auto picks per GPU model
+            log(f"{name}: note: it trained in {state.precision} so far and goes on in {run.precision}; give "
+                f"--precision {state.precision} to keep it", rank=comm.rank)
+        state.precision = run.precision
         if level.world_wide:
             run.record(state.history)
     trained = comm.data_parallel(model)

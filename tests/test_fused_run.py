@@ -115,6 +115,21 @@ def test_progress_that_another_layout_made_is_named_when_a_resume_cannot_use_it(
     assert (out / "checkpoints" / "subnet0-1-last.pt").exists() and old.exists()  # kept, for that layout
 
 
+def test_a_resume_in_another_precision_says_so(layouts, tmp_path):
+    """--precision auto is bf16 on one GPU model and fp16 on another, so a requeued job may
+    resume on another: it goes on, and says so (it once switched silently)."""
+    out = tmp_path / "run"
+    shutil.copytree(layouts[1][0], out)
+    for path in [*(out / "checkpoints").glob("subnet*-final.pt"), *(out / "checkpoints").glob("finetune-*"),
+                 out / "checkpoints" / "composed.pt", out / "report.json"]:
+        path.unlink()
+    result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume", "--precision", "bf16"], nproc=1, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert "subnet0-3: resuming after epoch 1" in result.stdout, explain(result)
+    assert "subnet0-3: note: it trained in fp32 so far and goes on in bf16" in result.stdout, explain(result)
+    assert "finetune: note" not in result.stdout  # a phase started afresh has nothing to say
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_fused_sub_nets_under_other_launchers_match_the_local_launcher(layouts, tmp_path, launcher):
     out = tmp_path / "run"
