@@ -49,6 +49,16 @@ def subnet_states(out) -> list[dict]:
     return [load(checkpoint_path(out, f"subnet{j}", "final"))["model"] for j in range(4)]
 
 
+def unfinished_copy(layouts, tmp_path, finals: str = "subnet*-final.pt"):
+    """The 4-fused-on-one-rank run as if cut short: its ``finals`` and all after phase 1 gone."""
+    out = tmp_path / "run"
+    shutil.copytree(layouts[1][0], out)
+    for path in [*(out / "checkpoints").glob(finals), *(out / "checkpoints").glob("finetune-*"),
+                 out / "checkpoints" / "composed.pt", out / "report.json"]:
+        path.unlink()
+    return out
+
+
 def test_a_runs_sub_nets_do_not_depend_on_the_layout(layouts):
     alone, two, four = (subnet_states(layouts[p][0]) for p in (4, 2, 1))
     for j in range(4):
@@ -81,11 +91,7 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
     """Sub-nets 1 and 2 finished (say by --only-group tasks), 0 and 3 not: one rank trains
     0 and 3 fused, as a set of its own with its own checkpoints (it once took the whole group's
     subnet0-3-last.pt for its own and crashed on its shapes), into the same sub-nets."""
-    out = tmp_path / "run"
-    shutil.copytree(layouts[1][0], out)
-    for path in [*(out / "checkpoints").glob("subnet[03]-final.pt"), *(out / "checkpoints").glob("finetune-*"),
-                 out / "checkpoints" / "composed.pt", out / "report.json"]:
-        path.unlink()
+    out = unfinished_copy(layouts, tmp_path, "subnet[03]-final.pt")
     result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
     assert result.returncode == 0, explain(result)
     assert "subnet1: finished earlier" in result.stdout and "subnet2: finished earlier" in result.stdout
@@ -101,11 +107,7 @@ def test_progress_that_another_layout_made_is_named_when_a_resume_cannot_use_it(
     """Phase 1 ran with all 4 sub-nets fused on one rank and was cut before they finished;
     resumed on 2 ranks (2 fused per rank) the groups are other sets: they start afresh, and
     each says which checkpoint's progress it cannot continue (it once did so silently)."""
-    out = tmp_path / "run"
-    shutil.copytree(layouts[1][0], out)
-    for path in [*(out / "checkpoints").glob("subnet*-final.pt"), *(out / "checkpoints").glob("finetune-*"),
-                 out / "checkpoints" / "composed.pt", out / "report.json"]:
-        path.unlink()
+    out = unfinished_copy(layouts, tmp_path)
     result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=2, timeout=600)
     assert result.returncode == 0, explain(result)
     old = out / "checkpoints" / "subnet0-3-last.pt"
@@ -118,11 +120,7 @@ def test_progress_that_another_layout_made_is_named_when_a_resume_cannot_use_it(
 def test_a_resume_in_another_precision_says_so(layouts, tmp_path):
     """--precision auto is bf16 on one GPU model and fp16 on another, so a requeued job may
     resume on another: it goes on, and says so (it once switched silently)."""
-    out = tmp_path / "run"
-    shutil.copytree(layouts[1][0], out)
-    for path in [*(out / "checkpoints").glob("subnet*-final.pt"), *(out / "checkpoints").glob("finetune-*"),
-                 out / "checkpoints" / "composed.pt", out / "report.json"]:
-        path.unlink()
+    out = unfinished_copy(layouts, tmp_path)
     result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume", "--precision", "bf16"], nproc=1, timeout=600)
     assert result.returncode == 0, explain(result)
     assert "subnet0-3: resuming after epoch 1" in result.stdout, explain(result)
