@@ -45,11 +45,15 @@ class Level:
         sub-net (--subnets 1), which keeps its sub-net names."""
         return self.nets == 1 and not self.is_first
 
+    @property
+    def _net_prefix(self) -> str:
+        return "subnet" if self.is_first else f"{self.phase}-net"
+
     def net_name(self, net: int) -> str:
         """The checkpoint name of one net's finished training (``<name>-final.pt``)."""
         if self.world_wide:
             return self.phase
-        return f"subnet{net}" if self.is_first else f"{self.phase}-net{net}"
+        return f"{self._net_prefix}{net}"
 
     def group_name(self, nets: list[int]) -> str:
         """The checkpoint name of a group training ``nets`` fused (``-last``, ``-best``): a
@@ -63,7 +67,7 @@ class Level:
 
     def nets_named(self, name: str) -> list[int] | None:
         """The nets of a group named by ``group_name`` (None: not a set of this level's nets)."""
-        prefix = "subnet" if self.is_first else f"{self.phase}-net"
+        prefix = self._net_prefix
         rest = name[len(prefix):] if name.startswith(prefix) and not self.world_wide else ""
         try:
             if "+" in rest:
