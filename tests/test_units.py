@@ -108,7 +108,7 @@ def test_threads_per_rank_follow_how_the_launcher_bound_the_ranks():
     assert [share_of_node(uneven, r) for r in range(2)] == [1.5, 0.5]
     mpirun = detect_launch({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
                             "OMPI_COMM_WORLD_LOCAL_RANK": "5", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"})
-    assert cpu_threads_per_rank(mpirun, per_socket, {}) == 8  # the mask split over 8 ranks: 4
+    assert cpu_threads_per_rank(mpirun, per_socket, {}) == 8  # the old rule, mask / 8 local ranks, gave 4
     assert cpu_threads_per_rank(mpirun, per_socket, {"SLURM_CPUS_PER_TASK": "6"}) == 6  # Slurm's allotment caps it
     torchrun = detect_launch(TORCHRUN)  # rank 2 of 4 local ranks
     assert cpu_threads_per_rank(torchrun, one_mask[:4], {"SLURM_CPUS_PER_TASK": "64"}) == 16
