@@ -22,6 +22,7 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
+from ..layout import layout_for
 from ..reporting import RunFiles
 from .collect import mean_or_none
 from .errors import ScalingError
@@ -102,13 +103,13 @@ def _phase1_samples(w: Workload) -> int:
 
 
 def phase1_layout(P: int, N: int) -> tuple[int, int]:
-    """dd-train's default layout (``layout.choose_groups``): (ranks per group, nets per rank)."""
-    groups = math.gcd(P, N)
-    return P // groups, N // groups
+    """dd-train's default layout: (ranks per group, nets per rank)."""
+    layout = layout_for(P, N)
+    return layout.ranks_per_group, layout.nets_per_group
 
 
 def subnet_epoch_seconds(w: Workload, P: int, net: Network) -> float:
-    """Phase 1, one epoch: G = gcd(N, P) groups in parallel, each of P/G ranks training N/G
+    """Phase 1, one epoch: the default G groups in parallel, each of P/G ranks training N/G
     sub-nets fused (k times the work and the gradients of one), no traffic between groups."""
     ranks, k = phase1_layout(P, w.subnets)
     return epoch_seconds(_phase1_samples(w), ranks, w.batch, k * w.subnet_sample_s,
