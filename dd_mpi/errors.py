@@ -57,6 +57,13 @@ def outcome_of(error: BaseException | None) -> tuple[Outcome, str]:
     raise error
 
 
+def deciding(verdicts: list[tuple[Outcome, str]]) -> tuple[Outcome, str]:
+    """The verdict the phase ends with: the first of the gravest. A failure outranks a stop:
+    groups stopped because another failed must not turn its exit 1 into a requeue (75)."""
+    gravity = (Outcome.OK, Outcome.PREEMPTED, Outcome.FAILED, Outcome.USAGE)
+    return max(verdicts, key=lambda verdict: gravity.index(verdict[0]))  # max keeps the first
+
+
 def raise_outcome(outcome: Outcome, message: str) -> None:
     """Raise on this rank what another rank's outcome means (nothing for OK)."""
     if outcome is Outcome.PREEMPTED:

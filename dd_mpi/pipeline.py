@@ -8,6 +8,7 @@ leader owns its nets' checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from .config import RunConfig
 from .data import DataPlan, Stream
 from .datasets import load_for_run, split_size
 from .decompose import compose
-from .errors import UsageError, outcome_of, raise_outcome
+from .errors import Outcome, UsageError, deciding, outcome_of, raise_outcome
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
@@ -152,27 +153,52 @@ def net_report(info: dict, level: Level) -> dict:
 def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
                 start: list[dict] | None = None) -> tuple[list[NetResult], float]:
     """This rank's group trains its nets of ``level``; the groups then agree on the outcome
-    with a patient collective (they finish at different times). Returns this group's nets
-    and the level's seconds (its slowest group's)."""
+    with a patient collective (they finish at different times). A group that fails raises
+    the alarm at once, and the others stop at their next signal check, checkpointed, instead
+    of training to the end of the level before they learn it. Returns this group's nets and
+    the level's seconds (its slowest group's)."""
     group = world.layout_comm(level.layout, tag=level.phase)
     nets = level.layout.nets_of(level.layout.group_of_rank(world.rank))
+    alarm = GroupAlarm(job.out if level.layout.groups > 1 else None)
+    watched = dataclasses.replace(job, should_stop=lambda: job.should_stop() or alarm.raised())
     results, error, initial, initial_seconds = [], None, None, 0.0
     try:
         if start is not None:  # composed nets: score them as they start (the "transfer" rows)
             t0 = time.perf_counter()
             initial = evaluate_states(job, level, group, start)
             initial_seconds = time.perf_counter() - t0
-        results = train_group(job, level, group, nets, streams_of(job, level, nets), start=start,
+        results = train_group(watched, level, group, nets, streams_of(job, level, nets), start=start,
                               initial=initial, initial_seconds=initial_seconds)
     except Exception as raised:  # noqa: BLE001 -- outcome_of re-raises what is not an outcome
         if isinstance(raised, UsageError) and not raised.everywhere:
             raise  # one rank's own trouble (an unreadable image): it must say so
         error = raised
     outcome, message = outcome_of(error)
+    if outcome in (Outcome.FAILED, Outcome.USAGE):
+        alarm.raise_(message)
+    elif outcome is Outcome.PREEMPTED and alarm.raised() and not job.should_stop():
+        log(f"{level.group_name(nets)}: stopped, checkpointed: another group failed (its error follows)",
+            rank=group.rank)
     verdicts = phase_sync.allgather_object((outcome, message, max((r.seconds for r in results), default=0.0)))
-    for theirs, text, _ in verdicts:
-        raise_outcome(theirs, text)
+    raise_outcome(*deciding([(theirs, text) for theirs, text, _ in verdicts]))
     return results, max(s for _, _, s in verdicts)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAlarm:
+    """A file in --out (which every rank sees) that a failing group creates and the other
+    groups look for at their signal checks: a stat every few steps, no collective, so the
+    groups stay independent. ``out`` None: a level of one group, nobody to tell."""
+
+    out: Path | None
+    NAME = ".a-group-failed"  # removed by the next run's start (prepare_output)
+
+    def raise_(self, message: str) -> None:
+        if self.out is not None:
+            ckpt.atomic_write_bytes(self.out / self.NAME, message.encode())
+
+    def raised(self) -> bool:
+        return self.out is not None and (self.out / self.NAME).exists()
 
 
 def evaluate_states(job: Run, level: Level, comm: BaseComm, states: list[dict]) -> list[dict]:
@@ -288,6 +314,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
                         f"({'; '.join(differences)}): use the same flags or a new --out")
         elif (out / ckpt.CHECKPOINT_DIR).exists() and not joins:
             return (f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out")
+        if not cfg.only_group_mode:  # (job-array tasks share --out and have no alarm: one group each)
+            (out / GroupAlarm.NAME).unlink(missing_ok=True)  # a failed run's: this one starts clean
         ckpt.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
         return None
 

@@ -574,6 +574,54 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path,
     assert not (out / "report.json").exists()
 
 
+DIVERGE_IN_EPOCH_2 = """\
+import os
+if os.environ.get("RANK") == os.environ.get("DD_TEST_FAIL_RANK"):
+    import dd_mpi.train  # before the pipeline imports train_epoch from it
+    from dd_mpi.train import NonFiniteLoss
+    calls = []
+    train_epoch = dd_mpi.train.train_epoch
+
+    def diverging_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NonFiniteLoss("injected")  # as train_epoch's own check raises it
+        return train_epoch(*args, **kwargs)
+
+    dd_mpi.train.train_epoch = diverging_in_epoch_2
+"""
+
+
+@pytest.mark.slow
+def test_a_group_that_fails_stops_the_other_groups_and_a_rerun_continues_them(tmp_path):
+    """Phase 1's groups train apart. When one failed, the others used to train to the end of
+    the phase before the verdict told them; now they stop at their next signal check with
+    their progress checkpointed. The job exits 1 with the failing group's line (not 75, which
+    would requeue it), and a rerun with --resume goes on from every group's checkpoint."""
+    out, epochs = tmp_path / "run", 8
+    args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
+            "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DIVERGE_IN_EPOCH_2)
+    failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
+    assert failed.returncode == 1, explain(failed)
+    lines = error_lines(failed.stderr)
+    assert len(lines) == 1 and lines[0].startswith("dd-train: error: subnet3 epoch 2: the loss or the weights "
+                                                   "became NaN/inf"), explain(failed)
+    assert "another group failed" in failed.stdout, explain(failed)
+    for j in range(3):  # stopped early, their progress kept
+        assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
+        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs - 2, explain(failed)
+    assert load(checkpoint_path(out, "subnet3", "last"))["epoch"] == 1
+    resumed = run_dd([*args, "--resume"], nproc=4, timeout=300)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "another group failed" not in resumed.stdout, explain(resumed)
+    for j in range(4):
+        assert [row["epoch"] for row in load(checkpoint_path(out, f"subnet{j}", "final"))["history"]] == \
+            list(range(1, epochs + 1))
+
+
 # ---------------------------------------------------------------------------------------
 # Contract 7: a kill during a checkpoint write leaves the previous checkpoint intact
 WRITER = """\
