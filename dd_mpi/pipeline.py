@@ -161,7 +161,8 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
     nets = level.layout.nets_of(level.layout.group_of_rank(world.rank))
     alarm = GroupAlarm(job.out if level.layout.groups > 1 else None)
     watched = dataclasses.replace(job, should_stop=lambda: job.should_stop() or alarm.raised())
-    results, error, initial, initial_seconds = [], None, None, 0.0
+    results, initial, initial_seconds = [], None, 0.0
+    outcome, message = outcome_of(None)
     try:
         if start is not None:  # composed nets: score them as they start (the "transfer" rows)
             t0 = time.perf_counter()
@@ -172,8 +173,9 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
     except Exception as raised:  # noqa: BLE001 -- outcome_of re-raises what is not an outcome
         if isinstance(raised, UsageError) and not raised.everywhere:
             raise  # one rank's own trouble (an unreadable image): it must say so
-        error = raised
-    outcome, message = outcome_of(error)
+        # read here, not kept: a kept exception would hold this frame (and its process groups)
+        # in a cycle past the groups' teardown, and gloo's threads abort the exit
+        outcome, message = outcome_of(raised)
     if outcome in (Outcome.FAILED, Outcome.USAGE):
         alarm.raise_(message)
     elif outcome is Outcome.PREEMPTED and alarm.raised() and not job.should_stop():

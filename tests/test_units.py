@@ -20,7 +20,7 @@ import torch
 from dd_mpi import checkpoint as ckpt
 from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm
-from dd_mpi.errors import peer_lost as exit_quietly_if_peer_lost
+from dd_mpi.errors import Outcome, deciding, peer_lost as exit_quietly_if_peer_lost
 from dd_mpi.flat import flatten_state, unflatten_into
 from dd_mpi.layout import Layout
 from dd_mpi.config import PRESETS, RunConfig, build_parser, parse_config
@@ -408,6 +408,17 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
 ])
 def test_peer_loss_is_told_apart_from_a_real_error(error, lost):
     assert exit_quietly_if_peer_lost(error) is lost
+
+
+def test_a_failed_group_outranks_the_groups_it_stopped():
+    """Groups stopped because another failed report a stop: the phase must end with the
+    failure (exit 1), not the stop (75, a requeue that would fail again); the first of the
+    gravest decides, so every rank raises the same one."""
+    ok, stop = (Outcome.OK, ""), (Outcome.PREEMPTED, "")
+    assert deciding([stop, ok, (Outcome.FAILED, "subnet2 diverged"), (Outcome.FAILED, "subnet3 diverged")]) == \
+        (Outcome.FAILED, "subnet2 diverged")
+    assert deciding([(Outcome.FAILED, "x"), (Outcome.USAGE, "bad flag"), stop]) == (Outcome.USAGE, "bad flag")
+    assert deciding([ok, stop, ok]) == stop and deciding([ok, ok]) == ok
 
 
 class FakeRank:
