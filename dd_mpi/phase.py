@@ -43,6 +43,7 @@ class Run:
     reporter: Reporter
     precision: str  # fp32 | bf16 | fp16 (rendezvous.pick_precision)
     world_rank: int
+    token: str  # this run's own id, the same on every rank: names files that must not outlive it
     metrics: list[dict] = field(default_factory=list)  # rank 0's rows of metrics.jsonl
 
     def record(self, rows: list[dict]) -> None:

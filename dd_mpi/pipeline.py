@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     prepare_output(cfg, world.comm, out)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
-    job = Run(cfg, plan, plan_data, data.num_classes, out, should_stop, reporter, precision, world.rank)
+    token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
+    job = Run(cfg, plan, plan_data, data.num_classes, out, should_stop, reporter, precision, world.rank, token)
     results: dict = {"world_size": world.size, "precision": precision, "ranks": world.comm.allgather_object(
         place_of(world))}
     try:
@@ -159,7 +161,7 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
     the level's seconds (its slowest group's)."""
     group = world.layout_comm(level.layout, tag=level.phase)
     nets = level.layout.nets_of(level.layout.group_of_rank(world.rank))
-    alarm = GroupAlarm(job.out if level.layout.groups > 1 else None)
+    alarm = GroupAlarm(job.out / f"{GroupAlarm.PREFIX}{job.token}" if level.layout.groups > 1 else None)
     watched = dataclasses.replace(job, should_stop=lambda: job.should_stop() or alarm.raised())
     results, initial, initial_seconds = [], None, 0.0
     outcome, message = outcome_of(None)
@@ -190,17 +192,19 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
 class GroupAlarm:
     """A file in --out (which every rank sees) that a failing group creates and the other
     groups look for at their signal checks: a stat every few steps, no collective, so the
-    groups stay independent. ``out`` None: a level of one group, nobody to tell."""
+    groups stay independent. Its name holds the run's token: a failed run's file, which a
+    network file system may show for a while after it is removed, never stops another run.
+    ``path`` None: a level of one group, nobody to tell."""
 
-    out: Path | None
-    NAME = ".a-group-failed"  # removed by the next run's start (prepare_output)
+    path: Path | None
+    PREFIX = ".a-group-failed-"  # + the run's token; earlier runs' are removed at the start
 
     def raise_(self, message: str) -> None:
-        if self.out is not None:
-            ckpt.atomic_write_bytes(self.out / self.NAME, message.encode())
+        if self.path is not None:
+            ckpt.atomic_write_bytes(self.path, message.encode())
 
     def raised(self) -> bool:
-        return self.out is not None and (self.out / self.NAME).exists()
+        return self.path is not None and self.path.exists()
 
 
 def evaluate_states(job: Run, level: Level, comm: BaseComm, states: list[dict]) -> list[dict]:
@@ -316,8 +320,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
                         f"({'; '.join(differences)}): use the same flags or a new --out")
         elif (out / ckpt.CHECKPOINT_DIR).exists() and not joins:
             return (f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out")
-        if not cfg.only_group_mode:  # (job-array tasks share --out and have no alarm: one group each)
-            (out / GroupAlarm.NAME).unlink(missing_ok=True)  # a failed run's: this one starts clean
+        for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
+            stale.unlink(missing_ok=True)
         ckpt.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
         return None
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from dd_mpi.checkpoint import CHECKPOINT_DIR, checkpoint_path, load
+from dd_mpi.pipeline import GroupAlarm
 
 import datagen
 from helpers import BIN, explain, launcher_command, launcher_free_env, python_path, read_metrics, read_report, run_dd
@@ -574,21 +575,16 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path,
     assert not (out / "report.json").exists()
 
 
-DIVERGE_IN_EPOCH_2 = """\
+DIVERGE_AT_ONCE = """\
 import os
 if os.environ.get("RANK") == os.environ.get("DD_TEST_FAIL_RANK"):
     import dd_mpi.train  # before the pipeline imports train_epoch from it
     from dd_mpi.train import NonFiniteLoss
-    calls = []
-    train_epoch = dd_mpi.train.train_epoch
 
-    def diverging_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise NonFiniteLoss("injected")  # as train_epoch's own check raises it
-        return train_epoch(*args, **kwargs)
+    def diverging(*args, **kwargs):  # as train_epoch's own check raises it, at the end of epoch 1
+        raise NonFiniteLoss("injected")
 
-    dd_mpi.train.train_epoch = diverging_in_epoch_2
+    dd_mpi.train.train_epoch = diverging
 """
 
 
@@ -597,26 +593,30 @@ def test_a_group_that_fails_stops_the_other_groups_and_a_rerun_continues_them(tm
     """Phase 1's groups train apart. When one failed, the others used to train to the end of
     the phase before the verdict told them; now they stop at their next signal check with
     their progress checkpointed. The job exits 1 with the failing group's line (not 75, which
-    would requeue it), and a rerun with --resume goes on from every group's checkpoint."""
+    would requeue it), and a rerun with --resume goes on from every group's checkpoint.
+    The failure comes at once, so that no start-up lag on a busy machine lets the others
+    finish their 8 epochs first (that would only pass the old behaviour off as the new)."""
     out, epochs = tmp_path / "run", 8
     args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
             "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(DIVERGE_IN_EPOCH_2)
+    (site / "sitecustomize.py").write_text(DIVERGE_AT_ONCE)
     failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
     assert failed.returncode == 1, explain(failed)
     lines = error_lines(failed.stderr)
-    assert len(lines) == 1 and lines[0].startswith("dd-train: error: subnet3 epoch 2: the loss or the weights "
+    assert len(lines) == 1 and lines[0].startswith("dd-train: error: subnet3 epoch 1: the loss or the weights "
                                                    "became NaN/inf"), explain(failed)
     assert "another group failed" in failed.stdout, explain(failed)
     for j in range(3):  # stopped early, their progress kept
         assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
-        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs - 2, explain(failed)
-    assert load(checkpoint_path(out, "subnet3", "last"))["epoch"] == 1
+        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs, explain(failed)
+    assert not checkpoint_path(out, "subnet3", "last").exists()
+    assert len(list(out.glob(f"{GroupAlarm.PREFIX}*"))) == 1
     resumed = run_dd([*args, "--resume"], nproc=4, timeout=300)
     assert resumed.returncode == 0, explain(resumed)
     assert "another group failed" not in resumed.stdout, explain(resumed)
+    assert not list(out.glob(f"{GroupAlarm.PREFIX}*"))  # the failed run's, removed at the start
     for j in range(4):
         assert [row["epoch"] for row in load(checkpoint_path(out, f"subnet{j}", "final"))["history"]] == \
             list(range(1, epochs + 1))
