@@ -581,7 +581,7 @@ if os.environ.get("RANK") == os.environ.get("DD_TEST_FAIL_RANK"):
     import dd_mpi.train  # before the pipeline imports train_epoch from it
     from dd_mpi.train import NonFiniteLoss
 
-    def diverging(*args, **kwargs):  # as train_epoch's own check raises it, at the end of epoch 1
+    def diverging(*args, **kwargs):  # what train_epoch raises on a NaN loss; here before a step
         raise NonFiniteLoss("injected")
 
     dd_mpi.train.train_epoch = diverging
