@@ -200,8 +200,13 @@ class GroupAlarm:
     PREFIX = ".a-group-failed-"  # + the run's token; earlier runs' are removed at the start
 
     def raise_(self, message: str) -> None:
+        """Best effort: a rank that cannot write it costs only the early stop, never the
+        verdict that every rank still waits for."""
         if self.path is not None:
-            ckpt.atomic_write_bytes(self.path, message.encode())
+            try:
+                ckpt.atomic_write_bytes(self.path, message.encode())
+            except OSError:
+                pass
 
     def raised(self) -> bool:
         return self.path is not None and self.path.exists()
