@@ -164,7 +164,7 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
     alarm = GroupAlarm(job.out / f"{GroupAlarm.PREFIX}{job.token}" if level.layout.groups > 1 else None)
     watched = dataclasses.replace(job, should_stop=lambda: job.should_stop() or alarm.raised())
     results, initial, initial_seconds = [], None, 0.0
-    outcome, message = outcome_of(None)
+    outcome, message = Outcome.OK, ""
     try:
         if start is not None:  # composed nets: score them as they start (the "transfer" rows)
             t0 = time.perf_counter()
@@ -209,7 +209,15 @@ class GroupAlarm:
                 pass
 
     def raised(self) -> bool:
-        return self.path is not None and self.path.exists()
+        """A stat that fails (ESTALE, EIO on a sick network file system) is "not raised": the
+        check is an early stop, not worth a rank that leaves its group mid-phase."""
+        if self.path is None:
+            return False
+        try:
+            self.path.stat()
+        except OSError:  # FileNotFoundError included
+            return False
+        return True
 
 
 def evaluate_states(job: Run, level: Level, comm: BaseComm, states: list[dict]) -> list[dict]:

@@ -30,6 +30,7 @@ from dd_mpi.formats import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.phase import compile_mode
+from dd_mpi.pipeline import GroupAlarm
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, share_of_node
 from dd_mpi.synthetic import make_synthetic
@@ -419,6 +420,21 @@ def test_a_failed_group_outranks_the_groups_it_stopped():
         (Outcome.FAILED, "subnet2 diverged")
     assert deciding([(Outcome.FAILED, "x"), (Outcome.USAGE, "bad flag"), stop]) == (Outcome.USAGE, "bad flag")
     assert deciding([ok, stop, ok]) == stop and deciding([ok, ok]) == ok
+
+
+def test_the_group_alarm_is_raised_only_by_its_file_and_never_ends_a_rank(tmp_path):
+    """The alarm is an early stop: a stat or a write that fails (ESTALE, EIO on a sick network
+    file system; here a name too long, which Path.exists() would re-raise) answers "not
+    raised" and is no error, so the rank still reaches its group's verdict."""
+    alarm = GroupAlarm(tmp_path / f"{GroupAlarm.PREFIX}run1")
+    assert not alarm.raised()
+    alarm.raise_("subnet2 epoch 3: the loss became NaN")
+    assert alarm.raised() and alarm.path.read_text() == "subnet2 epoch 3: the loss became NaN"
+    assert not GroupAlarm(tmp_path / f"{GroupAlarm.PREFIX}run2").raised()  # another run's token
+    broken = GroupAlarm(tmp_path / ("x" * 300))  # ENAMETOOLONG
+    broken.raise_("lost")
+    assert not broken.raised()
+    assert not GroupAlarm(None).raised()
 
 
 class FakeRank:
