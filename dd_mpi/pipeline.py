@@ -308,9 +308,11 @@ def run_baseline(job: Run, world: BaseWorld) -> dict:
 # ---------------------------------------------------------------------------------------
 def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
     """Check --out on rank 0 (one verdict for all ranks), then write config.json there."""
+    config_file = out / "config.json"
+    started_here = False  # (rank 0's) config.json is this run's own: removed if it cannot go on
 
     def check() -> str | None:
-        config_file = out / "config.json"
+        nonlocal started_here
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test-{os.getpid()}"
@@ -335,6 +337,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
             return (f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out")
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
+        started_here = not config_file.exists()
         ckpt.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
         return None
 
@@ -343,10 +346,10 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
         raise UsageError(verdict)
     # Every rank reads checkpoints from --out: a node-local directory would leave ranks on
     # other nodes deciding differently (and waiting in different collectives).
-    blind = [r for r, sees in enumerate(world.slow.allgather_object(_sees(out / "config.json"))) if not sees]
+    blind = [r for r, sees in enumerate(world.slow.allgather_object(_sees(config_file))) if not sees]
     if blind:
-        if world.rank == 0:
-            (out / "config.json").unlink(missing_ok=True)  # no run was started here
+        if started_here:  # no run was started here; a resumed run's config.json stays: it is
+            config_file.unlink(missing_ok=True)  # what the next --resume is checked against
         raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
                          "put --out on a file system that every rank shares")
 

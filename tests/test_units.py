@@ -542,3 +542,20 @@ def test_ranks_sharing_a_pipe_never_split_each_others_long_texts_inside_a_line()
         slow_reader=True)
     expected = {f"rank {rank} block {b} line {i} " + "x" * 60 for rank in (0, 1) for b in range(40) for i in range(150)}
     assert len(lines) == len(expected) and set(lines) == expected
+
+
+def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, monkeypatch):
+    """--out that some rank cannot see is refused. A new run's config.json goes with it; a
+    resumed run's stays: it is what the next --resume is checked against (removing it would
+    let a resume with other settings mix two runs)."""
+    from dd_mpi import pipeline
+    monkeypatch.setattr(pipeline, "_sees", lambda path, patience=5.0: False)  # a rank on a node without --out
+    one = Comm([0], 0, None, torch.device("cpu"))
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
+        pipeline.prepare_output(parse_config(["--out", str(out)]), one, out)
+    assert not (out / "config.json").exists()
+    (out / "config.json").write_text('{"seed": 0}')  # a run was started here
+    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
+        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out)
+    assert (out / "config.json").exists()
