@@ -344,7 +344,9 @@ def _coerce(field: dataclasses.Field, value, where: str):
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Defaults, then the preset, then the config file, then the flags given (later wins)."""
+    """Defaults, then the preset, then the config file, then the flags given (later wins).
+    --batch-size and --global-batch-size are two ways to give one batch: the later layer's
+    wins (in one layer --global-batch-size does, as in the plan)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     from_file = read_config_file(args["config"]) if args.get("config") else {}
     preset = args.get("preset") or from_file.get("preset")
@@ -353,8 +355,10 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         if preset not in PRESETS:
             raise UsageError(f"--preset {preset!r} is unknown: choose one of {', '.join(PRESETS)}")
         values.update({k: v for k, v in PRESETS[preset].items() if not k.startswith("_")})
-    values.update(from_file)
-    values.update(args)
+    for layer in (from_file, args):
+        values.update(layer)
+        if "batch_size" in layer and "global_batch_size" not in layer:
+            values["global_batch_size"] = None  # a per-rank batch given over a preset's global one
     return RunConfig(**values).validate()
 
 

@@ -30,6 +30,7 @@ from dd_mpi.formats import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.phase import compile_mode
+from dd_mpi.plan import build_plan, level_layouts
 from dd_mpi.pipeline import GroupAlarm
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, share_of_node
@@ -261,6 +262,23 @@ def test_every_preset_is_a_valid_run_whose_sub_nets_compose_back(name):
     for value in (cfg.subnet_epochs, cfg.finetune_epochs, cfg.baseline_epochs, cfg.subnets):
         assert str(value) in doc
     assert parse_config(["--preset", name, "--subnet-epochs", "3"]).subnet_epochs == 3  # later flags win
+
+
+def test_a_batch_given_over_a_preset_wins_over_its_global_batch(tmp_path):
+    """--batch-size (per rank) and --global-batch-size are two ways to give one batch: the
+    later layer's wins, so --batch-size on a paper preset (global 128) is the batch trained."""
+    def batches(argv, ranks=4):
+        cfg = parse_config(argv)
+        plan = build_plan(cfg, level_layouts(cfg, ranks), ranks, 10)
+        return [level.batch_size for level in plan.levels], plan.baseline.batch_size
+
+    assert batches(["--preset", "cifar10-resnet32"]) == ([128, 32], 32)  # 128 over 1 rank / 4 ranks
+    assert batches(["--preset", "cifar10-resnet32", "--batch-size", "64"]) == ([64, 64], 64)
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: cifar10-resnet32\nbatch_size: 16\n")
+    assert batches(["--config", str(config)]) == ([16, 16], 16)
+    assert batches(["--config", str(config), "--global-batch-size", "256"]) == ([256, 64], 64)
+    assert batches(["--strategy", "both", "--batch-size", "8", "--global-batch-size", "64"]) == ([32, 16], 16)  # one layer: global
 
 
 # --- flags: every bad value is refused with one line that names the flag -------------------
