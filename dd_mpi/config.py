@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -178,6 +179,9 @@ class RunConfig:
             raise UsageError("--cache-dir '' is empty: give a folder (a variable it names may be unset)")
         if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
             raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # at start, not an epoch in
+            raise UsageError("--tensorboard needs the tensorboard package: pip install 'dd_mpi[tensorboard]', "
+                             "or drop the flag")
         return self
 
     def _validate_levels(self) -> None:
@@ -306,10 +310,12 @@ def read_config_file(path: str) -> dict:
     type is one line naming the key and the file."""
     import yaml
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
     except OSError as error:
         raise UsageError(f"--config {path}: {error.strerror}: give a readable YAML file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path} is not UTF-8 text: save it as UTF-8 (or give the YAML file)") from None
     except yaml.YAMLError as error:
         raise UsageError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]}): fix the file") from None
     if not isinstance(values, dict):
@@ -338,6 +344,11 @@ def _coerce(field: dataclasses.Field, value, where: str):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise UsageError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number' if kind is float else 'text'}")

@@ -26,8 +26,10 @@ from helpers import BIN, TINY, explain, launcher_free_env, python_path, read_met
 # --- config files: defaults < preset < file < flags ---------------------------------------
 def test_a_config_file_sits_between_the_preset_and_the_flags(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("preset: cifar10-resnet56\nsubnet-epochs: 7\nlr: 0.05\ntensorboard: true\nlevels: null\n")
+    path.write_text("preset: cifar10-resnet56\nsubnet-epochs: 7\nlr: 0.05\ntensorboard: true\nlevels: null\n"
+                    "weight-decay: 5e-4\n")  # YAML 1.1 reads 5e-4 (no dot) as text: still a number
     cfg = parse_config(["--config", str(path), "--lr", "0.2"])
+    assert cfg.weight_decay == 5e-4
     assert (cfg.arch, cfg.shortcut, cfg.subnet_data) == ("resnet56", "B", "shard")  # from the preset
     assert cfg.subnet_epochs == 7 and cfg.tensorboard is True  # the file beats the preset
     assert cfg.lr == 0.2  # the flags beat the file
@@ -56,6 +58,7 @@ def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):
     ("subnets: four\n", "subnets: 'four' is not an integer"),
     ("resume: 1\n", "resume: 1 is not true or false"),
     ("lr: [0.1]\n", "lr: [0.1] is not a number"),
+    ("lr: fast\n", "lr: 'fast' is not a number"),
     ("- a\n- b\n", "must hold a mapping"),
     ("lr: 0.1\n  x: : y\n", "is not valid YAML"),
     ("subnet-lr: -1\n", "--subnet-lr -1.0 is invalid"),
@@ -69,6 +72,22 @@ def test_a_bad_config_file_is_one_line_naming_key_and_file(tmp_path, text, needl
     assert needle in message and "\n" not in message
     if "invalid" not in needle:  # a value the file gave wrongly names the file
         assert str(path) in message
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("lr: 0.1  # réglé\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=f"--config {path} is not UTF-8 text: save it as UTF-8"):
+        parse_config(["--config", str(path)])
+
+
+def test_tensorboard_without_its_package_is_refused_at_start(monkeypatch):
+    """Not after the first epoch (hours into a cluster job), when the leaders would first
+    import it."""
+    assert parse_config(["--tensorboard"]).tensorboard  # installed here (the test extra)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not
+    with pytest.raises(UsageError, match=r"--tensorboard needs the tensorboard package: pip install"):
+        parse_config(["--tensorboard"])
 
 
 # --- precision ------------------------------------------------------------------------------
