@@ -61,6 +61,19 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_a_restart_finds_its_run(cfg, restarted: list[str]) -> None:
+    """A restart continues the run in --out; without --out each attempt names a new one
+    after its start time, and a restart would silently train from scratch."""
+    if cfg.out is not None:
+        return
+    if restarted:
+        raise UsageError(f"this job was restarted ({restarted[0]}) but has no --out to continue: give the "
+                         "first attempt's --out with --resume, and --out DIR in the job script")
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
+        raise UsageError(f"torchrun --max-restarts {os.environ['TORCHELASTIC_MAX_RESTARTS']} restarts a failed "
+                         "job, which continues the run in --out: give --out DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launch = detect_launch()
@@ -70,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             if launch.rank == 0:
                 print(config_yaml(cfg), end="", flush=True)
             return 0
-        if any(os.environ.get(v, "0") not in ("", "0") for v in RESTART_COUNTERS):
+        restarted = [f"{v}={os.environ[v]}" for v in RESTART_COUNTERS if os.environ.get(v, "0") not in ("", "0")]
+        if restarted:
             cfg.resume = True  # a requeued or restarted job continues from its checkpoints
+        _check_a_restart_finds_its_run(cfg, restarted)
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             return run_local(cfg.nproc, _without_nproc(argv))
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:

@@ -367,6 +367,23 @@ def test_resume_names_every_setting_that_differs():
     assert dropped.startswith("--cache-dir: '/scratch/a' -> None")
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"TORCHELASTIC_RESTART_COUNT": "1"}, "this job was restarted (TORCHELASTIC_RESTART_COUNT=1) but has no --out"),
+    ({"SLURM_RESTART_COUNT": "2"}, "this job was restarted (SLURM_RESTART_COUNT=2) but has no --out"),
+    ({"TORCHELASTIC_MAX_RESTARTS": "3"}, "torchrun --max-restarts 3 restarts a failed job"),
+])
+def test_a_job_that_may_restart_needs_out(monkeypatch, tmp_path, capsys, env, message):
+    """Without --out each attempt names a new run after its start time: a restart would
+    silently train from scratch."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "1", "--finetune-epochs", "0"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dd-train: error: ") and message in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_nproc_is_not_passed_on_to_the_ranks():
     assert _without_nproc(["--nproc", "4", "--out", "x", "--nproc=2", "--lr", "0.1"]) == ["--out", "x", "--lr", "0.1"]
 
