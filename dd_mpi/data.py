@@ -60,14 +60,18 @@ def train_indices(pool: torch.Tensor, *, seed: int, stream: int, epoch: int, ran
 def train_steps(pool_size: int, size: int, batch_size: int) -> int:
     """Optimizer steps per training epoch, the same on every rank (DDP needs that): the
     batches of the smaller parts. A rank with one sample more puts it into its last batch
-    instead of taking a step the others would not. (With fewer samples than ranks there is
-    nothing to step on and the epoch is empty.)"""
-    return -(-(pool_size // size) // batch_size)
+    instead of taking a step the others would not; so does a last batch of one sample, which
+    BatchNorm cannot train on where a map is 1x1 (resnet50's last stage at 32 px). (With
+    fewer samples than ranks there is nothing to step on and the epoch is empty.)"""
+    per_rank = pool_size // size
+    if per_rank > batch_size and per_rank % batch_size == 1:
+        return per_rank // batch_size
+    return -(-per_rank // batch_size)
 
 
 def batch_slices(count: int, batch_size: int, steps: int | None = None) -> list[slice]:
     """Batches of ``batch_size`` over ``count`` samples; with ``steps``, exactly that many,
-    the last taking the rest (so it may hold one more than ``batch_size``)."""
+    the last taking the rest (so it may hold up to two more than ``batch_size``)."""
     if steps is None:
         steps = -(-count // batch_size)
     if steps == 0:

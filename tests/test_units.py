@@ -123,7 +123,8 @@ def test_group_layout_is_contiguous_blocks():
 
 
 # --- data plans: pure functions of (seed, stream, epoch, rank in the comm) ----------------
-@pytest.mark.parametrize("pool_size, size", [(64, 1), (64, 4), (63, 4), (65, 4), (10, 3), (7, 8), (24, 3)])
+@pytest.mark.parametrize("pool_size, size", [(64, 1), (64, 4), (63, 4), (65, 4), (10, 3), (7, 8), (24, 3), (68, 4),
+                                             (73, 8), (9, 1)])
 def test_train_indices_split_each_epoch_disjointly(pool_size, size):
     pool = torch.arange(100, 100 + pool_size)  # a shard: its own sample ids
     orders = []
@@ -139,8 +140,9 @@ def test_train_indices_split_each_epoch_disjointly(pool_size, size):
                        for i in p[part].tolist()]
             if pool_size >= size:  # fewer samples than ranks: nothing to step on
                 assert sorted(covered) == pool.tolist()
-                assert all(part.stop - part.start <= batch_size + 1 for p in parts
-                           for part in batch_slices(len(p), batch_size, steps))
+                sizes = [part.stop - part.start for p in parts for part in batch_slices(len(p), batch_size, steps)]
+                assert max(sizes) <= batch_size + 2
+                assert min(sizes) > 1 or batch_size == 1 or steps == 1  # BatchNorm on a 1x1 map needs 2
         again = [train_indices(pool, seed=5, stream=100, epoch=epoch, rank=r, size=size) for r in range(size)]
         assert all(torch.equal(a, b) for a, b in zip(parts, again))  # pure: a resumed run sees the same
         orders.append(seen)
