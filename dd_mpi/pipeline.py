@@ -29,7 +29,7 @@ from .errors import Outcome, UsageError, deciding, outcome_of, raise_outcome
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
-from .plan import Level, build_plan, pools
+from .plan import Level, build_plan, pools, refuse_empty_epochs
 from .progress import Reporter, log
 from .report import build_report, public, write_report
 from .train import evaluate
@@ -47,6 +47,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     # leaves no run behind (a config.json would make the corrected run ask for --resume)
     data = load_for_run(cfg, world.comm, workers)
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
+    refuse_empty_epochs(plan, split_size(data.train), cfg)
     prepare_output(cfg, world.comm, out)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)

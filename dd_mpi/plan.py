@@ -181,3 +181,16 @@ def pools(level: Level, plan: Plan, num_samples: int, cfg: RunConfig) -> list[to
               for j in range(n)]
     per_net = n // level.nets
     return [torch.cat(shards[j * per_net:(j + 1) * per_net]).sort().values for j in range(level.nets)]
+
+
+def refuse_empty_epochs(plan: Plan, num_samples: int, cfg: RunConfig) -> None:
+    """A net with fewer samples an epoch than the ranks that share it would take no step at
+    all and finish "trained" at chance: refused before anything runs."""
+    for level in (*plan.levels, *([plan.baseline] if plan.baseline else [])):
+        take = min(len(pool) for pool in pools(level, plan, num_samples, cfg))
+        ranks = level.layout.ranks_per_group
+        if level.recipe.epochs and take < ranks:
+            shard = " (--subnet-data shard splits them)" if take < num_samples else ""
+            raise UsageError(f"{level.phase}: each net has {take} training samples of {num_samples}{shard} for "
+                             f"the {ranks} ranks that train it, so no step to take: give more samples "
+                             "(--train-samples) or fewer ranks")

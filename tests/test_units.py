@@ -30,7 +30,7 @@ from dd_mpi.formats import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.phase import compile_mode
-from dd_mpi.plan import build_plan, level_layouts
+from dd_mpi.plan import build_plan, level_layouts, refuse_empty_epochs
 from dd_mpi.pipeline import GroupAlarm
 from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, share_of_node
@@ -281,6 +281,24 @@ def test_a_batch_given_over_a_preset_wins_over_its_global_batch(tmp_path):
     assert batches(["--config", str(config)]) == ([16, 16], 16)
     assert batches(["--config", str(config), "--global-batch-size", "256"]) == ([256, 64], 64)
     assert batches(["--strategy", "both", "--batch-size", "8", "--global-batch-size", "64"]) == ([32, 16], 16)  # one layer: global
+
+
+def test_a_net_with_no_step_to_take_is_refused_before_the_run():
+    """Fewer samples an epoch than the ranks that train a net: no step, and a net reported
+    as trained at chance. Refused with the numbers, before anything runs."""
+    def check(argv, samples, ranks):
+        cfg = parse_config(argv)
+        refuse_empty_epochs(build_plan(cfg, level_layouts(cfg, ranks), ranks, 10), samples, cfg)
+
+    shard = ["--subnets", "4", "--subnet-data", "shard"]
+    with pytest.raises(UsageError, match=r"subnet: each net has 0 training samples of 3 \(--subnet-data shard"):
+        check(shard, 3, 2)
+    check(shard, 4, 2)  # one sample per sub-net, one rank each
+    with pytest.raises(UsageError, match="baseline: each net has 1 training samples of 1 for the 2 ranks"):
+        check(["--strategy", "baseline"], 1, 2)
+    check(["--strategy", "baseline", "--baseline-epochs", "0"], 1, 2)  # nothing to train: nothing to refuse
+    with pytest.raises(UsageError, match="finetune: each net has 3 training samples of 3 for the 4 ranks"):
+        check(["--subnets", "4"], 3, 4)  # phase 1 (all data, one rank per sub-net) could; all 4 ranks cannot
 
 
 # --- flags: every bad value is refused with one line that names the flag -------------------
