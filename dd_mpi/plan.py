@@ -101,7 +101,8 @@ def level_layouts(cfg: RunConfig, world_size: int) -> list[Layout]:
     """Every level's layout of ranks (phase 1's ``--groups`` forced where given), without
     the data: what the engines need to create their groups before anything else."""
     counts = cfg.level_counts
-    layouts = [layout_for(world_size, m, cfg.groups if k == 0 else None) for k, m in enumerate(counts)]
+    forced = None if cfg.only_group_mode else cfg.groups  # (the array's tasks share the final run's flags)
+    layouts = [layout_for(world_size, m, forced if k == 0 else None) for k, m in enumerate(counts)]
     if cfg.only_group_mode:  # --only-group: this job's ranks all train that one sub-net
         layouts[0] = Layout(world_size, 1, 1)
     return layouts

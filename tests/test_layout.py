@@ -10,7 +10,7 @@ from dd_mpi.config import parse_config
 from dd_mpi.decompose import compose, composed_spec, fuse_states, subnet_spec, unfuse_state
 from dd_mpi.errors import UsageError
 from dd_mpi.inspection import random_subnet
-from dd_mpi.layout import choose_groups, layout_for
+from dd_mpi.layout import Layout, choose_groups, layout_for
 from dd_mpi.models import ModelSpec, build_model
 from dd_mpi.plan import build_plan, comm_partitions, level_layouts, pools
 from dd_mpi.train import member_losses
@@ -88,6 +88,9 @@ def test_the_horovod_sets_follow_the_plan():
                                        [[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 2, 4, 6]], [list(range(8))]]
     alone = parse_config(["--subnets", "2", "--only-group", "1"])
     assert comm_partitions(alone, level_layouts(alone, 4)) == []
+    # an array task (one rank, one sub-net) takes the final run's --groups, which it does not use
+    task = parse_config(["--subnets", "4", "--groups", "4", "--only-group", "1"])
+    assert level_layouts(task, 1)[0] == Layout(1, 1, 1)
 
 
 def test_global_batch_is_divided_over_each_nets_ranks_or_refused():
