@@ -243,10 +243,18 @@ def _choice(flag: str, value, choices) -> None:
 
 # ---------------------------------------------------------------------------------------
 # The command line and config files
+class _FlagParser(argparse.ArgumentParser):
+    """A flag argparse cannot parse is bad input like any other: one line, printed once per
+    job (not the 30-line usage on every rank)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (dd-train --help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     presets = "\n".join(f"  {name:<22} {p['_doc']}" for name, p in PRESETS.items())
-    parser = argparse.ArgumentParser(
+    parser = _FlagParser(
         prog="dd-train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Domain-decomposition training: N narrow sub-nets trained by rank groups, "

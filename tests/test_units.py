@@ -356,6 +356,8 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--width", "1", "--subnets", "3", "--only-group", "0"], "--subnets 3 does not divide layer1 of resnet20"),
     (["--width", "0.3", "--subnets", "1"], "--width 0.3 gives 4.8 channels"),
     (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
+    (["--subnets", "x"], "argument --subnets: invalid int value: 'x' (dd-train --help lists the flags)"),
+    (["--bogus", "4"], "unrecognized arguments: --bogus 4"),
 ])
 def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
