@@ -61,11 +61,19 @@ def save(path: Path, state: dict) -> None:
 
 
 def load(path: Path) -> dict | None:
-    """The checkpoint at ``path``, None if there is none, UsageError if it is unreadable."""
-    if not path.exists():
-        return None
+    """The checkpoint at ``path``, None if there is none, UsageError if it is unreadable.
+
+    Only a file that does not deserialize is worth deleting: an I/O error (EIO/ESTALE on
+    NFS, EACCES) or a lack of memory says nothing against the file, which may be good."""
     try:
+        if not path.exists():
+            return None
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, MemoryError) as error:
+        reason, fix = (("out of memory", "free memory on this node") if isinstance(error, MemoryError)
+                       else (error.strerror or str(error), "check the file system"))
+        raise UsageError(f"checkpoint {path} could not be read ({reason}): {fix}, then rerun",
+                         everywhere=False) from None
     except Exception as error:  # truncated, corrupt, not a checkpoint
         raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}): delete it "
                          "to retrain that phase, or point --out at another directory",

@@ -439,8 +439,21 @@ def test_a_damaged_checkpoint_is_a_usage_error_naming_the_file(tmp_path, damage)
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(UsageError) as error:
         ckpt.load(path)
-    assert f"checkpoint {path} is unreadable" in str(error.value)
+    assert f"checkpoint {path} is unreadable" in str(error.value) and "delete it" in str(error.value)
     assert not error.value.everywhere  # only the ranks that read it know: each says so
+
+
+def test_a_checkpoint_that_fails_to_read_is_not_called_damaged(tmp_path):
+    """An I/O error (here: a directory where the file should be) says nothing against the
+    file: the message names the error and does not advise deleting a good checkpoint."""
+    path = tmp_path / "finetune-last.pt"
+    path.mkdir()
+    with pytest.raises(UsageError) as error:
+        ckpt.load(path)
+    message = str(error.value)
+    assert f"checkpoint {path} could not be read (Is a directory)" in message, message
+    assert "delete" not in message and "unreadable" not in message
+    assert not error.value.everywhere
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
