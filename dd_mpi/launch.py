@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import EXIT_PREEMPTED
+from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
 
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
 
@@ -195,33 +195,40 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
 def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signals: set[int] = frozenset()) -> int:
     """The job's exit code once every rank has ended. A rank killed by a stop signal the job
     was sent (``stop_signals``: it came before the rank could catch it, while it started up)
-    counts as preempted, 75: it had nothing to checkpoint, and the job is to be run again."""
+    counts as preempted, 75: it had nothing to checkpoint, and the job is to be run again.
+    The gravest code wins, as ``errors.deciding`` ranks them: usage (2) > failure > preempted
+    (75), so that a rank's failure is not requeued; ranks the launcher had to kill were only
+    waiting on the others and add nothing."""
     while True:
         codes = [child.poll() for child in children]
         codes = [EXIT_PREEMPTED if c is not None and -c in stop_signals else c for c in codes]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
-            # the job's code: a usage error or preemption beats the secondary failures it causes
-            code = failed[0] if failed[0] > 0 else 1
+            code = failed[0] if failed[0] > 0 else EXIT_FAILURE
             # ranks that stop in order (usage error, preemption) get time to write their
             # checkpoint; after a crash the others are only waiting on the dead rank
-            _stop(children, grace_seconds * (6 if code in (2, 75) else 1))
-            finals = [EXIT_PREEMPTED if -child.returncode in stop_signals else child.returncode for child in children]
-            for preferred in (2, 75):
-                if preferred in finals:
-                    return preferred
-            return code
+            killed = _stop(children, grace_seconds * (6 if code in (EXIT_USAGE, EXIT_PREEMPTED) else 1))
+            finals = [EXIT_PREEMPTED if -child.returncode in stop_signals else child.returncode
+                      for child in children if child not in killed]
+            failures = [c for c in finals if c not in (0, EXIT_PREEMPTED)]
+            if EXIT_USAGE in failures:
+                return EXIT_USAGE
+            if failures:
+                return failures[0] if failures[0] > 0 else EXIT_FAILURE
+            return EXIT_PREEMPTED  # every rank that ended on its own stopped (75) or finished
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
 
 
-def _stop(children: list[subprocess.Popen], grace_seconds: float) -> None:
+def _stop(children: list[subprocess.Popen], grace_seconds: float) -> list[subprocess.Popen]:
+    """Wait up to ``grace_seconds`` for every child to end, then kill the rest; returns those."""
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline and any(c.poll() is None for c in children):
         time.sleep(0.1)  # let the others notice and exit on their own first
-    for child in children:
-        if child.poll() is None:
-            child.kill()
+    killed = [child for child in children if child.poll() is None]
+    for child in killed:
+        child.kill()
     for child in children:
         child.wait()
+    return killed

@@ -533,7 +533,11 @@ class FakeRank:
     ([1, None, None, 1], 1),
     ([75, 75, 75, 75], 75),  # preempted after checkpointing
     ([2, None, None, None], 2),  # a usage error beats the failures it causes
-    ([1, 75, 75, 75], 75),
+    ([1, 75, 75, 75], 1),  # a failure outranks a stop: requeued, it would only fail again
+    ([75, 1, 75, None], 1),
+    ([75, 1, 2, 75], 2),
+    ([-11, 75, 75, 75], 1),  # a rank that crashed (SIGSEGV) is a failure too
+    ([75, None, None, None], 75),  # ranks the launcher kills were waiting: they add nothing
 ])
 def test_the_local_launcher_stops_the_others_and_reports_the_cause(codes, expected):
     ranks = [FakeRank(code) for code in codes]
