@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     world = None
     try:
         device = pick_device(cfg.device, launch)
-        precision = pick_precision(cfg.precision, device)
+        precision = pick_precision(cfg.precision, device, cfg.device)
         world = _init_engine(cfg, launch, device, layouts)
         # which ranks share which CPUs is known only from all of them (how the launcher bound them)
         threads = cpu_threads_per_rank(launch, world.comm.slow.allgather_object(cpu_mask()))

@@ -64,9 +64,11 @@ def reachable_address() -> str:
 
 
 def pick_device(requested: str, launch: LaunchInfo) -> torch.device:
-    """One GPU per local rank (all of a node's GPUs visible: --gpus-per-node), else the CPU."""
+    """One GPU per local rank (all of a node's GPUs visible: --gpus-per-node), else the CPU.
+    Whether a GPU is visible depends on the node: each rank that sees none says so."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no GPU is visible: use --device cpu")
+        raise UsageError("--device cuda was asked for but no GPU is visible: use --device cpu",
+                         everywhere=False)
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         local = launch.local_rank % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local)
@@ -74,12 +76,13 @@ def pick_device(requested: str, launch: LaunchInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
+def pick_precision(requested: str, device: torch.device, device_flag: str) -> str:
     """fp32 | bf16 | fp16 for --precision on this device: auto is bf16 where the GPU runs it
-    natively (Ampere and later), fp16 with loss scaling on older GPUs (V100, T4), fp32 on CPU."""
+    natively (Ampere and later), fp16 with loss scaling on older GPUs (V100, T4), fp32 on CPU.
+    ``device_flag``: --device; under auto, the CPU is this node's lot, not every rank's."""
     if requested == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU (its loss scaling is CUDA's): use --precision "
-                         "fp32 or bf16 on the CPU")
+                         "fp32 or bf16 on the CPU", everywhere=device_flag != "auto")
     if requested != "auto":
         return requested
     if device.type != "cuda":

@@ -19,6 +19,8 @@ import torch
 from dd_mpi.checkpoint import checkpoint_path, load
 from dd_mpi.config import RunConfig, config_yaml, parse_config
 from dd_mpi.errors import UsageError
+from dd_mpi.launch import detect_launch
+from dd_mpi.rendezvous import pick_device, pick_precision
 
 from helpers import BIN, TINY, explain, launcher_free_env, python_path, read_metrics, read_report, run_dd
 
@@ -91,6 +93,23 @@ def test_tensorboard_without_its_package_is_refused_at_start(monkeypatch):
 
 
 # --- precision ------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_no_gpu_for_device_cuda_is_said_by_every_rank_that_sees_none():
+    """GPUs are a node's: a rank on a GPU-less node must print it, not leave it to rank 0."""
+    with pytest.raises(UsageError) as error:
+        pick_device("cuda", detect_launch({}))
+    assert "--device cuda" in str(error.value) and not error.value.everywhere
+
+
+def test_fp16_without_a_gpu_is_said_by_each_rank_only_where_the_device_was_the_nodes_choice():
+    with pytest.raises(UsageError) as error:
+        pick_precision("fp16", torch.device("cpu"), "auto")  # other nodes may have a GPU
+    assert not error.value.everywhere
+    with pytest.raises(UsageError) as error:
+        pick_precision("fp16", torch.device("cpu"), "cpu")  # every rank alike: rank 0 says it
+    assert error.value.everywhere
+
+
 @pytest.mark.slow
 def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
     result = run_dd([*TINY, "--precision", "fp16", "--out", str(tmp_path / "run")], nproc=2, timeout=120)
