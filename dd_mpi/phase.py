@@ -209,7 +209,8 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
             kept = (f"the last good checkpoint, {last_path} (epoch {state.epoch}), is kept" if state.epoch
                     else f"{name} has no checkpoint yet")
             raise PhaseFailed(f"{name} epoch {epoch + 1}: the loss or the weights became NaN/inf; "
-                              f"{kept}; lower {level.lr_flag}") from None
+                              f"{kept}; lower {level.lr_flag} and start a new run (a new --out: --resume "
+                              "refuses changed settings)") from None
         finally:
             if progress is not None:
                 progress.close()

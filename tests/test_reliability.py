@@ -562,7 +562,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path,
     assert result.returncode == 1, explain(result)
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "epoch 1: the loss or the weights became NaN/inf" in lines[0], explain(result)
-    assert f"--{phase}-lr" in lines[0] and "Traceback" not in result.stderr
+    assert f"lower --{phase}-lr and start a new run" in lines[0] and "Traceback" not in result.stderr
     names = {p.name for p in (out / CHECKPOINT_DIR).glob("*.pt")} if (out / CHECKPOINT_DIR).exists() else set()
     if phase == "subnet":
         assert lines[0].startswith("dd-train: error: subnet")
