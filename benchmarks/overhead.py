@@ -86,7 +86,7 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
     comm = world.comm
     data = load_for_run(cfg, comm, workers=0)  # both loops read in the main process (DataPlan below)
     spec = cfg.model_spec(data.num_classes)
-    precision = pick_precision(cfg.precision, device)  # both loops alike (--precision; bf16 on GPU)
+    precision = pick_precision(cfg.precision, device, cfg.device)  # both loops alike (--precision; bf16 on GPU)
     recipe = Recipe(cfg.lr, 1000, 0.0, cfg.schedule, cfg.momentum, cfg.weight_decay, 0.0)
 
     # dd_mpi: the model and optimiser exactly as phase.train_group builds them
