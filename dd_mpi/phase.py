@@ -89,6 +89,14 @@ def other_layouts_progress(level: Level, out: Path, nets: list[int], own: Path) 
     return found
 
 
+def finished_together(out: Path, level: Level, nets: list[int]) -> bool:
+    """Whether ``nets``' own fused ``-last`` checkpoint is at the level's last epoch: the group
+    finished, and a kill between its nets' final checkpoints left only some of them. Resumed
+    from it, the group writes them all again, the same (not the rest retrained alone)."""
+    saved = ckpt.load(ckpt.checkpoint_path(out, level.group_name(nets), "last"))
+    return saved is not None and saved.get("epoch") == level.recipe.epochs
+
+
 def seeded_states(level: Level, nets: list[int], seed: int) -> list[dict]:
     """Fresh nets, each from its own seed: sub-net j from seed*1000+j+1, the baseline's
     global net from seed*1000+999 (the same in every layout)."""
@@ -109,6 +117,8 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     finished = {j: ckpt.load(ckpt.checkpoint_path(out, level.net_name(j), "final")) for j in nets} \
         if cfg.resume else {}
     done = [j for j in nets if finished.get(j) is not None]
+    if done and len(done) < len(nets) and finished_together(out, level, nets):
+        done = []  # stopped between its nets' final checkpoints: its -last holds them all
     for j in done:
         log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}",
             rank=comm.rank)

@@ -92,6 +92,7 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
     0 and 3 fused, as a set of its own with its own checkpoints (it once took the whole group's
     subnet0-3-last.pt for its own and crashed on its shapes), into the same sub-nets."""
     out = unfinished_copy(layouts, tmp_path, "subnet[03]-final.pt")
+    (out / "checkpoints" / "subnet0-3-last.pt").unlink()  # the 4 never trained together here
     result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
     assert result.returncode == 0, explain(result)
     assert "subnet1: finished earlier" in result.stdout and "subnet2: finished earlier" in result.stdout
@@ -101,6 +102,20 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
         worst = max((state[k].double() - before[j][k].double()).abs().max().item() for k in state)
         assert worst < FUSED_VS_ALONE, f"sub-net {j}: retrained 2 fused vs 4 fused differ by {worst:.2e}"
     assert read_report(out)["world_size"] == 1
+
+
+def test_a_group_killed_between_its_final_checkpoints_writes_them_all_again(layouts, tmp_path):
+    """4 sub-nets fused on one rank finished, and only 0 and 2 of their finals were written
+    when the job was killed: the resume takes the group's own last checkpoint (at the last
+    epoch) and writes the same 4 finals, instead of training 1 and 3 again alone."""
+    out = unfinished_copy(layouts, tmp_path, "subnet[13]-final.pt")
+    result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
+    assert result.returncode == 0, explain(result)
+    assert "subnet0-3: resuming after epoch 1" in result.stdout, explain(result)
+    assert "finished earlier" not in result.stdout and not (out / "checkpoints" / "subnet1+3-last.pt").exists()
+    before = subnet_states(layouts[1][0])
+    for j, state in enumerate(subnet_states(out)):
+        assert all(torch.equal(state[k], before[j][k]) for k in state), f"sub-net {j}"
 
 
 def test_progress_that_another_layout_made_is_named_when_a_resume_cannot_use_it(layouts, tmp_path):
