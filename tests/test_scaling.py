@@ -44,6 +44,7 @@ def num(value: str) -> float | None:
 # Arguments and sweeps
 def test_lists_and_pairs():
     assert scaling.int_list("1,2,4") == [1, 2, 4]
+    assert scaling.int_list("2,1,2") == [2, 1]  # a value given twice is one run
     assert scaling.gpu_list("8-64") == [8, 16, 32, 64]
     assert scaling.gpu_list("8,24") == [8, 24]
     # any N on any P: dd-train lays N sub-nets out on P ranks (layout.choose_groups)
@@ -204,6 +205,51 @@ def test_collect_writes_csv_and_plot(tmp_path):
     assert len(rows) == 2 * 6
     assert_png(tmp_path / "study" / "scaling.png")
     assert scaling.main(["--collect", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_collect_refuses_runs_of_another_workload_and_counts_a_run_once(tmp_path, capsys):
+    study = tmp_path / "study"
+    fake_run(study, "P2-N2")
+    other = fake_run(study, "P4-N2", world=4)
+    report = json.loads((other / "report.json").read_text())
+    report["config"]["train_samples"] = 1024  # a sweep rerun into the same --out with other flags
+    (other / "report.json").write_text(json.dumps(report))
+    assert scaling.main(["--collect", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "--train-samples 256 vs 1024" in err and "P4-N2" in err and "\n" not in err.strip()
+    assert not (study / "scaling.csv").exists()
+    report["config"]["train_samples"] = 256
+    report["config"]["seed"] = 1  # another seed of the same workload: averaged, not refused
+    (other / "report.json").write_text(json.dumps(report))
+    assert scaling.main(["--collect", str(study), str(study / "P2-N2"), str(tmp_path / "study" / ".." / "study" / "P4-N2")]) == 0
+    assert len(read_csv(study / "scaling.csv")) == 2 * 6  # each run once, however it was named
+
+
+def test_collect_without_matplotlib_writes_the_table(tmp_path, monkeypatch, capsys):
+    fake_run(tmp_path / "study", "P2-N2")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the optional [plot] extra not installed
+    assert scaling.main(["--collect", str(tmp_path / "study")]) == 0
+    captured = capsys.readouterr()
+    assert len(read_csv(tmp_path / "study" / "scaling.csv")) == 6
+    assert not (tmp_path / "study" / "scaling.png").exists()
+    assert "scaling.png skipped" in captured.err and "scaling.png" not in captured.out
+
+
+def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path, capsys):
+    from dd_mpi.config import parse_config
+    from dd_mpi.scaling.sweep import run_argv
+    out = tmp_path / "study"
+    run_dir = fake_run(out, "P1-N1", world=1, subnets=1)
+    (run_dir / "config.json").write_text(json.dumps(parse_config(run_argv(1, 1, ["--train-samples", "256"], run_dir)).to_dict()))
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-samples: 256 -> 512" in err and "new --out" in err and str(run_dir) in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing ran, nothing written
+    kept = scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "256"])
+    assert kept == 0 and "finished earlier, kept" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------

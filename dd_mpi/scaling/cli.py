@@ -11,7 +11,8 @@
     dd-scaling --model runs/scaling --alpha 1e-5 --beta 12.5e9 --samples 50000 --global-ips 2500
 
 --local runs `python -m dd_mpi --nproc P --subnets N --strategy both ARGS --out OUT/P{P}-N{N}`
-one after another (a finished run is skipped, an interrupted one resumed), then --collect and
+one after another (a finished run is skipped, an interrupted one resumed; a finished run made
+with other settings is refused before anything runs), then --collect and
 dd-report on OUT. --slurm runs `bash STUDY_SCRIPT [SBATCH_OPTS] -- --strategy both ARGS` with
 NODES, SUBNETS, TASKS_PER_NODE, STUDY (= --out) and SCRIPT in its environment: that script
 submits one job per (nodes, N) and a report job that runs dd-report and `dd-scaling --collect
@@ -31,7 +32,8 @@ directory, else in $DD_MPI_SLURM_DIR (the package does not know where the reposi
                           target: the lower of transfer_T and random_T of that run)
   tta_speedup             baseline's time_to_target / DD's; speedup = baseline / DD total time
 P_ref is the smallest P measured for the same strategy and phase (and the same N for the
-phases whose work depends on N: sub-nets, compose, DD total); normally P_ref = 1.
+phases whose work depends on N: sub-nets, compose, DD total); normally P_ref = 1. The runs
+collected together may differ only in P, N and the seed (collect.WORKLOAD).
 
 The performance model's formulas: dd_mpi/scaling/perfmodel.py.
 """
@@ -48,6 +50,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..reporting import NO_MATPLOTLIB, plots_available
 from .collect import collect, collect_table, find_runs, rows_csv
 from .errors import ScalingError
 from .netbench import measure_network
@@ -64,7 +67,7 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of integers") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
-    return values
+    return list(dict.fromkeys(values))  # a value given twice is one run, not two
 
 
 def gpu_list(text: str) -> list[int]:
@@ -137,9 +140,10 @@ def run_model(args, dirs: list[Path]) -> int:
     fields = list(projections[0]) if projections else ["P"]
     (out / "model_projection.csv").write_text(rows_csv(projections, fields))
     (out / "model_validation.csv").write_text(rows_csv(checks, list(checks[0]) if checks else ["run"]))
-    if projections:
-        plot_model(projections, out / "model.png")
-    print(f"\nwrote {out / 'model_projection.csv'}, {out / 'model_validation.csv'}, {out / 'model.png'}")
+    written = [out / "model_projection.csv", out / "model_validation.csv"]
+    if projections and plot_or_say_why(plot_model, projections, out / "model.png"):
+        written.append(out / "model.png")
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
 
 
@@ -213,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             expected = len(valid_pairs(args.nprocs, subnets))
             if done:
                 from ..reporting import load_runs, write_all
-                write_all(load_runs(done), out)
-                print(f"wrote {out}/dd_report.md and plots")
+                written = write_all(load_runs(done), out)
+                print(f"wrote {', '.join(str(path) for path in written.values())}")
                 run_collect(args, [out])
             return 0 if len(done) == expected else 1
         if args.slurm:
@@ -239,7 +243,17 @@ def run_collect(args, dirs: list[Path]) -> int:
     out = args.out or dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.csv").write_text(rows_csv(rows))
-    plot_scaling(rows, out / "scaling.png")
+    plotted = plot_or_say_why(plot_scaling, rows, out / "scaling.png")
     print(collect_table(rows))
-    print(f"wrote {out / 'scaling.csv'} and {out / 'scaling.png'}")
+    print(f"wrote {out / 'scaling.csv'}" + (f" and {out / 'scaling.png'}" if plotted else ""))
     return 0
+
+
+def plot_or_say_why(plot, rows: list[dict], path: Path) -> bool:
+    """Draw one plot if matplotlib (an optional extra) is there; else say so and go on: the
+    tables are the study's results, and a report job must not fail over a picture."""
+    if not plots_available():
+        print(f"dd-scaling: {path.name} skipped: {NO_MATPLOTLIB}", file=sys.stderr)
+        return False
+    plot(rows, path)
+    return True

@@ -8,6 +8,7 @@ import csv
 import io
 from pathlib import Path
 
+from ..config import RunConfig
 from ..reporting import RunFiles, baseline_curve, dd_timeline, subnet_rows_by_epoch
 from .errors import ScalingError
 
@@ -29,8 +30,34 @@ def find_runs(dirs: list[Path]) -> list[RunFiles]:
             raise ScalingError(f"{d}: no such directory")
     if not paths:
         raise ScalingError(f"no report.json under {', '.join(map(str, dirs))}: no finished runs")
-    runs = [RunFiles(p) for p in dict.fromkeys(paths)]
+    runs = [RunFiles(p) for p in dict.fromkeys(p.resolve() for p in paths)]  # a run named twice counts once
     return sorted(runs, key=lambda r: (r.world_size, r.subnets, str(r.path)))
+
+
+# What may differ between the runs of one study: P and N (its axes), the seed (runs that
+# share P and N are averaged), the strategy (its rows are kept apart). Anything else that
+# shapes the run, or its speed, makes another workload, whose times are no reference.
+STUDY_AXES = ("subnets", "seed", "strategy")
+WORKLOAD = tuple(k for k in RunConfig.SHAPING if k not in STUDY_AXES) + (
+    "levels", "device", "precision", "compile", "compile_mode", "backend")
+
+
+def refuse_mixed_workloads(runs: list[RunFiles]) -> None:
+    """Efficiencies compare each run with the smallest P's: one study's runs must differ only
+    in P, N and the seed. Runs of another workload (a sweep rerun with other flags, a second
+    study collected with the first) would pass its times off as this one's."""
+    defaults = RunConfig().to_dict()
+
+    def workload(run: RunFiles) -> dict:
+        config = run.report.get("config") or {}
+        return {k: config.get(k, defaults[k]) for k in WORKLOAD}
+
+    first = workload(runs[0])
+    for run in runs[1:]:
+        differ = [f"--{k.replace('_', '-')} {first[k]!r} vs {v!r}" for k, v in workload(run).items() if v != first[k]]
+        if differ:
+            raise ScalingError(f"{runs[0].path} and {run.path} are runs of different workloads "
+                               f"({'; '.join(differ)}): collect each study on its own")
 
 
 def mean_or_none(values: list[float]) -> float | None:
@@ -147,6 +174,7 @@ def add_efficiencies(rows: list[dict]) -> list[dict]:
 
 
 def collect(runs: list[RunFiles], target: float | None = None) -> list[dict]:
+    refuse_mixed_workloads(runs)
     rows = [row for run in runs for row in run_rows(run, target)]
     return add_efficiencies(rows)
 

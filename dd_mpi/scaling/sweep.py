@@ -7,6 +7,7 @@ it), so the study script is named by --study-script, or found in ./slurm or $DD_
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import parse_config
+from ..errors import UsageError
 from .errors import ScalingError
 
 STUDY_SCRIPT_NAME = "scaling_study.sh"
@@ -36,11 +39,38 @@ def check_passthrough(dd_args: list[str]) -> None:
                                "--subnets and --out of dd-scaling instead")
 
 
+def run_argv(p: int, n: int, dd_args: list[str], run_dir: Path) -> list[str]:
+    """dd-train's flags for the (P, N) run of a sweep (without --resume)."""
+    return ["--nproc", str(p), "--subnets", str(n), "--strategy", "both", *dd_args, "--out", str(run_dir)]
+
+
+def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list[str]) -> None:
+    """A finished run is kept only if it was made with the settings asked for now (dd-train's
+    own --resume check): a sweep rerun with other flags into the same --out would otherwise
+    report the old runs as the new study, and mix them into its efficiencies."""
+    for p, n in pairs:
+        run_dir = out / f"P{p}-N{n}"
+        if not (run_dir / "report.json").is_file():
+            continue  # an unfinished run is resumed by dd-train, which checks its settings itself
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+            differences = parse_config(run_argv(p, n, dd_args, run_dir)).incompatible_with(saved)
+        except UsageError as error:
+            raise ScalingError(f"the dd-train arguments: {error}") from None
+        except (OSError, ValueError):
+            differences = ["config.json is missing or unreadable"]
+        if differences:
+            raise ScalingError(f"{run_dir} holds a finished run made with other settings "
+                               f"({'; '.join(differences)}): sweep into a new --out, or remove that run "
+                               "to run it again")
+
+
 def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[str], *,
                 timeout: float) -> list[Path]:
     """Run dd-train for every valid (P, N) on this machine, one run at a time."""
     check_passthrough(dd_args)
     pairs = valid_pairs(nprocs, subnets)
+    refuse_other_settings(pairs, out, dd_args)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONUNBUFFERED"] = "1"
     done, failed = [], []
@@ -51,8 +81,7 @@ def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[
             done.append(run_dir)
             continue
         resume = ["--resume"] if (run_dir / "config.json").is_file() else []
-        cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(p), "--subnets", str(n), "--strategy", "both",
-               *dd_args, *resume, "--out", str(run_dir)]
+        cmd = [sys.executable, "-m", "dd_mpi", *run_argv(p, n, dd_args, run_dir), *resume]
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"[P={p} N={n}] $ {shlex.join(['dd-train', *cmd[3:]])}", flush=True)
         start = time.monotonic()
