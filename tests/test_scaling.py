@@ -196,6 +196,29 @@ def test_the_model_calibrates_on_the_batch_each_phase_trained_with(tmp_path):
     assert batches({}) == {"subnet": 128, "finetune": 64, "baseline": 64}  # a report from before they were recorded
 
 
+def test_the_model_measures_an_imagefolder_run_with_samples(tmp_path, capsys):
+    """An imagefolder run's config doesn't say its training-set size: --samples does. The model
+    once used --samples only to project, found no measurement, and asked for --global-ips."""
+    run = fake_run(tmp_path, "P2-N2")
+    report = json.loads((run / "report.json").read_text())
+    del report["config"]["train_samples"]
+    report["config"]["dataset"] = "imagefolder"
+    (run / "report.json").write_text(json.dumps(report))
+
+    assert [m.phase for m in measurements(RunFiles(run), 10, samples=256)] == ["subnet", "finetune", "baseline"]
+    out = tmp_path / "model"
+    assert scaling.main(["--model", str(run), "--samples", "256", "--classes", "10", "--gpus", "8-16",
+                         "--out", str(out)]) == 0
+    checks = read_csv(out / "model_validation.csv")
+    assert [r["phase"] for r in checks] == ["subnet", "finetune", "baseline"]
+    baseline = checks[-1]  # 128 samples per rank at 50 images/s on 2 ranks
+    assert num(baseline["measured_s"]) == pytest.approx(256 / 50.0)
+
+    capsys.readouterr()
+    assert scaling.main(["--model", str(run), "--classes", "10", "--out", str(out)]) == 2
+    assert "pass --samples" in capsys.readouterr().err
+
+
 def test_collect_writes_csv_and_plot(tmp_path):
     fake_run(tmp_path / "study", "P2-N2")
     fake_run(tmp_path / "study", "P4-N2", world=4)

@@ -95,7 +95,7 @@ def run_model(args, dirs: list[Path]) -> int:
     print(f"network: alpha {net.alpha * 1e6:.2f} us, beta {net.beta / 1e9:.3f} GB/s ({source}); "
           f"DDP buckets of {net.bucket_bytes >> 20} MiB; fp32 gradients")
 
-    checks = validation_rows(runs, net, args.classes)
+    checks = validation_rows(runs, net, args.classes, args.samples)
     print("\nvalidation on the runs: training seconds per epoch, predicted vs measured")
     print(f"{'run':<28} {'P':>4} {'N':>3} {'phase':<9} {'ranks':>5} {'measured':>9} {'predicted':>9} {'error':>7}")
     for r in checks:
@@ -107,7 +107,7 @@ def run_model(args, dirs: list[Path]) -> int:
         print(f"mean |relative error| outside the calibration runs: {statistics.mean(others):.1%} "
               f"(max {max(others):.1%})")
 
-    calibration = calibrate([m for run in runs for m in measurements(run, args.classes)], net)
+    calibration = calibrate([m for run in runs for m in measurements(run, args.classes, args.samples)], net)
     workloads = build_workloads(runs, calibration, args)
     projections = []
     print(f"\nprojection ({workloads[0][0].samples} samples/epoch, batch {workloads[0][0].batch} per rank, "
@@ -185,7 +185,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                        help="measure alpha and beta with a gloo allreduce on P local ranks (2)")
     model.add_argument("--gpus", type=gpu_list, default=gpu_list("8-4096"), help="P to project (8-4096)")
     model.add_argument("--model-subnets", type=int_list, help="N to project (default: the runs' N > 1, or 4)")
-    model.add_argument("--samples", type=int, help="training samples per epoch (default: the runs')")
+    model.add_argument("--samples", type=int, help="training samples per epoch (default: the runs'; "
+                       "--dataset imagefolder runs need it)")
     model.add_argument("--per-rank-batch", type=int, help="batch per rank (default: the runs')")
     model.add_argument("--epochs", type=int_list, help="epochs SUBNET,FINETUNE,BASELINE (default: the runs')")
     model.add_argument("--global-ips", help="images/s per rank of the global net (e.g. from a GPU benchmark)")

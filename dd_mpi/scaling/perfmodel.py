@@ -188,11 +188,14 @@ class Measurement:
     members: int = 1  # nets trained fused on each rank (N/G in phase 1)
 
 
-def measurements(run: RunFiles, num_classes: int | None = None) -> list[Measurement]:
+def measurements(run: RunFiles, num_classes: int | None = None, samples: int | None = None) -> list[Measurement]:
+    """The run's measured phases; ``samples`` (--samples) gives D where the run's config can't
+    (an imagefolder run without --train-samples)."""
     cfg = run.report.get("config") or {}
-    D = train_size(cfg)
+    D = train_size(cfg) or samples
     if D is None:
-        return []
+        raise ScalingError(f"{run.path.name}: --dataset {cfg.get('dataset')} doesn't say how many samples "
+                           "it trained on: pass --samples (its training samples per epoch)")
     P, N = run.world_size, run.subnets
     g_params, s_params, _, _ = model_params(cfg, N, num_classes)
     out = []
@@ -311,8 +314,9 @@ def build_workloads(runs: list[RunFiles], calibration: dict, args) -> list[tuple
     return out
 
 
-def validation_rows(runs: list[RunFiles], net: Network, classes: int | None) -> list[dict]:
-    ms = [m for run in runs for m in measurements(run, classes)]
+def validation_rows(runs: list[RunFiles], net: Network, classes: int | None,
+                    samples: int | None = None) -> list[dict]:
+    ms = [m for run in runs for m in measurements(run, classes, samples)]
     calibration = calibrate(ms, net)
     rows = []
     for m in ms:
