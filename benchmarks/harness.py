@@ -48,11 +48,10 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
     """One dd-train job on ``nproc`` local ranks; returns (report.json, metrics.jsonl rows).
     Its output goes to OUT/log.txt; on failure the tail is shown and we stop."""
     cmd = [sys.executable, "-m", "dd_mpi", "--nproc", str(nproc), *last_flags_win(args), "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}  # we are no rank
     out.mkdir(parents=True, exist_ok=True)
     print("  $ " + shlex.join(["dd-train", *cmd[3:]]), flush=True)
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dd_train_env())
     (out / "log.txt").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         sys.exit(f"dd-train failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
@@ -60,6 +59,15 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return report, metrics
+
+
+def dd_train_env() -> dict[str, str]:
+    """dd-train's environment. It runs in the caller's working directory, so the relative paths
+    the user gave (--config, --data-dir) mean what they meant; REPO first on PYTHONPATH makes
+    ``-m dd_mpi`` this checkout's copy, whatever else the venv has installed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}  # we are no rank
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return env
 
 
 def last_flags_win(args: list[str]) -> list[str]:

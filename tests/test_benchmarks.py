@@ -145,3 +145,31 @@ def test_a_preset_overridden_by_later_flags_runs_and_prints_each_flag_once():
     from dd_mpi.config import build_parser
     original = [*preset, "--arch", "resnet32", "--no-compile", "--lr", "0.2", "--seed", "3"]
     assert vars(build_parser().parse_args(merged)) == vars(build_parser().parse_args(original))
+
+
+def test_dd_train_runs_where_the_benchmark_was_started(tmp_path, monkeypatch):
+    """A relative --config (or --data-dir) is the user's path: dd-train once ran in the
+    repository and answered `--config conf.yaml: No such file or directory`. And `-m dd_mpi`
+    is still this checkout's copy, ahead of any other on PYTHONPATH."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import harness
+
+    decoy = tmp_path / "elsewhere" / "dd_mpi"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(decoy.parent))
+    (tmp_path / "conf.yaml").write_text("subnet_epochs: 1\n")
+    monkeypatch.chdir(tmp_path)
+    # stands in for dd-train: says which dd_mpi it imports and where --config leads
+    probe = ("import json, os, sys; from pathlib import Path; import dd_mpi; args = sys.argv[1:]; "
+             "out = Path(args[args.index('--out') + 1]); "
+             "(out / 'report.json').write_text(json.dumps({'dd_mpi': dd_mpi.__file__, "
+             "'config': os.path.abspath(args[args.index('--config') + 1])})); "
+             "(out / 'metrics.jsonl').write_text('')")
+    real_run = subprocess.run
+    monkeypatch.setattr(harness.subprocess, "run",
+                        lambda cmd, **kwargs: real_run([sys.executable, "-c", probe, *cmd[3:]], **kwargs))
+
+    report, _ = harness.run_dd_train(["--config", "conf.yaml"], 1, tmp_path / "run")
+    assert report["config"] == str(tmp_path / "conf.yaml")
+    assert Path(report["dd_mpi"]) == REPO / "dd_mpi" / "__init__.py"
