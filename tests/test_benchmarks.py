@@ -151,7 +151,7 @@ def test_dd_train_runs_where_the_benchmark_was_started(tmp_path, monkeypatch):
     """A relative --config (or --data-dir) is the user's path: dd-train once ran in the
     repository and answered `--config conf.yaml: No such file or directory`. And `-m dd_mpi`
     is still this checkout's copy, ahead of any other on PYTHONPATH."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import harness
 
     decoy = tmp_path / "elsewhere" / "dd_mpi"
