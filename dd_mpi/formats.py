@@ -71,8 +71,11 @@ class InMemorySplit:
 
 
 def stored_size(size: int) -> int:
-    """The ImageNet recipe's test resize for crops of ``size`` (256 for 224): what a cache stores."""
-    return round(size * 256 / 224)
+    """The ImageNet recipe's test resize for crops of ``size`` (256 for 224): what a cache stores.
+    The margin is kept a multiple of 4, so that the cache's two centre crops (to the stored
+    square, then to ``size``) land on the test transform's one: torchvision rounds an offset
+    half to even, and an odd half-margin would shift some crops by a pixel."""
+    return size + 4 * round(size * 32 / 224 / 4)
 
 
 @dataclass(frozen=True)

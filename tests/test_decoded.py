@@ -119,7 +119,24 @@ def test_a_cache_is_built_once_reused_and_rebuilt_for_other_samples(tmp_path, ca
     cache(tmp_path, capped.train)
     assert "built" in capsys.readouterr().out and len(list((tmp_path / "cache").iterdir())) == 6
     bigger = food101(tmp_path, image_size=32)  # another resolution: another cache too
-    assert cache(tmp_path, bigger.train, image_size=32).images.shape[-1] == stored_size(32) == 37
+    assert cache(tmp_path, bigger.train, image_size=32).images.shape[-1] == stored_size(32) == 36
+
+
+def test_a_cached_test_crop_is_the_test_transforms_pixels_at_every_size():
+    """The cache stores Resize(stored) + CenterCrop(stored); testing crops its centre again.
+    That must be the test transform's one crop (Resize(stored) + CenterCrop(size)) at any
+    --image-size: with an odd half-margin (146 for 128) some images came out a pixel off."""
+    from torchvision import transforms as T
+    generator = torch.Generator().manual_seed(0)
+    images = [TF.to_pil_image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
+              for h, w in ((211, 300), (300, 211), (257, 258))]
+    for size in (*range(64, 140), 160, 192, 224, 256):
+        stored = stored_size(size)
+        assert (stored - size) % 4 == 0 and abs(stored - size * 256 / 224) <= 2
+        for image in images:
+            test = T.Compose([T.Resize(stored), T.CenterCrop(size), T.PILToTensor()])(image)
+            cached = T.Compose([T.Resize(stored), T.CenterCrop(stored), T.PILToTensor()])(image)
+            assert torch.equal(centre_crop(cached[None], size)[0], test), (size, image.size)
 
 
 def test_the_same_file_names_with_other_pixels_build_a_new_cache(tmp_path, capsys):
