@@ -118,7 +118,20 @@ def conv(spec: ModelSpec, in_channels: int, out_channels: int, kernel: int, stri
          padding: int = 0) -> nn.Conv2d:
     """A convolution of one member's channel counts, for all of ``spec.members``."""
     k = spec.members
-    return nn.Conv2d(in_channels * k, out_channels * k, kernel, stride, padding, bias=False, groups=k)
+    layer = PointwiseStridedConv if kernel == 1 and stride > 1 and padding == 0 else nn.Conv2d
+    return layer(in_channels * k, out_channels * k, kernel, stride, padding, bias=False, groups=k)
+
+
+class PointwiseStridedConv(nn.Conv2d):
+    """A 1x1 convolution of stride s computed as the stride-1 one on every s-th pixel: the same
+    function and parameters. oneDNN's own strided 1x1 kernel, channels-last on CPU, writes past
+    its workspace in the weight gradient when a group has fewer input channels than its vector
+    block (8 on AVX2, 16 on AVX-512), as narrow sub-nets' shortcut-B and bottleneck downsamples
+    do: a crash, a hang or wrong gradients (oneDNN issue 6035; seen with torch 2.14.1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.stride
+        return F.conv2d(x[:, :, ::rows, ::cols], self.weight, self.bias, 1, 0, self.dilation, self.groups)
 
 
 def batch_norm(spec: ModelSpec, channels: int) -> nn.BatchNorm2d:

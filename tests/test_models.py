@@ -90,3 +90,49 @@ def test_unknown_arch(arch):
 def test_fractional_channels_refused():
     with pytest.raises(UsageError, match="--width"):
         ModelSpec("resnet20", 1.03).layer_widths()
+
+
+# A narrow net's strided 1x1 convolutions (shortcut B, bottleneck downsamples), channels-last
+# on CPU: oneDNN's own kernel for them writes out of bounds in the weight gradient when a group
+# has fewer input channels than its vector block (a crash, a hang or wrong gradients; oneDNN
+# issue 6035). The child process trains such nets and compares their gradients with NCHW's.
+STRIDED_POINTWISE_CHILD = r"""
+import sys, torch
+from dd_mpi.decompose import subnet_spec
+from dd_mpi.models import ModelSpec, build_model
+torch.set_num_threads(int(sys.argv[1]))
+for spec in (subnet_spec(ModelSpec("resnet32", 1.0, 10, "B"), 4),   # the paper's split: 4 -> 8 channels
+             subnet_spec(ModelSpec("resnet50", 0.25, 10), 2)):       # bottleneck downsamples
+    torch.manual_seed(0)  # eval mode: fp32 rounding is not blown up by batch statistics
+    reference = build_model(spec).eval()
+    fast = build_model(spec).to(memory_format=torch.channels_last).eval()
+    fast.load_state_dict(reference.state_dict())
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
+    for model, x in ((reference, images), (fast, images.contiguous(memory_format=torch.channels_last))):
+        for _ in range(3):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), labels).backward()
+    for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
+        assert (a.grad - b.grad).norm() <= 1e-4 * a.grad.norm(), name
+print("same gradients")
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_pointwise_convolutions_train_in_channels_last_on_cpu(threads):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", STRIDED_POINTWISE_CHILD, str(threads)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "same gradients" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+def test_a_strided_pointwise_convolution_is_the_same_function():
+    from dd_mpi.models import PointwiseStridedConv, conv
+    spec = ModelSpec("resnet20", 1.0, 10, "B")
+    layer = conv(spec.fused(2), 4, 8, 1, stride=2)
+    assert isinstance(layer, PointwiseStridedConv) and layer.stride == (2, 2) and layer.groups == 2
+    x = torch.randn(3, 8, 9, 9)
+    expected = torch.nn.functional.conv2d(x, layer.weight, None, 2, 0, 1, 2)
+    assert torch.allclose(layer(x), expected, atol=1e-6) and layer(x).shape == (3, 16, 5, 5)
+    assert type(conv(spec, 4, 8, 3, stride=2, padding=1)) is torch.nn.Conv2d
