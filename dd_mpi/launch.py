@@ -3,7 +3,7 @@
 Order matters: under ``mpirun`` inside a Slurm allocation every rank sees
 ``SLURM_PROCID=0``, and under torchrun too. So: ``RANK`` (torchrun, our ``--nproc``), then
 Horovod's, then the MPI launchers' (``OMPI_COMM_WORLD_RANK``, ``PMI_RANK`` when ``PMI_SIZE``
-> 1, ``PMIX_RANK``), and ``SLURM_PROCID`` last.
+> 1, ``PMIX_RANK``), and ``SLURM_PROCID`` of an srun step last.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ LAUNCHERS = (
              ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "SLURM_LOCALID"), ("MPI_LOCALNRANKS",)),
     Launcher("mpi", lambda e: "PMIX_RANK" in e and _int(e, "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", default=1) > 1,
              ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",), ("PMIX_LOCAL_SIZE",)),
-    Launcher("slurm", lambda e: "SLURM_PROCID" in e and _int(e, "SLURM_NTASKS", default=1) > 1,
+    # an srun step (SLURM_STEP_ID): the batch script itself also sees SLURM_PROCID=0 and the
+    # job's SLURM_NTASKS, and a dd-train started there is alone (its --nproc starts the ranks)
+    Launcher("slurm", lambda e: "SLURM_STEP_ID" in e and "SLURM_PROCID" in e and _int(e, "SLURM_NTASKS", default=1) > 1,
              ("SLURM_PROCID",), ("SLURM_NTASKS",), ("SLURM_LOCALID",), ()),
 )
 

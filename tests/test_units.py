@@ -58,7 +58,10 @@ TORCHRUN = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE
     pytest.param({"PMIX_RANK": "1", "PMIX_SIZE": "4", "PMIX_LOCAL_RANK": "1", "PMIX_LOCAL_SIZE": "4"},
                  ("mpi", 1, 4, 1, 4), id="pmix"),
     pytest.param({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
-                  "MASTER_ADDR": "node1"}, ("slurm", 5, 8, 1, 4), id="srun"),
+                  "SLURM_STEP_ID": "0", "MASTER_ADDR": "node1"}, ("slurm", 5, 8, 1, 4), id="srun"),
+    # the batch script of `sbatch -n 4` (no step): dd-train there is alone, it once waited for 3 ranks
+    pytest.param({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "4",
+                  "SLURM_JOB_ID": "77"}, ("single", 0, 1, 0, 1), id="sbatch-script"),
     pytest.param({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "PMI_RANK": "3", "PMI_SIZE": "4",
                   "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}, ("mpi", 3, 4, 3, 4), id="mpirun-inside-slurm"),
     pytest.param({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"},
@@ -76,7 +79,7 @@ def test_detect_launch(env, expected):
 def test_detect_launch_rendezvous_address():
     assert (detect_launch(TORCHRUN).master_addr, detect_launch(TORCHRUN).master_port) == ("10.0.0.1", 29500)
     slurm = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "123",
-                           "MASTER_ADDR": "node7"})
+                           "SLURM_STEP_ID": "0", "MASTER_ADDR": "node7"})
     assert (slurm.master_addr, slurm.master_port) == ("node7", 20123)  # a port every task derives alike
 
 
@@ -85,7 +88,8 @@ def test_threads_per_rank_do_not_oversubscribe():
     assert cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "32"}) == 8
     assert data_workers(cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "32"})) == 7
     assert cpu_threads_per_rank(detect_launch(TORCHRUN), None, {"SLURM_CPUS_PER_TASK": "6"}) == 1
-    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"}
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+            "SLURM_STEP_ID": "0"}
     assert cpu_threads_per_rank(detect_launch(srun), None, {"SLURM_CPUS_PER_TASK": "6"}) == 6
     hydra = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}
     assert cpu_threads_per_rank(detect_launch(hydra), None, {"SLURM_CPUS_PER_TASK": "6"}) == 6
