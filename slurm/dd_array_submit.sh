@@ -10,7 +10,7 @@
 #   bash slurm/dd_array_submit.sh --wait --gpus-per-node=0 --cpus-per-task=1 -- --device cpu
 #   bash slurm/dd_array_submit.sh --array=2 -- --out runs/x      # task 2 failed: it alone again
 #
-# --array=LIST resubmits only those sub-networks on an existing --out (the others' checkpoints
+# --array=LIST (or --array LIST, -a LIST) resubmits only those sub-networks on an existing --out (the others' checkpoints
 # are kept and loaded), then the final job, which composes and fine-tunes as before.
 # N is dd-train's (a preset's, --config's or --subnets'): it is asked with --print-config.
 # The sbatch options go to both submissions; the final job also gets --nodes=N (each
@@ -48,10 +48,13 @@ out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
 dd_args+=(--out "$out")  # on the command line: a site's --export=NONE would drop an environment variable
 
 wait=0 opts=() tasks="0-$((subnets - 1))"
-for opt in "${sbatch_opts[@]}"; do  # only the final job is waited for; --array is the array's
+for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do  # only the final job is waited for; --array is the array's
+    opt=${sbatch_opts[i]}
     case $opt in
         --wait | -W) wait=1 ;;
+        --array | -a) tasks=${sbatch_opts[i + 1]:?"$opt needs a list of tasks"}; i=$((i + 1)) ;;
         --array=*) tasks=${opt#--array=} ;;
+        -a?*) tasks=${opt#-a} ;;
         *) opts+=("$opt") ;;
     esac
 done
@@ -60,7 +63,7 @@ array=$(sbatch --parsable --array="$tasks" "${opts[@]}" \
 array=${array%%;*}  # --parsable prints id[;cluster]
 echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run directory $out"
 
-final_opts=(--parsable --nodes="$subnets" "${opts[@]}" --output=%x-%j.out
+final_opts=(--parsable --nodes="$subnets" --output=%x-%j.out "${opts[@]}"  # the user's --output wins
             --dependency="afterok:$array" --kill-on-invalid-dep=yes)
 if (( ! wait )); then
     final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}")

@@ -319,6 +319,24 @@ def test_the_array_has_a_task_per_sub_network_of_a_preset(tmp_path):
         subprocess.run(["scancel", *(ids.get(k, "") for k in ("array", "final") if ids.get(k))], timeout=30)
 
 
+@pytest.mark.parametrize("array", [["--array", "2"], ["-a", "2"], ["--array=2"]])
+def test_a_resubmitted_task_is_the_arrays_alone_and_the_final_job_no_array(tmp_path, array):
+    """`--array 2` and `-a 2` once reached both submissions: the final job became task 2 of an
+    array, trained sub-net 2 again and never composed."""
+    result = subprocess.run(["bash", str(SLURM / "dd_array_submit.sh"), "--hold", *array, "--nodes=1",
+                             "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0", "--", *TINY,
+                             "--subnets", "4", "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1])) if result.stdout.strip() else {}
+    try:
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        assert "tasks 2 of 4 sub-networks" in result.stdout
+        assert job_info(ids["array"])["ArrayTaskId"] == "2"
+        assert "ArrayTaskId" not in job_info(ids["final"])
+    finally:
+        subprocess.run(["scancel", *(ids.get(k, "") for k in ("array", "final") if ids.get(k))], timeout=30)
+
+
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
