@@ -84,7 +84,7 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
         if name == "torchrun" and env.get(LOCAL_LAUNCHER_ENV) == "local":
             name = "local"
         if name == "slurm":  # srun gives no address: the job's first node, a port from the job id
-            master_port = master_port or 20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000
+            master_port = master_port or 15000 + _int(env, "SLURM_JOB_ID", default=0) % 15000  # as slurm/common.sh
             master_addr = master_addr or slurm_head_node(env)
             local_size = _slurm_tasks_on_this_node(env)
         return LaunchInfo(name, _int(env, *launcher.rank), _int(env, *launcher.size, default=1),

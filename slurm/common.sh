@@ -31,7 +31,7 @@ fi
 # torch.distributed rendezvous: rank 0 listens on the job's first node, on a port derived
 # from the job id so that jobs sharing a node do not collide.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))  # 15000-29999: below the kernel's ephemeral ports (32768+)
 export MASTER_ADDR MASTER_PORT
 
 dd_train() {

@@ -80,7 +80,11 @@ def test_detect_launch_rendezvous_address():
     assert (detect_launch(TORCHRUN).master_addr, detect_launch(TORCHRUN).master_port) == ("10.0.0.1", 29500)
     slurm = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "123",
                            "SLURM_STEP_ID": "0", "MASTER_ADDR": "node7"})
-    assert (slurm.master_addr, slurm.master_port) == ("node7", 20123)  # a port every task derives alike
+    assert (slurm.master_addr, slurm.master_port) == ("node7", 15123)  # a port every task derives alike, below
+    # the ephemeral range (32768+), where an outgoing connection may hold it
+    ports = {detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "MASTER_ADDR": "n",
+                            "SLURM_JOB_ID": str(job)}).master_port for job in range(0, 60000, 7)}
+    assert min(ports) >= 1024 and max(ports) < 32768
 
 
 def test_threads_per_rank_do_not_oversubscribe():
