@@ -73,7 +73,9 @@ JobAcctGatherType=jobacct_gather/none
 MinJobAge=5
 # impossible requests fail at submission instead of pending forever
 EnforcePartLimits=ALL
-KillWait=5
+# Slurm's default (clusters keep it): time for the ranks to checkpoint after a time limit's TERM, on
+# 2 loaded cores too (at 5 s the batch shell was once killed before it could requeue the job)
+KillWait=30
 SlurmdParameters=config_overrides
 NodeName=dd-n1 NodeHostname=$host Port=17101 CPUs=$cpus RealMemory=${memory:-1000} State=UNKNOWN
 NodeName=dd-n2 NodeHostname=$host Port=17102 CPUs=$cpus RealMemory=${memory:-1000} State=UNKNOWN
