@@ -127,9 +127,12 @@ class PointwiseStridedConv(nn.Conv2d):
     function and parameters. oneDNN's own strided 1x1 kernel, channels-last on CPU, writes past
     its workspace in the weight gradient when a group has fewer input channels than its vector
     block (8 on AVX2, 16 on AVX-512), as narrow sub-nets' shortcut-B and bottleneck downsamples
-    do: a crash, a hang or wrong gradients (oneDNN issue 6035; seen with torch 2.14.1)."""
+    do: a crash, a hang or wrong gradients (oneDNN issue 6035; seen with torch 2.14.1). Only
+    on CPU: elsewhere (cuDNN) the strided kernel is sound and spares the subsampled copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
         rows, cols = self.stride
         return F.conv2d(x[:, :, ::rows, ::cols], self.weight, self.bias, 1, 0, self.dilation, self.groups)
 
