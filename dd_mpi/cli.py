@@ -17,16 +17,12 @@ import signal
 import sys
 import traceback
 
-import torch
-
-from .comm import init_world
+# torch and what is built on it are imported by the ranks only (in main, below the --nproc
+# branch): `dd-train --nproc K` itself checks the flags, starts K ranks and waits (catalog.py)
 from .config import config_yaml, parse_config
-from .decompose import subnet_spec
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
 from .launch import cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
-from .plan import comm_partitions, level_layouts
 from .progress import say
-from .rendezvous import pick_device, pick_precision
 
 
 # A launcher that restarts failed workers says so: the restarted run continues the same one.
@@ -92,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
             say(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
                 f"{launch.world_size} ranks", sys.stderr)
+        import torch  # a rank from here on
+
+        from .decompose import subnet_spec
+        from .plan import level_layouts
+        from .rendezvous import pick_device, pick_precision
         # Everything that needs no communication is checked first, identically on every rank.
         layouts = level_layouts(cfg, launch.world_size) if "dd" in cfg.strategies else []
         if layouts:
@@ -163,6 +164,8 @@ def _close(world) -> None:
 
 
 def _init_engine(cfg, launch, device, layouts):
+    from .comm import init_world
+    from .plan import comm_partitions
     backend = cfg.backend
     if backend == "auto":
         backend = "horovod" if launch.launcher == "horovod" else "torch"

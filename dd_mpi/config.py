@@ -14,11 +14,14 @@ import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .datasets import DATASETS
+from .catalog import DATASETS, parse_depth
 from .errors import UsageError
-from .models import ModelSpec, parse_depth
 from .presets import PRESETS
+
+if TYPE_CHECKING:
+    from .models import ModelSpec
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
@@ -96,6 +99,7 @@ class RunConfig:
 
     # ---------------------------------------------------------------------------------
     def model_spec(self, num_classes: int) -> ModelSpec:
+        from .models import ModelSpec  # torch: on the ranks only (catalog's docstring)
         return ModelSpec(self.arch, self.width, num_classes, self.shortcut)
 
     @property

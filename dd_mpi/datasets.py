@@ -1,4 +1,5 @@
-"""The datasets a run can train on (one registry), loaded the same on every rank.
+"""The datasets a run can train on (their registry: ``catalog.DATASETS``), loaded the same on
+every rank.
 
 ``load_dataset`` parses one dataset (``formats``, or the built-in ``synthetic`` set) and caps
 it; ``load_for_run`` is what a run calls: rank 0's integrity checks shared with all, every
@@ -11,57 +12,21 @@ so classes stay mixed and every rank keeps the same samples.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .catalog import DATASETS, LoadRequest
 from .decoded import cached_split, decode_in_memory
 from .errors import UsageError
-from .formats import (IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier,
-                      load_cifar, load_food101, load_imagefolder)
+from .formats import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier
 from .progress import log
-from .synthetic import make_synthetic
 
 __all__ = ["DATASETS", "DatasetBundle", "IMAGENET_MEAN", "IMAGENET_STD", "InMemorySplit", "load_dataset",
            "load_for_run", "split_size"]
 
 SUBSET_SEED = 2020  # fixed, so a capped run sees the same samples on every rank and run
-
-
-@dataclass(frozen=True)
-class DatasetKind:
-    """One entry of the registry: how to load it and what its --data-dir holds."""
-
-    load: Callable[..., DatasetBundle]  # (LoadRequest) -> bundle
-    where: str | None  # what --data-dir holds; None: it needs none
-    downloadable: bool = False
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    data_dir: str | None
-    download: bool
-    image_size: int | None
-    verify_once: Verifier
-    seed: int
-    train_samples: int | None
-    test_samples: int | None
-
-
-DATASETS: dict[str, DatasetKind] = {
-    "synthetic": DatasetKind(lambda r: make_synthetic(r.train_samples, r.test_samples, image_size=r.image_size or 32,
-                                                      seed=r.seed), None),
-    "cifar10": DatasetKind(lambda r: load_cifar("cifar10", r.data_dir, r.download, r.verify_once),
-                           "the folder that holds or will hold cifar-10-batches-py/", True),
-    "cifar100": DatasetKind(lambda r: load_cifar("cifar100", r.data_dir, r.download, r.verify_once),
-                            "the folder that holds or will hold cifar-100-python/", True),
-    "food101": DatasetKind(lambda r: load_food101(r.data_dir, r.download, r.image_size, r.verify_once),
-                           "the folder that holds or will hold food-101/", True),
-    "imagefolder": DatasetKind(lambda r: load_imagefolder(r.data_dir, r.image_size, r.verify_once),
-                               "with train/<class>/* and val/<class>/*"),
-}
 
 
 def load_dataset(name: str, data_dir: str | None, *, download: bool, image_size: int | None,

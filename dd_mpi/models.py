@@ -43,15 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import BOTTLENECK_LAYERS, parse_depth
 from .errors import UsageError
 
-BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 CIFAR_STAGE_WIDTHS = (16, 32, 64)
 BOTTLENECK_STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck "planes"; the block outputs 4x
 BOTTLENECK_EXPANSION = 4
 STEM_MODULE = "conv1"  # both families name their image-facing convolution this way
 CLASSIFIER_MODULE = "fc"
-KNOWN_ARCHS = "resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101"
 
 
 @dataclass(frozen=True)
@@ -101,15 +100,6 @@ class ModelSpec:
     def member(self) -> ModelSpec:
         """One member of a fused spec (the spec itself when not fused)."""
         return replace(self, members=1)
-
-
-def parse_depth(arch: str) -> int:
-    if not arch.startswith("resnet") or not arch[len("resnet"):].isdigit():
-        raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
-    depth = int(arch[len("resnet"):])
-    if depth not in BOTTLENECK_LAYERS and (depth < 8 or (depth - 2) % 6):
-        raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
-    return depth
 
 
 # ---------------------------------------------------------------------------------------

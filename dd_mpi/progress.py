@@ -13,8 +13,10 @@ import select
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def say(text: str, stream=None) -> None:

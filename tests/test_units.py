@@ -377,6 +377,27 @@ def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys
     assert not out.exists()
 
 
+LAUNCHER_PROCESS = r"""
+import sys
+from dd_mpi.cli import main
+code = main(sys.argv[1:])
+print(f"exit {code},", "torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+
+@pytest.mark.slow
+def test_the_nproc_launcher_process_never_imports_torch(tmp_path):
+    """`dd-train --nproc K` checks the flags, starts K ranks and waits: importing torch there
+    cost every run ~2 s of CPU before the first rank could start, and ~300 MB held to the end.
+    Its ranks make the checks that need torch: a split that cannot work is said once, exit 2."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER_PROCESS, "--nproc", "2", "--width", "1", "--subnets", "3",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                            env=launcher_free_env())
+    assert "exit 2, no torch" in result.stdout, (result.stdout, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dd-train: error: ")]
+    assert len(errors) == 1 and "--subnets 3 does not divide layer1 of resnet20" in errors[0], result.stderr[-3000:]
+
+
 def test_resume_names_every_setting_that_differs():
     saved = RunConfig(arch="resnet20", width=2.0, subnets=2).to_dict()
     assert RunConfig(arch="resnet20", width=2.0, subnets=2, resume=True, timeout=5).incompatible_with(saved) == []
