@@ -159,8 +159,8 @@ def test_compiled_sub_nets_train_as_the_eager_ones(layouts, tmp_path):
     4 steps at this LR amplify it: measured 1.1e-3 to 1.9e-3 per weight, against ~1 between
     two different sub-nets (another seed and data); so 2e-2, and the test checks that it tells
     the compiled sub-nets apart."""
-    out = tmp_path / "run"
-    result = run_dd([*LAYOUT_RUN, "--compile", "--out", str(out)], nproc=2, timeout=900,
+    out = tmp_path / "run"  # no fine-tuning: it would compile another net, compared nowhere
+    result = run_dd([*LAYOUT_RUN, "--compile", "--finetune-epochs", "0", "--out", str(out)], nproc=2, timeout=900,
                     env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     assert result.returncode == 0, explain(result)
     eager = subnet_states(layouts[2][0])
@@ -201,8 +201,8 @@ def test_composition_in_stages_16_4_1(tmp_path):
     out = tmp_path / "run"
     result = run_dd(["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "4",
                      "--subnets", "16", "--levels", "16,4,1", "--subnet-epochs", "1", "--level-epochs", "1",
-                     "--finetune-epochs", "1", "--train-samples", "256", "--test-samples", "64", "--batch-size", "8",
-                     "--strategy", "both", "--out", str(out)], nproc=4, timeout=900)
+                     "--finetune-epochs", "1", "--baseline-epochs", "1", "--train-samples", "256", "--test-samples",
+                     "64", "--batch-size", "8", "--strategy", "both", "--out", str(out)], nproc=4, timeout=900)
     assert result.returncode == 0, explain(result)
     report = read_report(out)
     assert [s["index"] for s in report["sub_nets"]] == list(range(16))
