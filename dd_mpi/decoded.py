@@ -65,15 +65,25 @@ class _Decoded(Dataset):
 
 
 def _decoded_batches(dataset: _Decoded, workers: int):
-    """(offset, images, labels) batches of ``dataset``, decoded by ``workers``."""
+    """(offset, images, labels) batches of ``dataset``, decoded by ``workers``.
+
+    The workers are ended here, however the loop ends. A worker's error comes back inside a
+    reference cycle, which keeps the loader (and its workers) alive until the interpreter
+    exits; there multiprocessing stops them with SIGTERM, which they ignore
+    (``worker_ignores_stop_signals``), and waits for them: the rank never ended."""
     offset = 0
+    batches = iter(DataLoader(dataset, batch_size=256, num_workers=workers,
+                              worker_init_fn=worker_ignores_stop_signals))
     try:
-        for batch, targets in DataLoader(dataset, batch_size=256, num_workers=workers,
-                                         worker_init_fn=worker_ignores_stop_signals):
+        for batch, targets in batches:
             yield offset, batch, targets
             offset += len(batch)
     except UsageError as error:  # from a worker: keep the one line
         raise UsageError(str(error).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the loader's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
 
 def _decode_into(images: torch.Tensor, labels: torch.Tensor, dataset: _Decoded, workers: int) -> None:

@@ -195,11 +195,16 @@ def test_a_rank_that_reads_other_data_stops_every_rank_with_one_line(tmp_path, p
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.json").exists()
 
 
-@pytest.mark.timing
-def test_an_unreadable_image_ends_the_four_rank_job_naming_the_file(tmp_path):
+def unreadable_imagefolder(tmp_path):
     root = datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
     broken = sorted((root / "train" / "dog").iterdir())[-1]  # not the first image: found when loaded
     broken.write_bytes(b"not an image")
+    return root, broken
+
+
+@pytest.mark.timing
+def test_an_unreadable_image_ends_the_four_rank_job_naming_the_file(tmp_path):
+    root, broken = unreadable_imagefolder(tmp_path)
     result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(tmp_path / "run")],
                     timeout=180)
     assert result.returncode != 0, explain(result)
@@ -208,3 +213,13 @@ def test_an_unreadable_image_ends_the_four_rank_job_naming_the_file(tmp_path):
     assert 1 <= len(named) <= 4 and len(set(named)) == 1, explain(result)
     assert named[0].startswith("dd-train: error: "), explain(result)
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "report.json").exists()
+
+
+def test_an_unreadable_image_ends_a_one_rank_job(tmp_path):
+    """One rank, no launcher to end it: after saying which image it could not read, the rank
+    once waited at exit, forever (SIGTERM too), for the decoding worker that had raised it."""
+    root, broken = unreadable_imagefolder(tmp_path)
+    result = run_dd([*TINY, "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(tmp_path / "run")],
+                    nproc=1, timeout=120)  # a few seconds; before: killed at the timeout
+    assert result.returncode == 2, explain(result)
+    assert result.stderr.count(f"cannot read image {broken}") == 1, explain(result)
