@@ -13,4 +13,4 @@ command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the
 tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
 for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
-exec horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod "${tiny[@]}" "$@"
+exec horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod ${tiny[@]+"${tiny[@]}"} "$@"

@@ -14,4 +14,4 @@ command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the
 tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
 for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
-exec srun --ntasks="${SLURM_NTASKS:-4}" --mpi=pmi2 --kill-on-bad-exit=1 dd-train "${tiny[@]}" "$@"
+exec srun --ntasks="${SLURM_NTASKS:-4}" --mpi=pmi2 --kill-on-bad-exit=1 dd-train ${tiny[@]+"${tiny[@]}"} "$@"

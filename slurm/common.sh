@@ -35,9 +35,9 @@ MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))  # 15000-29999: below the kernel's
 export MASTER_ADDR MASTER_PORT
 
 dd_train() {
-    local args=("$@") rc
+    local rc
     if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
-        args+=(--resume)
+        set -- "$@" --resume
         # A requeued job numbers its steps from 0 again, and MPICH names its shared memory
         # after job.step: ranks killed at the requeue leave a segment that a new step 0
         # attaches to and fails in MPI_Init. An empty step 0 moves dd-train to step 1.
@@ -45,7 +45,7 @@ dd_train() {
     fi
     echo "dd_mpi: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on" \
          "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
-    echo "dd_mpi: dd-train ${args[*]}"
+    echo "dd_mpi: dd-train $*"
     # The job log (this shell's stderr), and where this run's part of it begins
     local log offset=0 first
     log=$(readlink -f "/proc/$$/fd/2") || log=""
@@ -56,7 +56,7 @@ dd_train() {
     # --kill-on-bad-exit: one failed rank ends the step instead of leaving the rest hanging.
     # --cpus-per-task explicit: some Slurm releases do not pass the job's value on to srun.
     srun --kill-on-bad-exit=1 --mpi="${DD_SRUN_MPI:-pmi2}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-        dd-train "${args[@]}" &
+        dd-train "$@" &
     _dd_srun=$!
     # A trapped signal makes `wait` return early (status > 128): wait again until srun has
     # exited (bash keeps a finished child's status, so a second wait cannot miss it).

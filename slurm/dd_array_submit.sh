@@ -42,7 +42,7 @@ if [[ ! -x $dd_train ]]; then
     echo "dd_array_submit.sh: dd-train not found: activate dd_mpi's environment (or install it in $here/../.venv)" >&2
     exit 2
 fi
-config=$("$dd_train" --preset cifar10-resnet32 "${dd_args[@]}" --print-config) || exit 2  # dd_array.sh's flags
+config=$("$dd_train" --preset cifar10-resnet32 ${dd_args[@]+"${dd_args[@]}"} --print-config) || exit 2  # dd_array.sh's flags
 subnets=$(sed -n 's/^subnets: *\([0-9]*\)$/\1/p' <<< "$config")
 out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
 dd_args+=(--out "$out")  # on the command line: a site's --export=NONE would drop an environment variable
@@ -58,20 +58,20 @@ for ((i = 0; i < ${#sbatch_opts[@]}; i++)); do  # only the final job is waited f
         *) opts+=("$opt") ;;
     esac
 done
-array=$(sbatch --parsable --array="$tasks" "${opts[@]}" \
-        "$here/dd_array.sh" "${dd_args[@]}")
+array=$(sbatch --parsable --array="$tasks" ${opts[@]+"${opts[@]}"} \
+        "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"})
 array=${array%%;*}  # --parsable prints id[;cluster]
 echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run directory $out"
 
-final_opts=(--parsable --nodes="$subnets" --output=%x-%j.out "${opts[@]}"  # the user's --output wins
+final_opts=(--parsable --nodes="$subnets" --output=%x-%j.out ${opts[@]+"${opts[@]}"}  # the user's --output wins
             --dependency="afterok:$array" --kill-on-invalid-dep=yes)
 if (( ! wait )); then
-    final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}")
+    final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"})
     echo "array=$array final=${final%%;*} out=$out"
     exit 0
 fi
 rc=0
-final=$(sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" "${dd_args[@]}") || rc=$?
+final=$(sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"}) || rc=$?
 final=${final%%;*}
 # sbatch --wait exits 0 for a job cancelled before it started (here: a failed array task)
 state=$(scontrol show job "$final" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true

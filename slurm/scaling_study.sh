@@ -34,7 +34,7 @@ while (( $# )) && [[ $1 != -- ]]; do sbatch_opts+=("$1"); shift; done
 (( $# )) && shift  # the --
 dd_args=("$@")
 wait=0 opts=()
-for opt in "${sbatch_opts[@]}"; do  # only the report job is waited for
+for opt in ${sbatch_opts[@]+"${sbatch_opts[@]}"}; do  # only the report job is waited for
     if [[ $opt == --wait || $opt == -W ]]; then wait=1; else opts+=("$opt"); fi
 done
 
@@ -43,10 +43,10 @@ for nodes in $NODES; do
     for n in $SUBNETS; do
         dir=$STUDY/nodes$nodes-N$n
         id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
-             --gpus-per-node="$GPUS_PER_NODE" --job-name="scaling-nodes$nodes-N$n" "${opts[@]}" \
-             "$SCRIPT" "${dd_args[@]}" --subnets "$n" --out "$dir") || {
+             --gpus-per-node="$GPUS_PER_NODE" --job-name="scaling-nodes$nodes-N$n" ${opts[@]+"${opts[@]}"} \
+             "$SCRIPT" ${dd_args[@]+"${dd_args[@]}"} --subnets "$n" --out "$dir") || {
             # a half-submitted sweep would run without its report job: take it back
-            (( ${#ids[@]} )) && scancel "${ids[@]}"
+            (( ${#ids[@]} )) && scancel ${ids[@]+"${ids[@]}"}
             echo "sbatch refused the run nodes=$nodes N=$n: cancelled the ${#ids[@]} submitted before it" >&2
             exit 1
         }
@@ -58,7 +58,7 @@ done
 
 # The report job runs after all runs, failed ones included (afterany): it summarises what
 # finished and fails if a run left no report.json.
-report_opts=(--parsable "${opts[@]}" --job-name=scaling-report --nodes=1 --ntasks=1
+report_opts=(--parsable ${opts[@]+"${opts[@]}"} --job-name=scaling-report --nodes=1 --ntasks=1
              --output=%x-%j.out --dependency="afterany:$(IFS=:; echo "${ids[*]}")")
 script=$(cat <<EOS
 #!/bin/bash
@@ -66,7 +66,7 @@ set -eu
 # shellcheck source=/dev/null
 source $(printf %q "$here/common.sh")  # the SITE SETUP (modules, venv)
 missing=0
-for dir in $(printf '%q ' "${dirs[@]}"); do
+for dir in $(printf '%q ' ${dirs[@]+"${dirs[@]}"}); do
     if [[ -f \$dir/report.json ]]; then dd-report "\$dir"; else echo "no report: \$dir"; missing=1; fi
 done
 $(printf '%q ' "${COLLECT_CMD[@]}")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_shell_script_is_clean(script):
     result = subprocess.run(["shellcheck", "-x", str(script.relative_to(REPO))], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+USER_SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh")])
+
+
+@pytest.mark.parametrize("script", USER_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_arrays_that_may_be_empty_expand_under_set_u_on_bash_before_4_4(script):
+    """Bash 4.3 and older (RHEL/CentOS 7 login and compute nodes) abort on "${a[@]}" of an
+    empty array under `set -u` ("unbound variable"); 4.4 stopped doing so (bash's CHANGES),
+    so no bash this suite runs on can show it. An array that may be empty (assigned `()` or
+    `("$@")`) is therefore expanded as ${a[@]+"${a[@]}"}. Joins with [*] come after a check
+    that the array is not empty."""
+    text = script.read_text()
+    maybe_empty = set(re.findall(r'(?:^|[\s;])(?:local\s+)?(\w+)=\((?:"\$@")?\)', text, re.M))
+    unguarded = [f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+                 for name in sorted(maybe_empty)
+                 for m in re.finditer(r'(?<!\+)"\$\{' + name + r'\[@\]\}"', text)]
+    assert not unguarded, f"write ${{a[@]+\"${{a[@]}}\"}} for an array that may be empty: {unguarded}"
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
