@@ -29,13 +29,26 @@ from .progress import say
 RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class StopSignal:
-    """SIGTERM/SIGUSR1/SIGINT (Ctrl-C) set a flag; training looks at it at safe points
-    (between steps), checkpoints and exits 75."""
+    """SIGTERM/SIGUSR1/SIGINT (Ctrl-C), once ``arm``-ed, set a flag; training looks at it at
+    safe points (between steps), checkpoints and exits 75.
+
+    Until then (start-up: the rendezvous, loading the data) they end the rank at once, as they
+    end any program: there is nothing to checkpoint yet, and a flag would not be looked at
+    before training begins, so a rank waiting at a rendezvous for a rank that never comes held
+    a stop for all of --io-timeout. Launchers count a rank ended so by the stop they forwarded
+    as stopped (75; ``launch._wait_all``, slurm/common.sh)."""
 
     def __init__(self):
         self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
+    def arm(self) -> None:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, _frame):
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
             say(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
                 f"{launch.world_size} ranks", sys.stderr)
-        import torch  # a rank from here on
+        stop = StopSignal()  # a rank from here on
+        import torch
 
         from .decompose import subnet_spec
         from .plan import level_layouts
@@ -107,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads or cpu_threads_per_rank(launch))  # until the ranks' masks are known
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    stop = StopSignal()
     world = None
     try:
         device = pick_device(cfg.device, launch)
@@ -138,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"dd-train: error: {error}", sys.stderr)
             _close(world)
             return EXIT_FAILURE
+        if stop.requested and world is not None and peer_lost(error):
+            # the others were stopped too, and one ended before it could catch the signal (it
+            # was still starting up) or while checkpointing: checkpoints are written whole
+            say(f"dd-train: rank {launch.rank}: stopped by signal; another rank ended before it could "
+                f"checkpoint; run again with --resume", sys.stderr)
+            world.comm.abort(EXIT_PREEMPTED)  # no orderly close: a peer is gone
         if peer_lost(error):
             # one line, but with the message: the match is by substring, so a genuine local
             # timeout (a DataLoader's, say) must still say what it was

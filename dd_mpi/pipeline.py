@@ -38,8 +38,9 @@ from .train import evaluate
 def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], precision: str,
         workers: int) -> dict | None:
     """The whole job on the levels' ``layouts``, in ``precision`` (fp32 | bf16 | fp16), with
-    ``workers`` DataLoader workers per rank. Returns the report on rank 0 (None elsewhere or
-    in --only-group mode)."""
+    ``workers`` DataLoader workers per rank. ``should_stop`` (cli.StopSignal) is armed once
+    the data is loaded: from then on a stop signal checkpoints. Returns the report on rank 0
+    (None elsewhere or in --only-group mode)."""
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
@@ -48,6 +49,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     data = load_for_run(cfg, world.comm, workers)
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
     refuse_empty_epochs(plan, split_size(data.train), cfg)
+    should_stop.arm()
     prepare_output(cfg, world.comm, out)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)

@@ -394,6 +394,28 @@ def test_a_frozen_rank_is_timed_out(tmp_path, jobs):
 
 @pytest.mark.timing
 @pytest.mark.slow
+def test_a_rank_told_to_stop_that_loses_a_peer_says_it_stopped(tmp_path, jobs):
+    """A stop reaches every rank, and one that is still starting up ends at once (it cannot
+    checkpoint yet): its peers then lose it while stopping, and must say they stopped, not
+    that contact was lost. Here rank 2 is frozen while rank 0 is told to stop (so rank 0 waits
+    on it in a collective with its flag set), then killed."""
+    out = tmp_path / "run"
+    job = start(jobs, [*KILL_RUN, *KILL_EPOCHS["finetune"], "--out", str(out)], tmp_path, "job")
+    ranks = job.find_ranks(4)
+    job.wait_for_new(checkpoint_path(out, "finetune", "last"))
+    os.kill(ranks[2], signal.SIGSTOP)
+    os.kill(ranks[0], signal.SIGUSR1)
+    time.sleep(1)
+    os.kill(ranks[2], signal.SIGKILL)
+    code, _ = job.finish(timeout=180)
+    assert code == 1, job.output()  # a killed rank is a failure, whatever the others say
+    assert "rank 0: stopped by signal; another rank ended before it could checkpoint" in job.output()
+    assert "rank 0: lost contact" not in job.output() and "rank 1: lost contact" in job.output()
+    assert not wait_gone(ranks.values())
+
+
+@pytest.mark.timing
+@pytest.mark.slow
 def test_sigterm_to_the_whole_step_with_dataloader_workers_checkpoints_and_exits_75(tmp_path):
     """Slurm signals every process of the step, DataLoader workers too (images over 64 px are
     decoded by workers): the workers ignore it and the rank checkpoints and exits 75, which

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from dd_mpi.phase import compile_mode
 from dd_mpi.plan import build_plan, level_layouts, refuse_empty_epochs
 from dd_mpi.pipeline import GroupAlarm
 from dd_mpi.errors import UsageError
-from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, share_of_node
+from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, free_port, share_of_node
 from dd_mpi.synthetic import make_synthetic
 
 from helpers import launcher_free_env
@@ -598,6 +599,36 @@ def test_sigterm_while_the_ranks_start_up_ends_the_local_job_with_75(tmp_path):
     job.send_signal(signal.SIGTERM)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 75, output
+
+
+@pytest.mark.timing
+def test_sigterm_ends_a_rank_waiting_at_the_rendezvous_at_once(tmp_path):
+    """Rank 0 of two, started alone, waits for rank 1 at the rendezvous (it hosts the store).
+    A stop there has nothing to checkpoint and must end it, not wait out --io-timeout (it
+    did: the flag is looked at only once training begins, and the rank exited 1 after it)."""
+    port = free_port()
+    env = launcher_free_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank = subprocess.Popen([sys.executable, "-m", "dd_mpi", "--device", "cpu", "--train-samples", "64",
+                             "--io-timeout", "300", "--out", str(tmp_path / "run")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _accepts_connections(port):  # the store is up: the rank waits for rank 1
+            assert time.monotonic() < deadline and rank.poll() is None, rank.communicate()[0]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        rank.send_signal(signal.SIGTERM)
+        output, _ = rank.communicate(timeout=60)
+    finally:
+        if rank.poll() is None:
+            rank.kill()
+    assert rank.returncode == -signal.SIGTERM, output
+
+
+def _accepts_connections(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_every_flag_of_dd_train_has_help_in_its_section():
