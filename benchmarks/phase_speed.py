@@ -83,8 +83,10 @@ def main() -> None:
     _, shard_metrics = run_dd_train([*dd_args, "--strategy", "dd", "--subnet-data", "shard"],
                                     args.nproc, out / "shard")
     global_epoch = seconds_per_epoch(full_metrics, "baseline")
-    print(f"setup: {cfg.arch} width {cfg.width:g}, {n} sub-nets, {args.nproc} ranks, batch "
-          f"{cfg.batch_size}/rank, {full_report['config']['dataset']}, {epochs} epochs per phase, "
+    batch = (f"every net's batch {cfg.global_batch_size} over its ranks" if cfg.global_batch_size
+             else f"batch {cfg.batch_size}/rank")
+    print(f"setup: {cfg.arch} width {cfg.width:g}, {n} sub-nets, {args.nproc} ranks, {batch}, "
+          f"{full_report['config']['dataset']}, {epochs} epochs per phase, "
           f"timed: {describe(timed_epochs(int(epochs)))} (the last evaluates, the first warms up)")
     print(f"global net: {global_epoch:.2f} s/epoch on {args.nproc} ranks")
     ratios = {}
