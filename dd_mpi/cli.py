@@ -21,15 +21,12 @@ import traceback
 # branch): `dd-train --nproc K` itself checks the flags, starts K ranks and waits (catalog.py)
 from .config import config_yaml, parse_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
-from .launch import cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
+from .launch import STOP_SIGNALS, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
 from .progress import say
 
 
 # A launcher that restarts failed workers says so: the restarted run continues the same one.
 RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignal:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
 
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
+# A stop request (checkpoint, exit 75): forwarded to the ranks by run_local, caught by cli.StopSignal
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         return _wait_all(children, grace_seconds, stop_signals)
     finally:
