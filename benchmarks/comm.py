@@ -78,7 +78,8 @@ def probe_memory(dd_args: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="fewer samples and epochs")
     parser.add_argument("--out", type=Path, help="directory for the run (default runs/bench-comm-<time>)")

@@ -139,7 +139,8 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="processes (ranks)")
     parser.add_argument("--quick", action="store_true", help="small model and data")
     parser.add_argument("--reps", type=int, help="timed epochs per loop (default 10)")

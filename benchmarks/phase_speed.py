@@ -55,7 +55,8 @@ def describe(epochs: range) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run")
     parser.add_argument("--digits", action="store_true", help="scikit-learn's digits as an ImageFolder "

@@ -56,7 +56,8 @@ def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run (minutes on 2 cores)")
     parser.add_argument("--paper-split", action="store_true", help="the paper's split (standard ResNet32, "

@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets = "\n".join(f"  {name:<22} {p['_doc']}" for name, p in PRESETS.items())
     parser = _FlagParser(
         prog="dd-train",
+        allow_abbrev=False,  # a flag is spelled out: wrappers that look for one (--out) see it as dd-train does
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Domain-decomposition training: N narrow sub-nets trained by rank groups, "
                     "composed into the wide net, fine-tuned by all ranks.",

@@ -367,6 +367,9 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
     (["--subnets", "x"], "argument --subnets: invalid int value: 'x' (dd-train --help lists the flags)"),
     (["--bogus", "4"], "unrecognized arguments: --bogus 4"),
+    # no prefix of a flag stands for it: a wrapper that looks for --out (dd_array_submit.sh) or
+    # keeps the last of each flag (the benchmarks) would miss it
+    (["--subnet-epoch", "3"], "unrecognized arguments: --subnet-epoch 3"),
 ])
 def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
