@@ -8,8 +8,9 @@
 #
 # As an array task: `dd-train ... --only-group $SLURM_ARRAY_TASK_ID` trains that sub-network.
 # As a plain job: `dd-train ... --resume` composes the sub-networks found in the run
-# directory and fine-tunes. The run directory is --out, else $DD_OUT, else
-# runs/dd_array-ARRAYJOBID. Arguments after the script name go to dd-train, later flags win.
+# directory and fine-tunes (none there: it says so and exits 2). The run directory is --out,
+# else $DD_OUT, else runs/dd_array-ARRAYJOBID. Arguments after the script name go to
+# dd-train, later flags win.
 #SBATCH --job-name=dd_array
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU: each sub-network on one node
@@ -36,5 +37,13 @@ out=${DD_OUT:-runs/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}
 if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     dd_train --preset cifar10-resnet32 --out "$out" "$@" --only-group "$SLURM_ARRAY_TASK_ID"
 else
+    # The run directory as dd-train reads it (a later --out wins). Without the array's, this
+    # job would train every sub-network itself, in one job, before composing.
+    run_dir=$(dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config | sed -n 's/^out: //p') || exit 2
+    if ! compgen -G "$run_dir/checkpoints/subnet*.pt" >/dev/null; then
+        echo "dd_array.sh: error: $run_dir holds no sub-network checkpoint of the array: give this job" \
+             "the array's --out (slurm/dd_array_submit.sh passes it to both)" >&2
+        exit 2
+    fi
     dd_train --preset cifar10-resnet32 --out "$out" "$@" --resume
 fi

@@ -337,6 +337,20 @@ def test_a_resubmitted_task_is_the_arrays_alone_and_the_final_job_no_array(tmp_p
         subprocess.run(["scancel", *(ids.get(k, "") for k in ("array", "final") if ids.get(k))], timeout=30)
 
 
+def test_the_final_job_submitted_by_hand_without_the_arrays_out_says_so(tmp_path):
+    """dd_array.sh as a plain job composes what the array trained in --out. Submitted by hand
+    without the array's --out, it named a run directory of its own and trained every
+    sub-network itself in that one job: now it says so, exit 2, and trains nothing."""
+    result = subprocess.run(["sbatch", "--wait", *ON_CPU, str(SLURM / "dd_array.sh"), *TINY], cwd=tmp_path,
+                            env=job_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    (log_path,) = tmp_path.glob("dd_array-*.out")
+    log = read_log(log_path)
+    assert result.returncode == 2, f"{result.stdout}{result.stderr}\n{log[-3000:]}"
+    lines = [line for line in log.splitlines() if line.startswith("dd_array.sh: error: ")]
+    assert len(lines) == 1 and "holds no sub-network checkpoint of the array" in lines[0], log[-3000:]
+    assert "--resume" not in log and not list(tmp_path.rglob("*.pt")), log[-3000:]
+
+
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
