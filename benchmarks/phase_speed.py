@@ -86,7 +86,10 @@ def main() -> None:
     global_epoch = seconds_per_epoch(full_metrics, "baseline")
     batch = (f"every net's batch {cfg.global_batch_size} over its ranks" if cfg.global_batch_size
              else f"batch {cfg.batch_size}/rank")
-    print(f"setup: {cfg.arch} width {cfg.width:g}, {n} sub-nets, {args.nproc} ranks, {batch}, "
+    level0 = full_report["layout"][0]  # as dd-train laid phase 1 out (--groups, --subnet-batch-size)
+    phase1 = (f"phase 1 in {level0['groups']} group(s) of {level0['ranks_per_group']} rank(s) x "
+              f"{level0['nets_per_group']} net(s), {level0['batch_size']}/rank per net")
+    print(f"setup: {cfg.arch} width {cfg.width:g}, {n} sub-nets, {args.nproc} ranks, {batch}, {phase1}, "
           f"{full_report['config']['dataset']}, {epochs} epochs per phase, "
           f"timed: {describe(timed_epochs(int(epochs)))} (the last evaluates, the first warms up)")
     print(f"global net: {global_epoch:.2f} s/epoch on {args.nproc} ranks")

@@ -75,8 +75,10 @@ def test_time_to_accuracy_at_a_reached_target_is_the_ratio_of_the_two_clocks(tmp
 
 
 def test_phase_speed_headline(tmp_path):
-    lines = run_benchmark("phase_speed.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "speed"))
+    lines = run_benchmark("phase_speed.py", *TINY, "--groups", "1", "--epochs", "2", "--out", str(tmp_path / "speed"))
     full, shard = headline_numbers(lines[-1], r"speed ratio: ([0-9.]+) \(full; shard ([0-9.]+)\)")
+    (setup,) = [line for line in lines if line.startswith("setup: ")]  # the layout the ratios are of
+    assert "phase 1 in 1 group(s) of 2 rank(s) x 2 net(s), 16/rank per net" in setup, setup
     assert any(line.startswith("phase 1 (full): ") and f"= {full:.2f} " in line for line in lines)
     assert any(line.startswith("phase 1 (shard): ") and f"= {shard:.2f} " in line for line in lines)
 
