@@ -39,7 +39,8 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
 else
     # The run directory as dd-train reads it (a later --out wins). Without the array's, this
     # job would train every sub-network itself, in one job, before composing.
-    run_dir=$(dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config | sed -n 's/^out: //p') || exit 2
+    config=$(dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config) || exit 2  # it said why
+    run_dir=$(sed -n 's/^out: //p' <<< "$config")
     if ! compgen -G "$run_dir/checkpoints/subnet*.pt" >/dev/null; then
         echo "dd_array.sh: error: $run_dir holds no sub-network checkpoint of the array: give this job" \
              "the array's --out (slurm/dd_array_submit.sh passes it to both)" >&2

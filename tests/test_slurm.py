@@ -351,6 +351,16 @@ def test_the_final_job_submitted_by_hand_without_the_arrays_out_says_so(tmp_path
     assert "--resume" not in log and not list(tmp_path.rglob("*.pt")), log[-3000:]
 
 
+def test_the_final_job_with_a_bad_flag_says_dd_trains_line_only(tmp_path):
+    result = subprocess.run(["sbatch", "--wait", *ON_CPU, str(SLURM / "dd_array.sh"), *TINY, "--bogus", "1"],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    (log_path,) = tmp_path.glob("dd_array-*.out")
+    log = read_log(log_path)
+    assert result.returncode == 2, f"{result.stdout}{result.stderr}\n{log[-3000:]}"
+    errors = [line for line in log.splitlines() if "error: " in line]
+    assert errors == ["dd-train: error: unrecognized arguments: --bogus 1 (dd-train --help lists the flags)"], log
+
+
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
