@@ -55,8 +55,8 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
     token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
     job = Run(cfg, plan, plan_data, data.num_classes, out, should_stop, reporter, precision, world.rank, token)
-    results: dict = {"world_size": world.size, "precision": precision, "ranks": world.comm.allgather_object(
-        place_of(world))}
+    results: dict = {"world_size": world.size, "precision": precision, "test_samples": split_size(data.test),
+                     "ranks": world.comm.allgather_object(place_of(world))}
     try:
         if plan.levels:
             results.update(run_levels(job, world))

@@ -63,6 +63,7 @@ def build_report(cfg, world, results: dict) -> dict:
         "groups": results.get("groups", [list(range(world.size))]),
         "layout": results.get("layout", []),
         "baseline_batch_size": results.get("baseline_batch_size"),  # per rank
+        "test_samples": results.get("test_samples"),  # what every top-1 is over: its resolution
         "checksums": results.get("checksums"),
         "backend": world.backend_name,
         "device": str(world.comm.device),
