@@ -74,6 +74,7 @@ class RunConfig:
     finetune_epochs: int = 1  # phase 3: epochs of the composed net
     baseline_epochs: int = 6  # the conventional run (--strategy baseline|both)
     eval_every: int = 1  # evaluate every k epochs (and always after the last)
+    subnet_eval_every: int | None = None  # phase 1's own cadence: the sub-nets every k epochs (default --eval-every)
     # --- processes ---
     nproc: int | None = None  # start this many local processes (no launcher present)
     backend: str = "auto"  # auto | torch | horovod
@@ -152,7 +153,7 @@ class RunConfig:
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use a positive learning rate")
         for flag in ("train_samples", "test_samples", "nproc", "threads", "image_size", "subnet_batch_size",
-                     "global_batch_size", "groups"):
+                     "global_batch_size", "groups", "subnet_eval_every"):
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 1 or more")

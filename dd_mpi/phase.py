@@ -231,7 +231,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
                 rank=comm.rank)
             raise Preempted()
         comm.average_buffers_(model)
-        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == recipe.epochs
+        evaluated = (epoch + 1) % level.eval_every == 0 or epoch + 1 == recipe.epochs
         eval_seconds = 0.0
         if evaluated:
             t0 = time.perf_counter()

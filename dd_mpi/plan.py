@@ -5,7 +5,7 @@ consecutive nets of the level before into one net (``decompose.compose``: exact,
 are the mean of its parts') and fine-tunes it; the last level is the global net, fine-tuned
 by all ranks (the paper's phase 3). ``--levels 16,4,1`` composes in stages; the default
 ``N,1`` is the paper's method. Each level carries its layout of ranks (``layout``), its
-recipe, its batch and the names of its checkpoints and metrics, so that one function runs
+recipe, its batch, its evaluation cadence and the names of its checkpoints and metrics, so that one function runs
 any level (``pipeline.run_level``).
 """
 
@@ -31,6 +31,7 @@ class Level:
     layout: Layout
     recipe: Recipe
     batch_size: int  # per rank and net
+    eval_every: int  # test the nets every k epochs (and after the last)
     phase: str  # metrics' "phase": subnet | level<k> | finetune | baseline
     lr_flag: str  # the flag that sets this level's LR (named when its loss blows up)
     stream_base: int  # net j's data stream: stream_base + j (``stream``)
@@ -135,7 +136,7 @@ def build_plan(cfg: RunConfig, layouts: list[Layout], world_size: int, num_class
     if "baseline" in cfg.strategies:
         world = Layout(world_size, 1, 1)
         baseline = Level(-1, 1, global_spec, world, _recipe(cfg, "baseline", cfg.baseline_epochs, cfg.warmup_epochs),
-                         _batch(cfg, cfg.batch_size, world), "baseline", "--baseline-lr", 300)
+                         _batch(cfg, cfg.batch_size, world), cfg.eval_every, "baseline", "--baseline-lr", 300)
     return Plan(tuple(levels), baseline, global_spec)
 
 
@@ -145,14 +146,17 @@ def _level(cfg: RunConfig, k: int, count: int, nets: int, spec: ModelSpec, layou
         # --subnet-batch-size is phase 1's own per-rank batch: it wins over --global-batch-size
         # (a preset's), which would otherwise set phase 1's batch too
         batch = cfg.subnet_batch_size or _batch(cfg, cfg.batch_size, layout)
-        return Level(0, nets, spec, layout, recipe, batch, "subnet", "--subnet-lr", 100)
+        # the sub-nets' scores only inform (the composed net is what counts), and on a big test
+        # set scoring every sub-net each epoch can cost phase 1 as much as its training
+        every = cfg.subnet_eval_every or cfg.eval_every
+        return Level(0, nets, spec, layout, recipe, batch, every, "subnet", "--subnet-lr", 100)
     if k == count - 1:
         recipe = _recipe(cfg, "finetune", cfg.finetune_epochs, cfg.finetune_warmup_epochs)
-        return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), "finetune",
-                     "--finetune-lr", 200)
+        return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), cfg.eval_every,
+                     "finetune", "--finetune-lr", 200)
     recipe = _recipe(cfg, "level", cfg.level_epochs, cfg.finetune_warmup_epochs)
-    return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), f"level{k}",
-                 "--level-lr", 1000 * k)
+    return Level(k, nets, spec, layout, recipe, _batch(cfg, cfg.batch_size, layout), cfg.eval_every,
+                 f"level{k}", "--level-lr", 1000 * k)
 
 
 def _recipe(cfg: RunConfig, phase: str, epochs: int, warmup: float) -> Recipe:

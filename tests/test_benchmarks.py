@@ -48,10 +48,18 @@ def headline_numbers(line: str, pattern: str) -> list[float]:
 
 def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
     out = tmp_path / "tta"
-    lines = run_benchmark("time_to_accuracy.py", *TINY, "--subnet-epochs", "1", "--finetune-epochs", "1",
-                          "--baseline-epochs", "2", "--out", str(out))
+    lines = run_benchmark("time_to_accuracy.py", *TINY, "--subnet-epochs", "2", "--finetune-epochs", "1",
+                          "--baseline-epochs", "3", "--out", str(out))
     (speedup,) = headline_numbers(lines[-1], r"speedup: ([0-9.]+)(?: \[ratio of TOTAL times: target not reached\])?")
     report = json.loads((out / "full" / "report.json").read_text())
+    # no target is read from the sub-nets: scored after phase 1 only, so DD's clock holds no
+    # evaluation it does not need; the global nets every epoch (their curves are the clocks)
+    (setup,) = [line for line in lines if line.startswith("setup: ")]
+    assert setup.endswith("; sub-nets scored after phase 1 only, the global nets every 1"), setup
+    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    for phase, scored in (("subnet", [False, True]), ("baseline", [True, True, True]), ("finetune", [True])):
+        mine = sorted((r for r in rows if r["phase"] == phase and r["group"] in (0, None)), key=lambda r: r["epoch"])
+        assert [r["test_top1"] is not None for r in mine] == scored, (phase, mine)
     assert json.loads((out / "shard" / "report.json").read_text())["config"]["subnet_data"] == "shard"
     target = next(line for line in lines if line.startswith("target: "))
     top1, samples = report["random_T"]["top1"], report["test_samples"]

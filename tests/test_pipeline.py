@@ -110,18 +110,21 @@ def test_composed_net_scores_like_the_mean_of_the_subnets(tmp_path):
 
 
 def test_epochs_without_evaluation_carry_no_test_score(tmp_path):
-    """--eval-every 2: epoch 1 of each phase has no test score of its own (not the one before
-    it), and the 'best' checkpoint is an evaluated epoch."""
+    """--eval-every 2 with phase 1's own --subnet-eval-every 3: an epoch not on its phase's
+    cadence has no test score of its own (not the one before it), the last epoch always has
+    one, and the 'best' checkpoint is an evaluated epoch."""
     out = tmp_path / "run"
-    result = run_dd([*TINY, "--subnets", "2", "--strategy", "dd", "--subnet-epochs", "2",
-                     "--finetune-epochs", "2", "--eval-every", "2", "--out", str(out)], nproc=2)
+    result = run_dd([*TINY, "--subnets", "2", "--strategy", "dd", "--subnet-epochs", "3",
+                     "--finetune-epochs", "2", "--eval-every", "2", "--subnet-eval-every", "3", "--out", str(out)],
+                    nproc=2)
     assert result.returncode == 0, explain(result)
     rows = read_metrics(out)
-    for phase, group in (("subnet", 0), ("subnet", 1), ("finetune", None)):
+    for phase, group, scored in (("subnet", 0, [False, False, True]), ("subnet", 1, [False, False, True]),
+                                 ("finetune", None, [False, True])):
         mine = sorted((r for r in rows if r["phase"] == phase and r["group"] == group), key=lambda r: r["epoch"])
-        assert [r["test_top1"] is None for r in mine] == [True, False], mine
-    for name in ("subnet0", "subnet1", "finetune"):
-        assert load(checkpoint_path(out, name, "best"))["epoch"] == 2
+        assert [r["test_top1"] is not None for r in mine] == scored, mine
+    for name, epoch in (("subnet0", 3), ("subnet1", 3), ("finetune", 2)):
+        assert load(checkpoint_path(out, name, "best"))["epoch"] == epoch
 
 
 @pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])

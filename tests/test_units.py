@@ -340,6 +340,7 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--subnet-batch-size", "0"], "--subnet-batch-size 0 is invalid: use 1 or more"),
     (["--global-batch-size", "0"], "--global-batch-size 0 is invalid: use 1 or more"),
     (["--groups", "0"], "--groups 0 is invalid: use 1 or more"),
+    (["--subnet-eval-every", "0"], "--subnet-eval-every 0 is invalid: use 1 or more"),
     (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast' is unknown: choose one of default, reduce"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to compiled models: add --compile"),
     (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
