@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# an --eval-every / --subnet-eval-every beyond any run's epochs: evaluate after the last only
+AFTER_THE_LAST_EPOCH = "1000000"
 
 
 def cpu_model() -> str:

@@ -21,7 +21,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness import default_out, digits_args, print_header, run_dd_train
+from harness import AFTER_THE_LAST_EPOCH, default_out, digits_args, print_header, run_dd_train
 
 from dd_mpi.config import parse_config
 from dd_mpi.decompose import subnet_spec
@@ -29,7 +29,6 @@ from dd_mpi.inspection import model_sizes
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
          "--test-samples", "256", "--batch-size", "32"]
-NEVER = "1000000"  # --eval-every: evaluate only after the last epoch
 
 
 def timed_epochs(epochs: int) -> range:
@@ -69,7 +68,7 @@ def main() -> None:
     epochs = str(args.epochs or (4 if args.quick else 5))
     dd_args = [*(QUICK if args.quick else []), *(digits_args() if args.digits else []), *dd_args,
                "--subnet-epochs", epochs, "--baseline-epochs",
-               epochs, "--finetune-epochs", "0", "--eval-every", NEVER]
+               epochs, "--finetune-epochs", "0", "--eval-every", AFTER_THE_LAST_EPOCH]
     out = (args.out or default_out("speed")).resolve()
     print_header("phase-1 epoch vs global epoch")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import statistics
 
-from harness import default_out, digits_args, print_header, run_dd_train
+from harness import AFTER_THE_LAST_EPOCH, default_out, digits_args, print_header, run_dd_train
 
 from dd_mpi.reporting import baseline_curve, dd_timeline
 from dd_mpi.scaling import time_to_target
@@ -39,7 +39,7 @@ QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-sample
          "--batch-size", "32", "--subnet-epochs", "6", "--finetune-epochs", "1", "--baseline-epochs", "7"]
 # Only the global nets' curves are read (the baseline's, the fine-tune's): the sub-nets are
 # scored after their last epoch only, so that scoring them does not stretch DD's clock
-SUBNETS_SCORED_AT_THE_END = ["--subnet-eval-every", "1000000"]
+SUBNETS_SCORED_AT_THE_END = ["--subnet-eval-every", AFTER_THE_LAST_EPOCH]
 # The paper's split: a standard ResNet32 (shortcut B) into 4 quarter-width sub-nets on shards
 PAPER_SPLIT = ["--arch", "resnet32", "--width", "1", "--shortcut", "B", "--subnets", "4"]
 
@@ -124,7 +124,7 @@ def one_seed(dd_args: list[str], modes: list[str], args, out: Path) -> tuple[flo
     base_report, base_metrics = runs[modes[0]]
     cfg = base_report["config"]
     dd_epochs = cfg["subnet_epochs"] + cfg["finetune_epochs"]
-    every = cfg["subnet_eval_every"] or cfg["eval_every"]
+    every = base_report["layout"][0]["eval_every"]  # phase 1's, as the run resolved it
     print(f"setup: {cfg['arch']} width {cfg['width']:g}, {cfg['subnets']} sub-nets, {args.nproc} ranks, "
           f"batch {cfg['batch_size']}/rank, {cfg['dataset']}; epochs: DD {cfg['subnet_epochs']} phase 1 + "
           f"{cfg['finetune_epochs']} fine-tune = {dd_epochs}, baseline {cfg['baseline_epochs']}; sub-nets scored "

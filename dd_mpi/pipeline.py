@@ -142,7 +142,8 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
 def layout_entry(level: Level) -> dict:
     return {"level": level.index, "nets": level.nets, "groups": level.layout.groups,
             "ranks_per_group": level.layout.ranks_per_group, "nets_per_group": level.layout.nets_per_group,
-            "batch_size": level.batch_size}  # per rank and net, as trained (dd-scaling's model reads it)
+            "batch_size": level.batch_size,  # per rank and net, as trained (dd-scaling's model reads it)
+            "eval_every": level.eval_every}  # epochs between test scores (and after the last)
 
 
 def fused_view(results: list[NetResult]) -> dict:

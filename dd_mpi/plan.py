@@ -5,8 +5,8 @@ consecutive nets of the level before into one net (``decompose.compose``: exact,
 are the mean of its parts') and fine-tunes it; the last level is the global net, fine-tuned
 by all ranks (the paper's phase 3). ``--levels 16,4,1`` composes in stages; the default
 ``N,1`` is the paper's method. Each level carries its layout of ranks (``layout``), its
-recipe, its batch, its evaluation cadence and the names of its checkpoints and metrics, so that one function runs
-any level (``pipeline.run_level``).
+recipe, its batch, its evaluation cadence and the names of its checkpoints and metrics, so
+that one function runs any level (``pipeline.run_level``).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
     # evaluation it does not need; the global nets every epoch (their curves are the clocks)
     (setup,) = [line for line in lines if line.startswith("setup: ")]
     assert setup.endswith("; sub-nets scored after phase 1 only, the global nets every 1"), setup
+    assert [level["eval_every"] for level in report["layout"]] == [1000000, 1], report["layout"]
     rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     for phase, scored in (("subnet", [False, True]), ("baseline", [True, True, True]), ("finetune", [True])):
         mine = sorted((r for r in rows if r["phase"] == phase and r["group"] in (0, None)), key=lambda r: r["epoch"])

@@ -76,7 +76,7 @@ def test_n_greater_than_p_runs_end_to_end_with_its_layout_in_the_report(layouts)
         assert REPORT_KEYS <= set(report) and report["world_size"] == nproc
         assert report["groups"] == [[r] for r in range(nproc)]
         assert report["layout"][0] == {"level": 0, "nets": 4, "groups": nproc, "ranks_per_group": 1,
-                                       "nets_per_group": per_rank, "batch_size": 16}
+                                       "nets_per_group": per_rank, "batch_size": 16, "eval_every": 1}
         assert [s["index"] for s in report["sub_nets"]] == [0, 1, 2, 3]
         assert [s["ranks"] for s in report["sub_nets"]] == [[j // per_rank] for j in range(4)]
         rows = read_metrics(out)
