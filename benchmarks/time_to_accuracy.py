@@ -9,10 +9,11 @@
 Same P ranks, data, global architecture and evaluation cadence (every epoch) for both global
 nets; the sub-nets, whose scores no target is read from, are scored at phase 1's end only
 (``--subnet-eval-every`` overrides it). Any flag this script does not know goes to dd-train
-unchanged. Target = the baseline's final test top-1 (or --target). Baseline time-to-target = its ``elapsed`` at the first epoch at or above
-the target; DD's = phase 1 (the slowest group, ``timing.subnets``) + compose, plus the
-fine-tune's ``elapsed`` at its first epoch at or above the target, unless the composed net
-(``transfer``) is already there. Both include their per-epoch evaluations. Phase 1 runs once
+unchanged. Target = the baseline's final test top-1 (or --target). Baseline time-to-target =
+its ``elapsed`` at the first epoch at or above the target; DD's = phase 1 (the slowest group,
+``timing.subnets``) + compose, plus the fine-tune's ``elapsed`` at its first epoch at or above
+the target, unless the composed net (``transfer``) is already there. Both include their
+evaluations. Phase 1 runs once
 with ``--subnet-data full`` and once with ``shard``, against the same baseline run (the paper's
 split runs ``shard`` first, its own reading). With ``--seeds`` each seed is a separate pair of
 runs and the headline is the median speedup. Shortfalls are also given in the test set's
