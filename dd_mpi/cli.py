@@ -68,8 +68,9 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _check_a_restart_finds_its_run(cfg, restarted: list[str]) -> None:
-    """A restart continues the run in --out; without --out each attempt names a new one
-    after its start time, and a restart would silently train from scratch."""
+    """A restart, --resume and an array task continue (or join) the run in --out; without
+    --out each attempt names a new one after its start time, and would silently train from
+    scratch (or leave its sub-net where the final job never looks)."""
     if cfg.out is not None:
         return
     if restarted:
@@ -78,6 +79,12 @@ def _check_a_restart_finds_its_run(cfg, restarted: list[str]) -> None:
     if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
         raise UsageError(f"torchrun --max-restarts {os.environ['TORCHELASTIC_MAX_RESTARTS']} restarts a failed "
                          "job, which continues the run in --out: give --out DIR")
+    if cfg.resume:
+        raise UsageError("--resume continues the run in --out, and there is none: add --out DIR, the "
+                         "directory of the run to continue")
+    if cfg.only_group is not None:
+        raise UsageError(f"--only-group {cfg.only_group} trains one group of the run in --out, where the "
+                         "final job composes it: give every task the same --out DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if isinstance(error, Preempted):
             if launch.rank == 0:
-                say("dd-train: stopped by signal after checkpointing; run again with --resume", sys.stderr)
+                say(f"dd-train: stopped by signal after checkpointing; {_how_to_continue(cfg)}", sys.stderr)
             _close(world)
             return EXIT_PREEMPTED
         if isinstance(error, PhaseFailed):
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             # the others were stopped too, and one ended before it could catch the signal (it
             # was still starting up) or while checkpointing: checkpoints are written whole
             say(f"dd-train: rank {launch.rank}: stopped by signal; another rank ended before it could "
-                f"checkpoint; run again with --resume", sys.stderr)
+                f"checkpoint; {_how_to_continue(cfg)}", sys.stderr)
             world.comm.abort(EXIT_PREEMPTED)  # no orderly close: a peer is gone
         if peer_lost(error):
             # one line, but with the message: the match is by substring, so a genuine local
@@ -168,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         if world is not None:
             world.comm.abort(EXIT_FAILURE)  # MPI: the whole job; otherwise this process
         return EXIT_FAILURE
+
+
+def _how_to_continue(cfg) -> str:
+    """--out as the run resolved it (rank 0's time stamp when none was given)."""
+    return "run again with --resume" + (f" --out {cfg.out}" if cfg.out is not None else "")
 
 
 def _close(world) -> None:

@@ -423,18 +423,22 @@ def test_resume_names_every_setting_that_differs():
     assert dropped.startswith("--cache-dir: '/scratch/a' -> None")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"TORCHELASTIC_RESTART_COUNT": "1"}, "this job was restarted (TORCHELASTIC_RESTART_COUNT=1) but has no --out"),
-    ({"SLURM_RESTART_COUNT": "2"}, "this job was restarted (SLURM_RESTART_COUNT=2) but has no --out"),
-    ({"TORCHELASTIC_MAX_RESTARTS": "3"}, "torchrun --max-restarts 3 restarts a failed job"),
+@pytest.mark.parametrize("env, flags, message", [
+    ({"TORCHELASTIC_RESTART_COUNT": "1"}, [], "this job was restarted (TORCHELASTIC_RESTART_COUNT=1) but has no --out"),
+    ({"SLURM_RESTART_COUNT": "2"}, [], "this job was restarted (SLURM_RESTART_COUNT=2) but has no --out"),
+    ({"TORCHELASTIC_MAX_RESTARTS": "3"}, [], "torchrun --max-restarts 3 restarts a failed job"),
+    ({}, ["--resume"], "--resume continues the run in --out, and there is none: add --out DIR"),
+    ({}, ["--only-group", "1"], "--only-group 1 trains one group of the run in --out"),
 ])
-def test_a_job_that_may_restart_needs_out(monkeypatch, tmp_path, capsys, env, message):
-    """Without --out each attempt names a new run after its start time: a restart would
-    silently train from scratch."""
+def test_a_job_that_continues_a_run_needs_out(monkeypatch, tmp_path, capsys, env, flags, message):
+    """Without --out each attempt names a new run after its start time: a restart or a
+    --resume would silently train from scratch, and an array task's sub-net would land where
+    the final job never looks."""
     monkeypatch.chdir(tmp_path)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert main(["--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "1", "--finetune-epochs", "0"]) == 2
+    assert main(["--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "1", "--finetune-epochs", "0",
+                 *flags]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("dd-train: error: ") and message in line
     assert not (tmp_path / "runs").exists()
