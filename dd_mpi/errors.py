@@ -44,6 +44,11 @@ class Outcome(enum.Enum):
     USAGE = "usage"
 
 
+def is_outcome(error: BaseException) -> bool:
+    """What a phase's ranks agree on; anything else is one rank's own trouble to report."""
+    return isinstance(error, (Preempted, PhaseFailed)) or isinstance(error, UsageError) and error.everywhere
+
+
 def outcome_of(error: BaseException | None) -> tuple[Outcome, str]:
     """(outcome, message) for what a rank's phase raised; other errors are not outcomes."""
     if error is None:

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import DataPlan, Stream
 from .datasets import load_for_run, split_size
 from .decompose import compose
-from .errors import Outcome, UsageError, deciding, outcome_of, raise_outcome
+from .errors import Outcome, UsageError, deciding, is_outcome, outcome_of, raise_outcome
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
@@ -177,8 +177,12 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
         results = train_group(watched, level, group, nets, streams_of(job, level, nets), start=start,
                               initial=initial, initial_seconds=initial_seconds)
     except Exception as raised:  # noqa: BLE001 -- outcome_of re-raises what is not an outcome
-        if isinstance(raised, UsageError) and not raised.everywhere:
-            raise  # one rank's own trouble (an unreadable image): it must say so
+        if not is_outcome(raised):
+            # one rank's own trouble (an unreadable image, out of memory): it says so and ends
+            # the job; the other groups stop at their next check, checkpointed, instead of at
+            # the launcher's kill
+            alarm.raise_(f"{type(raised).__name__}: {raised}")
+            raise
         # read here, not kept: a kept exception would hold this frame (and its process groups)
         # in a cycle past the groups' teardown, and gloo's threads abort the exit
         outcome, message = outcome_of(raised)

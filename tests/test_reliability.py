@@ -644,6 +644,41 @@ def test_a_group_that_fails_stops_the_other_groups_and_a_rerun_continues_them(tm
             list(range(1, epochs + 1))
 
 
+CRASH_AT_ONCE = """\
+import os
+if os.environ.get("RANK") == os.environ.get("DD_TEST_FAIL_RANK"):
+    import dd_mpi.train
+
+    def crashing(*args, **kwargs):  # a rank's own trouble, not an outcome the ranks agree on
+        raise RuntimeError("injected: out of memory")
+
+    dd_mpi.train.train_epoch = crashing
+"""
+
+
+@pytest.mark.slow
+def test_a_group_whose_rank_crashes_stops_the_other_groups_too(tmp_path):
+    """A rank's own error (out of memory, an unreadable image) ends the job with its
+    traceback. It used to leave the other groups training until the launcher killed them,
+    losing the epoch they were in; now it raises the alarm first, and they stop at their
+    next signal check with their progress checkpointed."""
+    out, epochs = tmp_path / "run", 8
+    args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
+            "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CRASH_AT_ONCE)
+    failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
+    assert failed.returncode == 1, explain(failed)
+    assert "[rank 3] RuntimeError: injected: out of memory" in failed.stderr, explain(failed)
+    assert "another group failed" in failed.stdout, explain(failed)
+    for j in range(3):  # stopped early, their progress kept
+        assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
+        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs, explain(failed)
+    assert (next(out.glob(f"{GroupAlarm.PREFIX}*")).read_text()
+            == "RuntimeError: injected: out of memory"), explain(failed)
+
+
 # ---------------------------------------------------------------------------------------
 # Contract 7: a kill during a checkpoint write leaves the previous checkpoint intact
 WRITER = """\
