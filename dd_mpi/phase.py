@@ -89,12 +89,19 @@ def other_layouts_progress(level: Level, out: Path, nets: list[int], own: Path) 
     return found
 
 
-def finished_together(out: Path, level: Level, nets: list[int]) -> bool:
-    """Whether ``nets``' own fused ``-last`` checkpoint is at the level's last epoch: the group
-    finished, and a kill between its nets' final checkpoints left only some of them. Resumed
-    from it, the group writes them all again, the same (not the rest retrained alone)."""
-    saved = ckpt.load(ckpt.checkpoint_path(out, level.group_name(nets), "last"))
-    return saved is not None and saved.get("epoch") == level.recipe.epochs
+def finished_together(level: Level, nets: list[int], unfinished: list[int], own: Path) -> list[int] | None:
+    """The set of ``nets`` whose fused ``-last`` checkpoint (beside ``own``) is at the level's
+    last epoch and holds more than the ``unfinished`` ones: that set finished, and a kill
+    between its nets' final checkpoints left only some of them. Resumed from it, the set
+    writes them all again, the same (not the rest retrained alone). It is the group, or what
+    remained of it when its other nets had finished elsewhere (--only-group tasks)."""
+    for path in sorted(own.parent.glob("*-last.pt")):
+        theirs = level.nets_named(path.name[:-len("-last.pt")])
+        if theirs and set(unfinished) < set(theirs) <= set(nets):
+            saved = ckpt.load(path)
+            if saved is not None and saved.get("epoch") == level.recipe.epochs:
+                return list(theirs)
+    return None
 
 
 def seeded_states(level: Level, nets: list[int], seed: int) -> list[dict]:
@@ -117,8 +124,11 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     finished = {j: ckpt.load(ckpt.checkpoint_path(out, level.net_name(j), "final")) for j in nets} \
         if cfg.resume else {}
     done = [j for j in nets if finished.get(j) is not None]
-    if done and len(done) < len(nets) and finished_together(out, level, nets):
-        done = []  # stopped between its nets' final checkpoints: its -last holds them all
+    if done and len(done) < len(nets):
+        together = finished_together(level, nets, [j for j in nets if j not in done],
+                                     ckpt.checkpoint_path(out, level.group_name(nets), "last"))
+        if together:  # stopped between their final checkpoints: its -last holds them all
+            done = [j for j in nets if j not in together]
     for j in done:
         log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}",
             rank=comm.rank)

@@ -102,6 +102,16 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
         worst = max((state[k].double() - before[j][k].double()).abs().max().item() for k in state)
         assert worst < FUSED_VS_ALONE, f"sub-net {j}: retrained 2 fused vs 4 fused differ by {worst:.2e}"
     assert read_report(out)["world_size"] == 1
+    # killed between the pair's final checkpoints: the resume takes the pair's own -last (at
+    # the last epoch) and writes the same finals, not sub-net 3 retrained alone
+    finished = subnet_states(out)
+    (out / "checkpoints" / "subnet3-final.pt").unlink()
+    again = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
+    assert again.returncode == 0, explain(again)
+    assert "subnet0+3: resuming after epoch 1" in again.stdout, explain(again)
+    assert not (out / "checkpoints" / "subnet3-last.pt").exists()
+    for j, state in enumerate(subnet_states(out)):
+        assert all(torch.equal(state[k], finished[j][k]) for k in state), f"sub-net {j}"
 
 
 def test_a_group_killed_between_its_final_checkpoints_writes_them_all_again(layouts, tmp_path):
