@@ -20,7 +20,8 @@ import traceback
 # torch and what is built on it are imported by the ranks only (in main, below the --nproc
 # branch): `dd-train --nproc K` itself checks the flags, starts K ranks and waits (catalog.py)
 from .config import config_yaml, parse_config
-from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PhaseFailed, Preempted, UsageError, peer_lost
+from .errors import (EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PeerFailed, PhaseFailed, Preempted, UsageError,
+                     peer_lost)
 from .launch import STOP_SIGNALS, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
 from .progress import say
 
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"dd-train: error: {error}", sys.stderr)
             _close(world)
             return EXIT_FAILURE
+        if isinstance(error, PeerFailed):
+            if launch.rank == 0:
+                say(f"dd-train: error: {error}", sys.stderr)
+            world.comm.abort(EXIT_FAILURE)  # no orderly close: a peer is gone
         if stop.requested and world is not None and peer_lost(error):
             # the others were stopped too, and one ended before it could catch the signal (it
             # was still starting up) or while checkpointing: checkpoints are written whole

@@ -34,6 +34,12 @@ class PhaseFailed(Exception):
     """A phase cannot go on (e.g. NaN loss): the message says which phase and epoch."""
 
 
+class PeerFailed(Exception):
+    """A rank of another group ended the job with an error of its own (said on its stderr),
+    and this rank, stopped by that group's alarm, lost it: the message is that error, so the
+    job names it once instead of each rank reporting the lost connection."""
+
+
 class Outcome(enum.Enum):
     """How one rank's part of a phase ended, as the ranks tell each other (phase 1's groups
     finish apart and agree on one outcome before phase 2)."""

@@ -25,7 +25,8 @@ from .config import RunConfig
 from .data import DataPlan, Stream
 from .datasets import load_for_run, split_size
 from .decompose import compose
-from .errors import Outcome, UsageError, deciding, is_outcome, outcome_of, raise_outcome
+from .errors import (Outcome, PeerFailed, UsageError, deciding, is_outcome, outcome_of, peer_lost,
+                     raise_outcome)
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
@@ -180,8 +181,10 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
         if not is_outcome(raised):
             # one rank's own trouble (an unreadable image, out of memory): it says so and ends
             # the job; the other groups stop at their next check, checkpointed, instead of at
-            # the launcher's kill
-            alarm.raise_(f"{type(raised).__name__}: {raised}")
+            # the launcher's kill. Its group-mates then lose it: theirs is no news.
+            if not peer_lost(raised) and not alarm.raised():
+                alarm.raise_(str(raised) if isinstance(raised, UsageError) else
+                             f"rank {world.rank}: {type(raised).__name__}: {raised}".splitlines()[0])
             raise
         # read here, not kept: a kept exception would hold this frame (and its process groups)
         # in a cycle past the groups' teardown, and gloo's threads abort the exit
@@ -189,9 +192,14 @@ def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
     if outcome in (Outcome.FAILED, Outcome.USAGE):
         alarm.raise_(message)
     elif outcome is Outcome.PREEMPTED and alarm.raised() and not job.should_stop():
-        log(f"{level.group_name(nets)}: stopped, checkpointed: another group failed (its error follows)",
+        log(f"{level.group_name(nets)}: stopped, checkpointed: another group failed (its error ends the job)",
             rank=group.rank)
-    verdicts = phase_sync.allgather_object((outcome, message, max((r.seconds for r in results), default=0.0)))
+    try:
+        verdicts = phase_sync.allgather_object((outcome, message, max((r.seconds for r in results), default=0.0)))
+    except Exception as lost:  # noqa: BLE001 -- re-raised unless the alarm explains it
+        if alarm.raised() and peer_lost(lost):  # the failed rank ended with its own line: say that, not gloo's
+            raise PeerFailed(alarm.message()) from None
+        raise
     raise_outcome(*deciding([(theirs, text) for theirs, text, _ in verdicts]))
     return results, max(s for _, _, s in verdicts)
 
@@ -215,6 +223,13 @@ class GroupAlarm:
                 ckpt.atomic_write_bytes(self.path, message.encode())
             except OSError:
                 pass
+
+    def message(self) -> str:
+        """What the failing group wrote ("" if it cannot be read)."""
+        try:
+            return self.path.read_text() if self.path is not None else ""
+        except OSError:
+            return ""
 
     def raised(self) -> bool:
         """A stat that fails (ESTALE, EIO on a sick network file system) is "not raised": the
