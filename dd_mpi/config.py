@@ -177,6 +177,11 @@ class RunConfig:
             raise UsageError(f"--only-group {self.only_group} is invalid: use 0..{self.subnets - 1}")
         if self.only_group is not None and self.strategy == "baseline":
             raise UsageError("--only-group runs one sub-network's phase 1: it needs --strategy dd or both")
+        if self.only_group is not None and self.groups is not None and self.subnets % self.groups:
+            # the task's own ranks do not use it, the final job would refuse it (its ranks unknown here)
+            divisors = [g for g in range(1, self.subnets + 1) if self.subnets % g == 0]
+            raise UsageError(f"--groups {self.groups} does not divide the {self.subnets} sub-networks, so the "
+                             f"final job could not use it: choose one of {', '.join(map(str, divisors))} (or leave it out)")
         if self.cache_dir is not None and self.dataset in ("synthetic", "cifar10", "cifar100"):
             raise UsageError(f"--cache-dir is for image files (food101, imagefolder); {self.dataset} is "
                              "held in memory already: drop --cache-dir")

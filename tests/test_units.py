@@ -340,6 +340,8 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--subnet-batch-size", "0"], "--subnet-batch-size 0 is invalid: use 1 or more"),
     (["--global-batch-size", "0"], "--global-batch-size 0 is invalid: use 1 or more"),
     (["--groups", "0"], "--groups 0 is invalid: use 1 or more"),
+    # an array task's ranks do not use --groups, but the final job would refuse it
+    (["--subnets", "4", "--groups", "3", "--only-group", "0"], "--groups 3 does not divide the 4 sub-networks"),
     (["--subnet-eval-every", "0"], "--subnet-eval-every 0 is invalid: use 1 or more"),
     (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast' is unknown: choose one of default, reduce"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to compiled models: add --compile"),
