@@ -50,7 +50,10 @@ def subnet_spec(global_spec: ModelSpec, subnets: int) -> ModelSpec:
                 f"--subnets {subnets} does not divide {layer} of {global_spec.arch} at --width "
                 f"{global_spec.width:g} ({channels} channels): choose --subnets dividing {channels}")
     spec = global_spec.with_width(global_spec.width / subnets, max(1, global_spec.channel_groups // subnets))
-    build_model_check(spec)
+    try:
+        build_model_check(spec)
+    except UsageError as error:  # the sub-net's own message, which cannot know the flag
+        raise UsageError(f"--subnets {subnets} (each sub-net at --width {spec.width:g}): {error}") from None
     return spec
 
 

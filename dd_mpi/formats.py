@@ -141,7 +141,7 @@ def _cifar_check(cls: type, name: str, root: str, download: bool) -> Callable[[]
                 return (f"--download of {name} failed ({type(error).__name__}: {error}): "
                         f"download {cls.url} yourself and extract it into --data-dir {root}")
         if not os.path.isdir(root):
-            return f"--data-dir {root} does not exist: {get}"
+            return f"--data-dir {root} {_absent(root)}: {get}"
         if not os.path.isdir(folder):
             return f"--data-dir {root} has no {cls.base_folder}/ ({name} in python format): {get}"
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
@@ -232,7 +232,7 @@ def _food101_check(root: str, download: bool) -> Callable[[], str | None]:
                 return (f"--download of food101 failed ({type(error).__name__}: {error}): "
                         f"download {url} yourself and extract it into --data-dir {root}")
         if not os.path.isdir(root):
-            return (f"--data-dir {root} does not exist: download {url} and extract it there, "
+            return (f"--data-dir {root} {_absent(root)}: download {url} and extract it there, "
                     f"or pass --download")
         if not os.path.isdir(base):
             return (f"--data-dir {root} has no food-101/: download {url} and extract it there, "
@@ -277,12 +277,17 @@ def _class_dirs(path: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
+def _absent(root: str) -> str:
+    """Why a --data-dir that is no folder cannot be read: a path to a file is another typo."""
+    return "is a file, not a folder" if os.path.exists(root) else "does not exist"
+
+
 def _imagefolder_check(root: str) -> Callable[[], str | None]:
     layout = "DIR/train/<class>/<image> and DIR/val/<class>/<image>"
 
     def check() -> str | None:
         if not os.path.isdir(root):
-            return f"--data-dir {root} does not exist: point it at a folder laid out as {layout}"
+            return f"--data-dir {root} {_absent(root)}: point it at a folder laid out as {layout}"
         for split in ("train", "val"):
             path = os.path.join(root, split)
             if not os.path.isdir(path):

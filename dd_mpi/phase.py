@@ -164,8 +164,9 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
     saved = ckpt.load(last_path) if cfg.resume else None
     if cfg.resume and saved is None and comm.is_leader:
         for other in other_layouts_progress(level, run.out, nets, last_path):
-            log(f"{name}: starts afresh: {other} holds progress of some of its nets made in another layout "
-                "(other ranks or --groups), which it cannot continue; relaunch with that layout to use it",
+            log(f"{name}: starts afresh: {other} holds progress of some of its nets trained as another set, "
+                "which it cannot continue: made in another layout (other ranks or --groups: relaunch with "
+                "that one to use it), or with nets that have finished since (--only-group tasks)",
                 rank=comm.rank)
     if saved is not None:
         if saved.get("nets") is not None and list(saved["nets"]) != list(nets):  # named by an older dd_mpi

@@ -196,6 +196,9 @@ def refuse_empty_epochs(plan: Plan, num_samples: int, cfg: RunConfig) -> None:
         ranks = level.layout.ranks_per_group
         if level.recipe.epochs and take < ranks:
             shard = " (--subnet-data shard splits them)" if take < num_samples else ""
+            fixes = ["more samples (--train-samples)", *(["fewer ranks"] if ranks > 1 else []),
+                     *(["--subnet-data full or fewer --subnets"] if shard else [])]
+            who = f"the {ranks} ranks that train it" if ranks > 1 else "the rank that trains it"
             raise UsageError(f"{level.phase}: each net has {take} training samples of {num_samples}{shard} for "
-                             f"the {ranks} ranks that train it, so no step to take: give more samples "
-                             "(--train-samples) or fewer ranks")
+                             f"{who}, so no step to take: give "
+                             + ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1])

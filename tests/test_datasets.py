@@ -176,9 +176,11 @@ def test_unknown_dataset_lists_the_choices(tmp_path):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "food101", "imagefolder"])
 def test_missing_data_dir(tmp_path, name):
     usage_error(lambda: load(name, None), "--data-dir")
-    message = usage_error(lambda: load(name, tmp_path / "nowhere"), "--data-dir", "nowhere")
+    message = usage_error(lambda: load(name, tmp_path / "nowhere"), "--data-dir", "nowhere", "does not exist")
     if name != "imagefolder":
         assert "--download" in message
+    (tmp_path / "afile").write_text("x")  # a path to a file: another typo, said as such
+    usage_error(lambda: load(name, tmp_path / "afile"), "--data-dir", "afile is a file, not a folder")
 
 
 def test_wrong_cifar_layout(tmp_path, monkeypatch):

@@ -300,8 +300,11 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
         refuse_empty_epochs(build_plan(cfg, level_layouts(cfg, ranks), ranks, 10), samples, cfg)
 
     shard = ["--subnets", "4", "--subnet-data", "shard"]
-    with pytest.raises(UsageError, match=r"subnet: each net has 0 training samples of 3 \(--subnet-data shard"):
+    with pytest.raises(UsageError, match=r"subnet: each net has 0 training samples of 3 \(--subnet-data shard") as error:
         check(shard, 3, 2)
+    # one rank per group: the fix is not fewer ranks
+    assert str(error.value).endswith("for the rank that trains it, so no step to take: give more samples "
+                                     "(--train-samples) or --subnet-data full or fewer --subnets"), error.value
     check(shard, 4, 2)  # one sample per sub-net, one rank each
     with pytest.raises(UsageError, match="baseline: each net has 1 training samples of 1 for the 2 ranks"):
         check(["--strategy", "baseline"], 1, 2)
@@ -367,6 +370,8 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--lr", "0"], "--lr 0.0 is invalid"),
     (["--width", "1", "--subnets", "3", "--only-group", "0"], "--subnets 3 does not divide layer1 of resnet20"),
     (["--width", "0.3", "--subnets", "1"], "--width 0.3 gives 4.8 channels"),
+    (["--width", "2", "--subnets", "32"], "--subnets 32 (each sub-net at --width 0.0625): option A shortcut from 1 "
+                                          "to 2 channels cannot be padded"),
     (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
     (["--subnets", "x"], "argument --subnets: invalid int value: 'x' (dd-train --help lists the flags)"),
     (["--bogus", "4"], "unrecognized arguments: --bogus 4"),
