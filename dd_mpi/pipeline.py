@@ -375,6 +375,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
             config_file.unlink(missing_ok=True)  # what the next --resume is checked against
         raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
                          "put --out on a file system that every rank shares")
+    if cfg.resume and started_here and not cfg.only_group_mode:  # a requeue before the first write, or a typo
+        log(f"--resume: {out} held no run (no config.json): a new one starts there")
 
 
 def _sees(path: Path, patience: float = 5.0) -> bool:

@@ -451,6 +451,16 @@ def test_a_job_that_continues_a_run_needs_out(monkeypatch, tmp_path, capsys, env
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_resume_into_a_folder_without_a_run_says_it_starts_one(tmp_path, capsys):
+    """Allowed (a job requeued before it wrote anything resumes into an empty --out), but a
+    mistyped --out would otherwise train from scratch without a word."""
+    out = tmp_path / "nothing-here"
+    assert main(["--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "1", "--finetune-epochs", "0",
+                 "--strategy", "dd", "--width", "1", "--resume", "--out", str(out)]) == 0
+    assert f"--resume: {out} held no run (no config.json): a new one starts there" in capsys.readouterr().out
+    assert (out / "report.json").exists()
+
+
 def test_nproc_is_not_passed_on_to_the_ranks():
     assert _without_nproc(["--nproc", "4", "--out", "x", "--nproc=2", "--lr", "0.1"]) == ["--out", "x", "--lr", "0.1"]
 
