@@ -610,6 +610,26 @@ if os.environ.get("RANK") == os.environ.get("DD_TEST_FAIL_RANK"):
 """
 
 
+def phase_1_with_rank_3_failing(tmp_path, out, epochs, sitecustomize):
+    """4 sub-nets on 4 ranks, rank 3 sabotaged by ``sitecustomize``: the job must exit 1."""
+    args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
+            "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(sitecustomize)
+    failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
+    assert failed.returncode == 1, explain(failed)
+    assert "another group failed" in failed.stdout, explain(failed)
+    return args, failed
+
+
+def assert_stopped_early_with_progress(out, epochs, failed):
+    """The other groups stopped before their last epoch, their progress checkpointed."""
+    for j in range(3):
+        assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
+        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs, explain(failed)
+
+
 @pytest.mark.slow
 def test_a_group_that_fails_stops_the_other_groups_and_a_rerun_continues_them(tmp_path):
     """Phase 1's groups train apart. When one failed, the others used to train to the end of
@@ -619,20 +639,11 @@ def test_a_group_that_fails_stops_the_other_groups_and_a_rerun_continues_them(tm
     The failure comes at once, so that no start-up lag on a busy machine lets the others
     finish their 8 epochs first (that would only pass the old behaviour off as the new)."""
     out, epochs = tmp_path / "run", 8
-    args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
-            "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(DIVERGE_AT_ONCE)
-    failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
-    assert failed.returncode == 1, explain(failed)
+    args, failed = phase_1_with_rank_3_failing(tmp_path, out, epochs, DIVERGE_AT_ONCE)
     lines = error_lines(failed.stderr)
     assert len(lines) == 1 and lines[0].startswith("dd-train: error: subnet3 epoch 1: the loss or the weights "
                                                    "became NaN/inf"), explain(failed)
-    assert "another group failed" in failed.stdout, explain(failed)
-    for j in range(3):  # stopped early, their progress kept
-        assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
-        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs, explain(failed)
+    assert_stopped_early_with_progress(out, epochs, failed)
     assert not checkpoint_path(out, "subnet3", "last").exists()
     assert len(list(out.glob(f"{GroupAlarm.PREFIX}*"))) == 1
     resumed = run_dd([*args, "--resume"], nproc=4, timeout=300)
@@ -663,18 +674,9 @@ def test_a_group_whose_rank_crashes_stops_the_other_groups_too(tmp_path):
     losing the epoch they were in; now it raises the alarm first, and they stop at their
     next signal check with their progress checkpointed."""
     out, epochs = tmp_path / "run", 8
-    args = [*RUN, "--subnets", "4", "--strategy", "dd", "--train-samples", "256", "--subnet-epochs", str(epochs),
-            "--finetune-epochs", "1", "--signal-check-steps", "2", "--out", str(out)]
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(CRASH_AT_ONCE)
-    failed = run_dd(args, nproc=4, timeout=300, env={"PYTHONPATH": python_path(site), "DD_TEST_FAIL_RANK": "3"})
-    assert failed.returncode == 1, explain(failed)
+    _, failed = phase_1_with_rank_3_failing(tmp_path, out, epochs, CRASH_AT_ONCE)
     assert "[rank 3] RuntimeError: injected: out of memory" in failed.stderr, explain(failed)
-    assert "another group failed" in failed.stdout, explain(failed)
-    for j in range(3):  # stopped early, their progress kept
-        assert not checkpoint_path(out, f"subnet{j}", "final").exists(), explain(failed)
-        assert load(checkpoint_path(out, f"subnet{j}", "last"))["epoch"] < epochs, explain(failed)
+    assert_stopped_early_with_progress(out, epochs, failed)
     # the others do not report losing rank 3, they name its error
     assert error_lines(failed.stderr) == ["dd-train: error: rank 3: RuntimeError: injected: out of memory"], \
         explain(failed)
