@@ -6,6 +6,7 @@ discovery, data plans, config validation, checkpoint files, failure classificati
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -459,6 +460,20 @@ def test_a_resume_into_a_folder_without_a_run_says_it_starts_one(tmp_path, capsy
                  "--strategy", "dd", "--width", "1", "--resume", "--out", str(out)]) == 0
     assert f"--resume: {out} held no run (no config.json): a new one starts there" in capsys.readouterr().out
     assert (out / "report.json").exists()
+
+
+def test_a_batch_larger_than_the_data_trains_at_the_lr_of_the_batch_it_takes(tmp_path, capsys):
+    """64 samples, a batch of 100,000: each step takes the 64. With the LR scaled for 100,000
+    (78 instead of 0.05) the sub-nets' weights ran to ~1e12 and their test loss to NaN."""
+    out = tmp_path / "run"
+    assert main(["--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "3", "--finetune-epochs", "0",
+                 "--strategy", "dd", "--width", "1", "--subnet-batch-size", "100000", "--out", str(out)]) == 0
+    assert ("subnet0-1: a batch of 100000 per rank is more than the 64 training samples a rank has an epoch: "
+            "each step takes 64, and the LR is scaled for that") in capsys.readouterr().out
+    for j in range(2):
+        state = ckpt.load(ckpt.checkpoint_path(out, f"subnet{j}", "final"))
+        assert max(v.abs().max().item() for v in state["model"].values() if v.is_floating_point()) < 1e3
+        assert math.isfinite(state["test"]["loss"]), state["test"]
 
 
 def test_nproc_is_not_passed_on_to_the_ranks():
