@@ -152,14 +152,15 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
     name = level.group_name(nets)
     model = build_model(level.spec.fused(k)).to(comm.device, memory_format=torch.channels_last)
     model.load_state_dict(fuse_states(states) if k > 1 else states[0])
-    per_rank = epoch_samples(streams) // comm.size
-    steps = train_steps(epoch_samples(streams), comm.size, level.batch_size)
+    samples = epoch_samples(streams)
+    per_rank = samples // comm.size
+    steps = train_steps(samples, comm.size, level.batch_size)
     # a batch larger than a rank's share of the data takes that share: the LR follows the batch
     # each step really takes (scaled for the nominal one, a tiny set's single step diverged)
     taken = max(1, min(level.batch_size, per_rank))
     if taken < level.batch_size and comm.is_leader:
         log(f"{name}: a batch of {level.batch_size} per rank is more than the {per_rank} training samples a rank "
-            f"has an epoch: each step takes {taken}, and the LR is scaled for that", rank=comm.rank)
+            f"has an epoch: each step takes {taken}, and the LR is scaled for that")
     optimizer = make_optimizer(model, recipe, taken * comm.size)
     scheduler = make_scheduler(optimizer, recipe, steps)
     scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
