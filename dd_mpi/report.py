@@ -10,6 +10,7 @@ console and ``report.md``, and for ``dd-report`` (with losses, and the paper's n
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
@@ -39,9 +40,21 @@ def metrics_row(phase: str, net: int | None, epoch: int, stats, member: int, tes
             "elapsed": elapsed, "lr": lr}
 
 
+def strict_json(value, **dumps) -> str:
+    """JSON that every reader parses (jq, JavaScript, pandas): a NaN or infinite number (a
+    diverged net's loss) is written as null, not as Python's bare NaN."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return json.dumps(finite(value), allow_nan=False, **dumps)
+
+
 def write_metrics(out: Path, rows: list[dict]) -> None:
     """The whole file, rewritten atomically (a few hundred lines at most)."""
-    atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write_bytes(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in rows).encode())
 
 
 def build_report(cfg, world, results: dict) -> dict:
@@ -100,7 +113,7 @@ def net_table(report: dict, *, loss: bool = False, paper: dict | None = None) ->
         head, rule = head + " paper top-1 (%) |" + (" paper top-5 (%) |" if top5 else ""), rule + "---:|" * (1 + top5)
     lines = [head, rule]
     for name, r in rows:
-        line = f"| {name} | {r['top1']:.2f} |"
+        line = f"| {name} | {_cell(r.get('top1'), '.2f')} |"
         line += f" {_cell(r.get('top5'), '.2f')} |" if top5 else ""
         line += f" {_cell(r.get('loss'), '.4f')} |" if loss else ""
         line += f" {_cell(r.get('seconds'), '.1f')} |"
@@ -123,7 +136,7 @@ def format_table(report: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / "report.json", strict_json(report, indent=2).encode())
     table = format_table(report)
     atomic_write_bytes(out / "report.md", f"# dd_mpi report: {out}\n\n{table}\n".encode())
     say(table)

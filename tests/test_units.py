@@ -6,6 +6,7 @@ discovery, data plans, config validation, checkpoint files, failure classificati
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -716,6 +717,28 @@ def test_ranks_sharing_a_pipe_never_split_each_others_long_texts_inside_a_line()
         slow_reader=True)
     expected = {f"rank {rank} block {b} line {i} " + "x" * 60 for rank in (0, 1) for b in range(40) for i in range(150)}
     assert len(lines) == len(expected) and set(lines) == expected
+
+
+def test_report_files_are_strict_json_when_a_number_is_nan(tmp_path):
+    """A diverged net's loss is NaN: Python would write a bare NaN, which jq, JavaScript and
+    other strict readers refuse. It is written as null, and the tables leave the cell empty."""
+    from dd_mpi.report import format_table, write_metrics, write_report
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a report file"))
+
+    row = {"top1": 10.0, "top5": 50.0, "loss": math.nan, "seconds": 1.0}
+    timing = {"subnets": 2.0, "compose": 0.1, "finetune": 1.0, "dd_total": 3.1, "baseline_total": math.inf}
+    report = {"sub_nets": [{"index": 0, **row}], "transfer": row, "transfer_T": {**row, "top1": math.nan},
+              "timing": timing, "speedup": None}
+    write_report(tmp_path, report)
+    written = strict((tmp_path / "report.json").read_text())
+    assert written["transfer"]["loss"] is None and written["timing"]["baseline_total"] is None
+    assert written["sub_nets"][0]["top1"] == 10.0
+    assert "| transfer_T |  |" in format_table(written)
+    write_metrics(tmp_path, [{"phase": "subnet0", "loss": math.nan, "test_top1": 12.5}])
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict(line) == {"phase": "subnet0", "loss": None, "test_top1": 12.5}
 
 
 def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, monkeypatch):
