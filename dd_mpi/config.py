@@ -207,6 +207,8 @@ class RunConfig:
         if counts[0] != self.subnets:
             raise UsageError(f"{text} starts at {counts[0]} nets but --subnets is {self.subnets}: "
                              f"start the levels at {self.subnets} (or change --subnets)")
+        if counts == [1, 1]:  # what --subnets 1 means without --levels
+            return
         for before, after in zip(counts, counts[1:]):
             if after >= before or before % after:
                 raise UsageError(f"{text} is invalid: each count must divide the one before and be smaller "
@@ -221,12 +223,19 @@ class RunConfig:
                "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "groups", "nesterov",
                "bn_weight_decay", "warmup_style")
 
-    def incompatible_with(self, saved: dict) -> list[str]:
+    def incompatible_with(self, saved: dict, default_groups: int | None = None) -> list[str]:
         """'flag: saved -> now' for every shaping setting that differs from a saved config
-        (a setting the saved config predates counts as its default)."""
+        (a setting the saved config predates counts as its default). ``default_groups``: the
+        G that no --groups gives on this job's ranks, the same as giving it."""
         defaults = RunConfig()
+
+        def same(key: str, before, now) -> bool:
+            if key == "groups" and default_groups is not None:
+                before, now = (default_groups if g is None else g for g in (before, now))
+            return before == now
+
         differ = [f"--{k.replace('_', '-')}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(self, k)!r}"
-                  for k in self.SHAPING if saved.get(k, getattr(defaults, k)) != getattr(self, k)]
+                  for k in self.SHAPING if not same(k, saved.get(k, getattr(defaults, k)), getattr(self, k))]
         saved_subnets = saved.get("subnets", defaults.subnets)
         saved_counts = _level_counts(saved.get("levels"), saved_subnets)
         if saved_subnets == self.subnets and saved_counts != self.level_counts:  # "4,1" is the default 4

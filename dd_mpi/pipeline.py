@@ -30,7 +30,7 @@ from .errors import (Outcome, PeerFailed, UsageError, deciding, is_outcome, outc
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
-from .plan import Level, build_plan, pools, refuse_empty_epochs
+from .plan import Level, build_plan, default_groups, pools, refuse_empty_epochs
 from .progress import Reporter, log
 from .report import build_report, public, write_report
 from .train import evaluate
@@ -51,7 +51,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
     refuse_empty_epochs(plan, split_size(data.train), cfg)
     should_stop.arm()
-    prepare_output(cfg, world.comm, out)
+    prepare_output(cfg, world.comm, out, default_groups(cfg, world.size))
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
     token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
@@ -329,8 +329,10 @@ def run_baseline(job: Run, world: BaseWorld) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
-    """Check --out on rank 0 (one verdict for all ranks), then write config.json there."""
+def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: int | None) -> None:
+    """Check --out on rank 0 (one verdict for all ranks), then write config.json there.
+    ``default_groups``: the G phase 1 takes without --groups on these ranks (None: no phase
+    1), so that a resume may give or leave out --groups at that value."""
     config_file = out / "config.json"
     started_here = False  # (rank 0's) config.json is this run's own: removed if it cannot go on
 
@@ -351,8 +353,10 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path) -> None:
             try:
                 saved = json.loads(config_file.read_text())
             except (OSError, ValueError):
+                saved = None
+            if not isinstance(saved, dict):  # (valid JSON that is no run's settings, e.g. a hand edit)
                 return f"--out {out}: config.json is unreadable: remove it or choose a new --out"
-            differences = cfg.incompatible_with(saved)
+            differences = cfg.incompatible_with(saved, default_groups)
             if differences:
                 return (f"--resume: the run in {out} was made with other settings "
                         f"({'; '.join(differences)}): use the same flags or a new --out")

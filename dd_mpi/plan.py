@@ -18,7 +18,7 @@ import torch
 from .config import RunConfig
 from .decompose import subnet_spec
 from .errors import UsageError
-from .layout import Layout, layout_for
+from .layout import Layout, choose_groups, layout_for
 from .models import ModelSpec
 from .train import Recipe
 
@@ -107,6 +107,14 @@ def level_layouts(cfg: RunConfig, world_size: int) -> list[Layout]:
     if cfg.only_group_mode:  # --only-group: this job's ranks all train that one sub-net
         layouts[0] = Layout(world_size, 1, 1)
     return layouts
+
+
+def default_groups(cfg: RunConfig, world_size: int) -> int | None:
+    """Phase 1's G on ``world_size`` ranks when --groups is left out (None: no phase 1, or an
+    --only-group task, whose --groups is the final run's)."""
+    if "dd" not in cfg.strategies or cfg.only_group_mode:
+        return None
+    return choose_groups(world_size, cfg.level_counts[0])
 
 
 def comm_partitions(cfg: RunConfig, layouts: list[Layout]) -> list[list[list[int]]]:

@@ -81,6 +81,15 @@ def test_bad_levels_are_one_line(levels, message):
     assert message in str(error.value) and f"--levels {levels}" in str(error.value)
 
 
+def test_levels_spelt_out_as_the_default_are_the_default():
+    """--levels N,1 is what --subnets N means without --levels, --subnets 1 included."""
+    for subnets in (1, 4):
+        spelt = parse_config(["--subnets", str(subnets), "--levels", f"{subnets},1"])
+        assert spelt.level_counts == parse_config(["--subnets", str(subnets)]).level_counts == [subnets, 1]
+    with pytest.raises(UsageError, match="each count must divide"):
+        parse_config(["--subnets", "1", "--levels", "1,1,1"])
+
+
 def test_the_horovod_sets_follow_the_plan():
     """Each level's groups, and before each composition its leaders; nothing for one group."""
     cfg = parse_config(["--width", "4", "--subnets", "16", "--levels", "16,4,1"])

@@ -426,6 +426,10 @@ def test_resume_names_every_setting_that_differs():
     # --groups sets each sub-net's batch: sub-nets finished under one G and others under another
     # would mix two recipes
     assert RunConfig(subnets=4, groups=1).incompatible_with(four) == ["--groups: None -> 1"]
+    # ... but giving the G that the job's ranks take by default, or leaving it out, is the same run
+    assert RunConfig(subnets=4, groups=2).incompatible_with(four, default_groups=2) == []
+    assert RunConfig(subnets=4).incompatible_with(RunConfig(subnets=4, groups=2).to_dict(), default_groups=2) == []
+    assert RunConfig(subnets=4, groups=1).incompatible_with(four, default_groups=2) == ["--groups: None -> 1"]
     cached = RunConfig(dataset="food101", cache_dir="/scratch/a").to_dict()
     assert RunConfig(dataset="food101", cache_dir="/scratch/b").incompatible_with(cached) == []  # moved: fine
     (dropped,) = RunConfig(dataset="food101").incompatible_with(cached)
@@ -719,6 +723,46 @@ def test_ranks_sharing_a_pipe_never_split_each_others_long_texts_inside_a_line()
     assert len(lines) == len(expected) and set(lines) == expected
 
 
+def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, monkeypatch):
+    """--out that some rank cannot see is refused. A new run's config.json goes with it; a
+    resumed run's stays: it is what the next --resume is checked against (removing it would
+    let a resume with other settings mix two runs)."""
+    from dd_mpi import pipeline
+    monkeypatch.setattr(pipeline, "_sees", lambda path, patience=5.0: False)  # a rank on a node without --out
+    one = Comm([0], 0, None, torch.device("cpu"))
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
+        pipeline.prepare_output(parse_config(["--out", str(out)]), one, out, None)
+    assert not (out / "config.json").exists()
+    (out / "config.json").write_text('{"seed": 0}')  # a run was started here
+    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
+        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out, None)
+    assert (out / "config.json").exists()
+
+
+def test_a_resume_checks_the_run_s_config_json(tmp_path):
+    """What a resume reads of config.json: JSON that is no run's settings (a hand edit) is
+    one line, not an AttributeError on rank 0; --groups at the G these ranks take anyway
+    (here 1 rank: G = 1) is the run made without it; another G is a difference."""
+    from dd_mpi import pipeline
+    from dd_mpi.plan import default_groups
+    one = Comm([0], 0, None, torch.device("cpu"))
+    out = tmp_path / "run"
+    out.mkdir()
+    flags = ["--out", str(out), "--subnets", "4", "--resume"]
+    for not_a_run in ("[1, 2]", '"resnet20"', "null"):
+        (out / "config.json").write_text(not_a_run)
+        with pytest.raises(UsageError, match=rf"--out {out}: config.json is unreadable: remove it"):
+            pipeline.prepare_output(parse_config(flags), one, out, default_groups(parse_config(flags), 1))
+    (out / "config.json").write_text(json.dumps(parse_config(flags[:4]).to_dict()))
+    same = parse_config([*flags, "--groups", "1"])
+    pipeline.prepare_output(same, one, out, default_groups(same, 1))
+    assert json.loads((out / "config.json").read_text())["groups"] == 1
+    other = parse_config([*flags, "--groups", "2"])
+    with pytest.raises(UsageError, match=r"other settings \(--groups: 1 -> 2\)"):
+        pipeline.prepare_output(other, one, out, default_groups(other, 1))
+
+
 def test_report_files_are_strict_json_when_a_number_is_nan(tmp_path):
     """A diverged net's loss is NaN: Python would write a bare NaN, which jq, JavaScript and
     other strict readers refuse. It is written as null, and the tables leave the cell empty."""
@@ -739,20 +783,3 @@ def test_report_files_are_strict_json_when_a_number_is_nan(tmp_path):
     write_metrics(tmp_path, [{"phase": "subnet0", "loss": math.nan, "test_top1": 12.5}])
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert strict(line) == {"phase": "subnet0", "loss": None, "test_top1": 12.5}
-
-
-def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, monkeypatch):
-    """--out that some rank cannot see is refused. A new run's config.json goes with it; a
-    resumed run's stays: it is what the next --resume is checked against (removing it would
-    let a resume with other settings mix two runs)."""
-    from dd_mpi import pipeline
-    monkeypatch.setattr(pipeline, "_sees", lambda path, patience=5.0: False)  # a rank on a node without --out
-    one = Comm([0], 0, None, torch.device("cpu"))
-    out = tmp_path / "run"
-    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
-        pipeline.prepare_output(parse_config(["--out", str(out)]), one, out)
-    assert not (out / "config.json").exists()
-    (out / "config.json").write_text('{"seed": 0}')  # a run was started here
-    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
-        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out)
-    assert (out / "config.json").exists()
