@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
             say(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "
                 f"{launch.world_size} ranks", sys.stderr)
+        for note in cfg.unused_flags() if launch.rank == 0 else []:
+            say(f"dd-train: note: {note}", sys.stderr)
         stop = StopSignal()  # a rank from here on
         import torch
 

@@ -194,6 +194,19 @@ class RunConfig:
                              "or drop the flag")
         return self
 
+    def unused_flags(self) -> list[str]:
+        """Flags given that this run does not read: said once, not refused (a config file or a
+        script may set them for other runs), so that a forgotten --dataset does not train the
+        built-in synthetic set on the quiet."""
+        notes = []
+        if self.data_dir and self.dataset == "synthetic":
+            on_disk = ", ".join(name for name in DATASETS if name != "synthetic")
+            notes.append(f"--data-dir {self.data_dir} is not read: --dataset synthetic (the default) is built in; "
+                         f"give --dataset ({on_disk}) to train on it")
+        if self.groups is not None and "dd" not in self.strategies:
+            notes.append(f"--groups {self.groups} is not used: --strategy {self.strategy} has no phase 1")
+        return notes
+
     def _validate_levels(self) -> None:
         if self.levels is None:
             return
