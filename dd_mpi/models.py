@@ -359,6 +359,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def smallest_normalised_map(spec: ModelSpec, image_size: int) -> int:
+    """Pixels per channel of the smallest feature map a BatchNorm of ``spec`` normalises at
+    ``image_size``: with one image per step, the only values it has (1: it cannot train).
+    Built and run on the "meta" device: no memory, no compute."""
+    with torch.device("meta"):
+        model = build_model(spec).eval()  # (train mode would refuse the 1x1 map it is asked about)
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs: sizes.append(math.prod(inputs[0].shape[2:])))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, spec.in_channels, image_size, image_size, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return min(sizes, default=image_size * image_size)
+
+
 def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
     """Multiply-accumulates of convolutions and linear layers for one image (per member of a
     fused net: all members together).

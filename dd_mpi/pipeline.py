@@ -49,7 +49,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     # leaves no run behind (a config.json would make the corrected run ask for --resume)
     data = load_for_run(cfg, world.comm, workers)
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
-    refuse_empty_epochs(plan, split_size(data.train), cfg)
+    refuse_empty_epochs(plan, split_size(data.train), cfg, data.image_size)
     should_stop.arm()
     prepare_output(cfg, world.comm, out, default_groups(cfg, world.size))
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)

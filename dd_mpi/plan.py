@@ -19,7 +19,7 @@ from .config import RunConfig
 from .decompose import subnet_spec
 from .errors import UsageError
 from .layout import Layout, choose_groups, layout_for
-from .models import ModelSpec
+from .models import ModelSpec, smallest_normalised_map
 from .train import Recipe
 
 
@@ -196,12 +196,21 @@ def pools(level: Level, plan: Plan, num_samples: int, cfg: RunConfig) -> list[to
     return [torch.cat(shards[j * per_net:(j + 1) * per_net]).sort().values for j in range(level.nets)]
 
 
-def refuse_empty_epochs(plan: Plan, num_samples: int, cfg: RunConfig) -> None:
+def refuse_empty_epochs(plan: Plan, num_samples: int, cfg: RunConfig, image_size: int) -> None:
     """A net with fewer samples an epoch than the ranks that share it would take no step at
-    all and finish "trained" at chance: refused before anything runs."""
+    all and finish "trained" at chance; one whose steps take one image a rank cannot train
+    where its maps shrink to 1x1 (BatchNorm has one value per channel): both refused before
+    anything runs."""
     for level in (*plan.levels, *([plan.baseline] if plan.baseline else [])):
         take = min(len(pool) for pool in pools(level, plan, num_samples, cfg))
         ranks = level.layout.ranks_per_group
+        if level.recipe.epochs and min(level.batch_size, take // ranks) == 1 \
+                and smallest_normalised_map(level.spec, image_size) == 1:
+            fix = ("a batch of 2 or more per rank" if level.batch_size == 1 else
+                   "more samples per rank (--train-samples" + (", fewer ranks)" if ranks > 1 else ")"))
+            raise UsageError(f"{level.phase}: each step takes 1 image per rank, and {level.spec.arch} at "
+                             f"{image_size} px has a 1x1 feature map, where BatchNorm needs 2 values per channel "
+                             f"to train: give {fix} or a larger --image-size")
         if level.recipe.epochs and take < ranks:
             shard = " (--subnet-data shard splits them)" if take < num_samples else ""
             fixes = ["more samples (--train-samples)", *(["fewer ranks"] if ranks > 1 else []),

@@ -297,9 +297,9 @@ def test_a_batch_given_over_a_preset_wins_over_its_global_batch(tmp_path):
 def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     """Fewer samples an epoch than the ranks that train a net: no step, and a net reported
     as trained at chance. Refused with the numbers, before anything runs."""
-    def check(argv, samples, ranks):
+    def check(argv, samples, ranks, image_size=32):
         cfg = parse_config(argv)
-        refuse_empty_epochs(build_plan(cfg, level_layouts(cfg, ranks), ranks, 10), samples, cfg)
+        refuse_empty_epochs(build_plan(cfg, level_layouts(cfg, ranks), ranks, 10), samples, cfg, image_size)
 
     shard = ["--subnets", "4", "--subnet-data", "shard"]
     with pytest.raises(UsageError, match=r"subnet: each net has 0 training samples of 3 \(--subnet-data shard") as error:
@@ -313,6 +313,18 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     check(["--strategy", "baseline", "--baseline-epochs", "0"], 1, 2)  # nothing to train: nothing to refuse
     with pytest.raises(UsageError, match="finetune: each net has 3 training samples of 3 for the 4 ranks"):
         check(["--subnets", "4"], 3, 4)  # phase 1 (all data, one rank per sub-net) could; all 4 ranks cannot
+    # one image a step where the maps shrink to 1x1: BatchNorm's ValueError traceback on every rank
+    r50 = ["--arch", "resnet50", "--width", "0.25", "--subnets", "2", "--strategy", "dd"]
+    with pytest.raises(UsageError) as error:
+        check(r50, 5, 4)  # 2 ranks a sub-net: 2 images each, but the fine-tune's 4 ranks take 1 each
+    assert str(error.value) == ("finetune: each step takes 1 image per rank, and resnet50 at 32 px has a 1x1 feature "
+                                "map, where BatchNorm needs 2 values per channel to train: give more samples per rank "
+                                "(--train-samples, fewer ranks) or a larger --image-size")
+    with pytest.raises(UsageError, match="subnet: each step takes 1 image per rank.*give a batch of 2 or more per rank"):
+        check([*r50, "--batch-size", "1"], 64, 2)
+    check(r50, 8, 4)  # 2 images a step on every rank
+    check(r50, 5, 4, image_size=64)  # the last maps 2x2
+    check(["--subnets", "4"], 4, 4)  # resnet20 at 32 px: its smallest map is 8x8, one image a step trains
 
 
 # --- flags: every bad value is refused with one line that names the flag -------------------
