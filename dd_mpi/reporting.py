@@ -43,17 +43,22 @@ CSV_FIELDS = ("run", "P", "N", "section", "name", "top1", "top5", "loss", "secon
 # ---------------------------------------------------------------------------------------
 # Reading a run
 class RunFiles:
-    """One run directory: its report.json and metrics.jsonl."""
+    """One run directory: its report.json and metrics.jsonl, checked for what the readers
+    use, so that a damaged or foreign file is one line naming it, not a traceback."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         report_file = self.path / "report.json"
         if not report_file.is_file():
             raise FileNotFoundError(f"{self.path}: no report.json (is it a finished dd-train --out directory?)")
-        self.report = json.loads(report_file.read_text())
+        self.report = _json(report_file, report_file.read_bytes())
+        _check_report(report_file, self.report)
         metrics_file = self.path / "metrics.jsonl"
-        self.metrics = ([json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-                        if metrics_file.is_file() else [])
+        self.metrics = []
+        for i, line in enumerate(metrics_file.read_bytes().splitlines() if metrics_file.is_file() else [], 1):
+            if line.strip():
+                self.metrics.append(_json(f"{metrics_file} line {i}", line))
+                _check_row(f"{metrics_file} line {i}", self.metrics[-1])
 
     @property
     def world_size(self) -> int:
@@ -66,6 +71,62 @@ class RunFiles:
     @property
     def label(self) -> str:
         return f"{self.path.name} (P={self.world_size}, N={self.subnets})"
+
+
+def _damaged(where, what: str) -> UsageError:
+    return UsageError(f"{where}: {what}: not a finished dd-train run's file, or damaged (rerun the run, or "
+                      "leave it out)")
+
+
+def _json(where, data: bytes):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _damaged(where, "not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise _damaged(where, f"not JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+
+
+def _number(value, *, or_none: bool = True) -> bool:
+    return (value is None and or_none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_report(where, report) -> None:
+    """The keys of report.json that dd-report and dd-scaling read, with their types."""
+    if not isinstance(report, dict):
+        raise _damaged(where, f"a JSON {type(report).__name__}, not an object")
+    for key in ("timing", "config"):
+        if not isinstance(report.get(key) or {}, dict):
+            raise _damaged(where, f'"{key}" is not an object')
+    if not all(_number(v) for v in (report.get("timing") or {}).values()):
+        raise _damaged(where, '"timing" holds a value that is not a number of seconds')
+    if not (_number(report.get("speedup")) and _number(report.get("world_size"))):
+        raise _damaged(where, '"speedup" or "world_size" is not a number')
+    subnets = report.get("sub_nets") or []
+    levels = report.get("intermediate") or []
+    if not (isinstance(subnets, list) and isinstance(levels, list)
+            and all(isinstance(level, dict) and isinstance(level.get("nets"), list) for level in levels)):
+        raise _damaged(where, '"sub_nets" or "intermediate" is not a list of nets')
+    nets = [*subnets, *(net for level in levels for net in level["nets"])]
+    if not all(isinstance(net, dict) and isinstance(net.get("index"), int) for net in nets):
+        raise _damaged(where, "a net of \"sub_nets\" or \"intermediate\" has no index")
+    for name, row in [*((f"sub-net {r['index']}", r) for r in subnets),
+                      *((f"level {level.get('level')} net {r['index']} {part}", r.get(part))
+                        for level in levels for r in level["nets"] for part in ("composed", "finetuned")),
+                      *((key, report.get(key)) for key in ("transfer", "transfer_T", "random_T"))]:
+        if row is not None and not (isinstance(row, dict) and all(_number(row.get(k)) for k in
+                                                                  ("top1", "top5", "loss", "seconds"))):
+            raise _damaged(where, f"{name}: its result is not an object of numbers")
+
+
+def _check_row(where, row) -> None:
+    """A metrics.jsonl row as the curves and dd-scaling read it."""
+    if not isinstance(row, dict):
+        raise _damaged(where, f"a JSON {type(row).__name__}, not an object")
+    if not (isinstance(row.get("phase"), str) and isinstance(row.get("epoch"), int)
+            and all(_number(row.get(k), or_none=False) for k in ("elapsed", "images_per_s", "seconds"))
+            and _number(row.get("test_top1"))):
+        raise _damaged(where, "phase, epoch, elapsed, images_per_s, seconds or test_top1 missing or not numbers")
 
 
 def load_runs(paths: list[Path]) -> list[RunFiles]:
@@ -229,7 +290,8 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
             ax.plot(*zip(dd["transfer"], *dd["finetune"]), "o-", color=dd_color)
             ax.plot([tx], [ty], "*", color=dd_color, markersize=13)
             if single:  # the phase boundaries, labelled
-                for x, text in ((run.report["timing"].get("subnets"), "end of phase 1"), (tx, "composed")):
+                for x, text in (((run.report.get("timing") or {}).get("subnets"), "end of phase 1"),
+                                (tx, "composed")):
                     if x is not None:
                         ax.axvline(x, color="0.5", linestyle=":", linewidth=0.8)
                         ax.annotate(text, (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
@@ -330,9 +392,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
-        files = write_all(runs, args.out or default_out(args.runs), with_paper=args.paper)
-    except (FileNotFoundError, ValueError, UsageError) as error:
-        print(f"dd-report: {error}", file=sys.stderr)
+    except (FileNotFoundError, UsageError) as error:
+        print(f"dd-report: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a run's file this user cannot read
+        print(f"dd-report: error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    out = args.out or default_out(args.runs)
+    try:
+        files = write_all(runs, out, with_paper=args.paper)
+    except OSError as error:
+        print(f"dd-report: error: --out {out}: {error.strerror or error}"
+              + (f" ({error.filename})" if error.filename and str(error.filename) != str(out) else "")
+              + ": choose a directory you can write", file=sys.stderr)
         return 2
     print(markdown(runs, with_paper=args.paper))
     for path in files.values():

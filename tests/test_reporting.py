@@ -161,6 +161,73 @@ def test_missing_report_is_a_usage_error(tmp_path, capsys):
     assert "no report.json" in capsys.readouterr().err
 
 
+def damage(run: Path, file: str, edit) -> None:
+    path = run / file
+    if file == "metrics.jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in edit(rows)) if callable(edit) else edit)
+    else:
+        text = edit(json.loads(path.read_text())) if callable(edit) else edit
+        path.write_bytes(text if isinstance(text, bytes) else text.encode() if isinstance(text, str)
+                         else json.dumps(text).encode())
+
+
+def replaced(key, value):
+    return lambda report: {**report, key: value}
+
+
+DAMAGED = [  # (file, edit, what the line says): each was a traceback or a line naming no file
+    ("report.json", lambda r: json.dumps(r)[:300], "not JSON (Expecting"),
+    ("report.json", "", "not JSON (Expecting value at line 1 column 1)"),
+    ("report.json", b"\x8d\xff binary", "not UTF-8 text"),
+    ("report.json", [1, 2], "a JSON list, not an object"),
+    ("report.json", replaced("timing", [1]), '"timing" is not an object'),
+    ("report.json", lambda r: {**r, "transfer": {**r["transfer"], "top1": "50.0"}}, "transfer: its result is not"),
+    ("report.json", replaced("transfer", 12.5), "transfer: its result is not an object of numbers"),
+    ("report.json", lambda r: {**r, "sub_nets": [{"top1": 1.0}]}, "has no index"),
+    ("metrics.jsonl", lambda rows: [{**rows[0], "elapsed": None}, *rows[1:]], "metrics.jsonl line 1: phase, epoch"),
+    ("metrics.jsonl", lambda rows: [*rows[:2], [1]], "metrics.jsonl line 3: a JSON list"),
+    ("metrics.jsonl", lambda rows: [{k: v for k, v in r.items() if k != "epoch"} for r in rows], "line 1: phase"),
+    ("metrics.jsonl", '{"phase": "subnet", "epo\n', "metrics.jsonl line 1: not JSON"),
+]
+
+
+@pytest.mark.parametrize("file, edit, says", DAMAGED)
+def test_a_damaged_run_file_is_one_line_naming_it(tmp_path, capsys, file, edit, says):
+    """dd-report and dd-scaling --collect read the same files (``RunFiles``): one line that
+    names the file (and the line of metrics.jsonl), exit 2, and nothing written."""
+    from dd_mpi import scaling
+    run = fake_run(tmp_path)
+    damage(run, file, edit)
+    for main, tool in ((reporting.main, "dd-report"), (scaling.main, "dd-scaling")):
+        flags = [str(run)] if tool == "dd-report" else ["--collect", str(run)]
+        assert main([*flags, "--out", str(tmp_path / "out")]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"{tool}: error: ") and f"{file}" in line and says in line, line
+        assert line.endswith("not a finished dd-train run's file, or damaged (rerun the run, or leave it out)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_report_without_timings_is_still_reported(tmp_path, capsys):
+    """"timing": null (a run that ended before any phase) crashed the plot after the tables."""
+    run = fake_run(tmp_path)
+    damage(run, "report.json", replaced("timing", None))
+    assert reporting.main([str(run), "--out", str(tmp_path / "out")]) == 0
+    assert_png(tmp_path / "out" / "accuracy_vs_time.png")
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from dd_mpi import scaling
+    run = fake_run(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for out, why in ((tmp_path / "afile", "File exists"), (tmp_path / "afile" / "sub", "Not a directory")):
+        assert reporting.main([str(run), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"dd-report: error: --out {out}: {why}: choose a directory you can write\n"
+        assert scaling.main(["--collect", str(run), "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"dd-scaling: error: {out}: {why}: check --out"), line
+
+
 # ---------------------------------------------------------------------------------------
 # A real run
 @pytest.fixture(scope="module")

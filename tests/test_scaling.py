@@ -59,6 +59,33 @@ def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--measure-comm", "-2"], "--measure-comm -2: an allreduce needs 2 or more ranks"),  # hung: no rank to answer
+    (["--beta", "0"], "argument --beta: '0': expected a number above 0"),  # ZeroDivisionError
+    (["--alpha", "-1"], "argument --alpha: '-1': expected a number of 0 or more"),  # negative seconds
+    (["--subnet-ips", "2=0"], "--subnet-ips '2=0': give images/s per rank above 0"),  # ZeroDivisionError
+    (["--global-ips", "2=100"], "--global-ips '2=100': give images/s per rank above 0, X (the global net"),
+    (["--samples", "0"], "argument --samples: '0': expected a number above 0"),  # silently the runs' own
+    (["--classes", "-3"], "argument --classes: '-3': expected a number above 0"),  # torch's RuntimeError
+    (["--gpus", "9-15"], "argument --gpus: '9-15': no power of two from 9 to 15"),  # an empty projection
+    (["--target", "nan"], "argument --target: 'nan': expected a number above 0"),
+])
+def test_bad_model_numbers_are_refused(tmp_path, capsys, flags, says):
+    with pytest.raises(SystemExit) as exit_:
+        scaling.main(["--model", str(fake_run(tmp_path)), *flags])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"dd-scaling: error: {says}")
+
+
+def test_bad_sweep_flags_are_refused(tmp_path, capsys):
+    for flags, says in ((["--local", "--run-timeout", "-1"], "argument --run-timeout: '-1': expected a number above 0"),
+                        (["--slurm", "--dry-run", "--sbatch", "-p 'gpu"],
+                         "--sbatch \"-p 'gpu\": No closing quotation (quote it as a shell would)")):
+        with pytest.raises(SystemExit) as exit_:
+            scaling.main([*flags, "--out", str(tmp_path / "study")])
+        assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"dd-scaling: error: {says}"
+    assert not (tmp_path / "study").exists()
+
+
 def test_slurm_dry_run_command(capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # --slurm finds slurm/scaling_study.sh under the working directory
     rc = scaling.main(["--slurm", "--dry-run", "--nodes", "1,2", "--subnets", "2,4", "--tasks-per-node", "8",

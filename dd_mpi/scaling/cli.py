@@ -41,6 +41,7 @@ The performance model's formulas: dd_mpi/scaling/perfmodel.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import statistics
@@ -70,6 +71,20 @@ def int_list(text: str) -> list[int]:
     return list(dict.fromkeys(values))  # a value given twice is one run, not two
 
 
+def positive(kind, *, or_zero: bool = False):
+    """An argparse type: a finite number above 0 (or 0 too): a time, a rate, a count."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not or_zero):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number {'of 0 or more' if or_zero else 'above 0'}")
+        return value
+    parse.__name__ = kind.__name__  # (argparse names the type in its messages)
+    return parse
+
+
 def gpu_list(text: str) -> list[int]:
     """'8-4096' = the powers of two from 8 to 4096; '8,64,512' = exactly those."""
     if "-" in text:
@@ -79,6 +94,8 @@ def gpu_list(text: str) -> list[int]:
             if p >= low:
                 values.append(p)
             p *= 2
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: no power of two from {low} to {high}")
         return values
     return int_list(text)
 
@@ -167,44 +184,51 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     sweep = parser.add_argument_group("sweeps")
     sweep.add_argument("--nprocs", type=int_list, default=[1, 2, 4], help="--local: world sizes P (1,2,4)")
     sweep.add_argument("--subnets", type=int_list, default=None, help="values of N (local 1,2; slurm 2,4,8)")
-    sweep.add_argument("--run-timeout", type=float, default=3600, help="--local: seconds per run (3600)")
+    sweep.add_argument("--run-timeout", type=positive(float), default=3600, help="--local: seconds per run (3600)")
     sweep.add_argument("--nodes", type=int_list, default=[1, 2, 4], help="--slurm: node counts (1,2,4)")
-    sweep.add_argument("--tasks-per-node", type=int, default=4, help="--slurm: ranks (GPUs) per node (4)")
+    sweep.add_argument("--tasks-per-node", type=positive(int), default=4, help="--slurm: ranks (GPUs) per node (4)")
     sweep.add_argument("--script", type=Path, help="--slurm: job script of one run (default slurm/resnet32.sh)")
     sweep.add_argument("--study-script", type=Path, help="--slurm: slurm/scaling_study.sh (default: under the "
                                                          "working directory, else in $DD_MPI_SLURM_DIR)")
     sweep.add_argument("--sbatch", default="", help="--slurm: sbatch options for every job, e.g. '-p gpu -A proj'")
     sweep.add_argument("--dry-run", action="store_true", help="--slurm: print the command, submit nothing")
     coll = parser.add_argument_group("collect")
-    coll.add_argument("--target", type=float, help="target test top-1 (%%) for time to accuracy "
+    coll.add_argument("--target", type=positive(float), help="target test top-1 (%%) for time to accuracy "
                                                    "(default per run: min(transfer_T, random_T))")
     model = parser.add_argument_group("model")
-    model.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"latency, s ({DEFAULT_ALPHA:g})")
-    model.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})")
+    model.add_argument("--alpha", type=positive(float, or_zero=True), default=DEFAULT_ALPHA, help=f"latency, s ({DEFAULT_ALPHA:g})")
+    model.add_argument("--beta", type=positive(float), default=DEFAULT_BETA, help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})")
     model.add_argument("--measure-comm", type=int, nargs="?", const=2, default=0, metavar="P",
                        help="measure alpha and beta with a gloo allreduce on P local ranks (2)")
     model.add_argument("--gpus", type=gpu_list, default=gpu_list("8-4096"), help="P to project (8-4096)")
     model.add_argument("--model-subnets", type=int_list, help="N to project (default: the runs' N > 1, or 4)")
-    model.add_argument("--samples", type=int, help="training samples per epoch (default: the runs'; "
+    model.add_argument("--samples", type=positive(int), help="training samples per epoch (default: the runs'; "
                        "--dataset imagefolder runs need it)")
-    model.add_argument("--per-rank-batch", type=int, help="batch per rank (default: the runs')")
+    model.add_argument("--per-rank-batch", type=positive(int), help="batch per rank (default: the runs')")
     model.add_argument("--epochs", type=int_list, help="epochs SUBNET,FINETUNE,BASELINE (default: the runs')")
     model.add_argument("--global-ips", help="images/s per rank of the global net (e.g. from a GPU benchmark)")
     model.add_argument("--subnet-ips", help="images/s per rank of a sub-net: X, or N=X,N=Y")
-    model.add_argument("--classes", type=int, help="classes, for --dataset imagefolder runs")
+    model.add_argument("--classes", type=positive(int), help="classes, for --dataset imagefolder runs")
     args, unknown = parser.parse_known_args(own)
     if unknown and not (args.local or args.slurm):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.epochs is not None and len(args.epochs) != 3:
         parser.error("--epochs: give SUBNET,FINETUNE,BASELINE")
-    if args.measure_comm == 1:
-        parser.error("--measure-comm 1: an allreduce needs 2 or more ranks")
+    if args.measure_comm and args.measure_comm < 2:  # (0: not measured)
+        parser.error(f"--measure-comm {args.measure_comm}: an allreduce needs 2 or more ranks")
     for flag in ("global_ips", "subnet_ips"):
         try:
-            ips_overrides(getattr(args, flag))
+            rates = ips_overrides(getattr(args, flag))
         except ValueError:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give images/s per rank, "
-                         "X or N=X,N=Y")
+            rates = {0: math.nan}
+        if not all(rate > 0 and math.isfinite(rate) for rate in rates.values()) or (
+                flag == "global_ips" and set(rates) - {None}):
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give images/s per rank above 0, "
+                         + ("X (the global net has no N)" if flag == "global_ips" else "X or N=X,N=Y"))
+    try:
+        args.sbatch_opts = shlex.split(args.sbatch)
+    except ValueError as error:
+        parser.error(f"--sbatch {args.sbatch!r}: {error} (quote it as a shell would)")
     return args, unknown + passthrough
 
 
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.slurm:
             out = args.out or Path(time.strftime("runs/scaling-%Y%m%d-%H%M%S"))
             env, cmd = slurm_command(args.nodes, args.subnets or [2, 4, 8], args.tasks_per_node, out, dd_args,
-                                     sbatch_opts=shlex.split(args.sbatch), script=args.script,
+                                     sbatch_opts=args.sbatch_opts, script=args.script,
                                      study_script=find_study_script(args.study_script))
             print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(cmd), flush=True)
             if args.dry_run:
@@ -235,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_collect(args, args.collect)
         return run_model(args, args.model)
     except (ScalingError, UsageError) as error:
-        print(f"dd-scaling: {error}", file=sys.stderr)
+        print(f"dd-scaling: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # writing the study's files, or reading a run's
+        print(f"dd-scaling: error: {error.filename or args.out}: {error.strerror or error}: check --out (a "
+              "directory you can write) and the run directories", file=sys.stderr)
         return 2
 
 
