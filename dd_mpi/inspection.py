@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -142,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--num-classes {chosen['num_classes']} is invalid: use 1 or more")
         if chosen["subnets"] < 1:
             raise UsageError(f"--subnets {chosen['subnets']} is invalid: use 1 or more sub-networks")
+        if not (chosen["width"] > 0 and math.isfinite(chosen["width"])):
+            raise UsageError(f"--width {chosen['width']} is invalid: use a number above 0 (1: the standard net)")
+        if args.image_size is not None and args.image_size < 1:
+            raise UsageError(f"--image-size {args.image_size} is invalid: use 1 or more pixels (or leave it out)")
+        if not -2 ** 63 <= args.seed < 2 ** 64:  # (what torch.manual_seed takes)
+            raise UsageError(f"--seed {args.seed} is out of range: use one from 0 to 2**63 - 1")
         spec = ModelSpec(chosen["arch"], chosen["width"], chosen["num_classes"], chosen["shortcut"])
         spec.depth  # an unknown --arch: its UsageError now
         image_size = args.image_size or spec.default_image_size

@@ -57,6 +57,18 @@ def test_bad_split_is_one_line_and_exit_2():
     assert result.stderr.count("\n") == 1 and "--subnets 3" in result.stderr
 
 
+def test_bad_numbers_are_one_line_and_exit_2():
+    """Each was a traceback (NaN and inf widths, a negative size, a seed torch cannot take) or,
+    for --image-size 0, the default size in its place."""
+    for flags, says in ((["--width", "nan"], "--width nan is invalid"), (["--width", "inf"], "--width inf is invalid"),
+                        (["--image-size", "-5"], "--image-size -5 is invalid"),
+                        (["--image-size", "0"], "--image-size 0 is invalid"),
+                        (["--verify", "--seed", str(2 ** 64)], f"--seed {2 ** 64} is out of range")):
+        result = run(*flags)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (flags, result.stderr[-2000:])
+        assert result.stderr.startswith(f"dd-inspect: error: {says}"), result.stderr
+
+
 def test_verify_fails_when_not_exact(tmp_path):
     """--verify's exit code is real: a sitecustomize that breaks compose makes it exit 1."""
     (tmp_path / "sitecustomize.py").write_text(
