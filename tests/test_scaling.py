@@ -86,6 +86,24 @@ def test_bad_sweep_flags_are_refused(tmp_path, capsys):
     assert not (tmp_path / "study").exists()
 
 
+def test_a_sweep_checks_every_run_s_flags_before_the_first(tmp_path, capsys, monkeypatch):
+    """A typo in the dd-train flags failed every run of a --local sweep in turn (each with its
+    log tail), and a --slurm sweep only once its jobs started in the queue."""
+    study = tmp_path / "study"
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(study), "--", "--width", "abc"]) == 2
+    assert capsys.readouterr().err == ("dd-scaling: error: the run P=1 N=1: argument --width: invalid float value: "
+                                       "'abc' (dd-train --help lists the flags)\n")
+    # the layout of each (P, N), as dd-train checks it: N = 3 does not split resnet20 at width 1
+    assert scaling.main(["--local", "--nprocs", "1,2", "--subnets", "2,3", "--out", str(study), "--", "--width", "1"]) == 2
+    assert capsys.readouterr().err.startswith("dd-scaling: error: the run P=1 N=3: --subnets 3 does not divide layer1")
+    assert not study.exists()
+    monkeypatch.chdir(REPO)  # (finds slurm/scaling_study.sh)
+    assert scaling.main(["--slurm", "--dry-run", "--out", "runs/study", "--", "--widht", "2"]) == 2
+    assert "dd-scaling: error: the dd-train arguments: unrecognized arguments: --widht 2" in capsys.readouterr().err
+    # values that the job script's preset makes valid are left to the jobs
+    assert scaling.main(["--slurm", "--dry-run", "--out", "runs/study", "--", "--cache-dir", "/scratch"]) == 0
+
+
 def test_slurm_dry_run_command(capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # --slurm finds slurm/scaling_study.sh under the working directory
     rc = scaling.main(["--slurm", "--dry-run", "--nodes", "1,2", "--subnets", "2,4", "--tasks-per-node", "8",

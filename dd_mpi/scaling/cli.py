@@ -150,8 +150,8 @@ def run_model(args, dirs: list[Path]) -> int:
                   f"{r['compose_s']:>8.4f} {r['comm_share_subnet']:>9.1%} {r['comm_share_global']:>10.1%} "
                   f"{r['dd_seconds']:>9.2f} {r['baseline_seconds']:>9.2f} {r['speedup']:>7.2f}")
     if skipped:
-        print(f"skipped P = {sorted(skipped)}: not a multiple of N, or fewer samples than ranks "
-              "(pass --samples with the real training set's size)")
+        print(f"skipped P = {sorted(skipped)}: fewer samples than ranks (pass --samples with the real training "
+              "set's size)")
     out = args.out or dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     fields = list(projections[0]) if projections else ["P"]

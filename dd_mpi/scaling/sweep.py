@@ -39,6 +39,30 @@ def check_passthrough(dd_args: list[str]) -> None:
                                "--subnets and --out of dd-scaling instead")
 
 
+def refuse_bad_runs(pairs: list[tuple[int, int]], out: Path, dd_args: list[str]) -> None:
+    """Every run's flags as dd-train checks them before it starts (values, the layout of N on
+    P), checked before the first: a typo would otherwise fail every run of the sweep in turn."""
+    from ..decompose import subnet_spec
+    from ..plan import level_layouts
+    for p, n in pairs:
+        try:
+            cfg = parse_config(run_argv(p, n, dd_args, out / f"P{p}-N{n}"))
+            level_layouts(cfg, p)
+            subnet_spec(cfg.model_spec(10), n)
+        except UsageError as error:
+            raise ScalingError(f"the run P={p} N={n}: {error}") from None
+
+
+def refuse_bad_flags(dd_args: list[str]) -> None:
+    """The dd-train flags as its parser reads them (names, types): a job script adds its preset,
+    so the values are checked by each job, but a typo is said before anything is submitted."""
+    from ..config import build_parser
+    try:
+        build_parser().parse_args(dd_args)
+    except UsageError as error:
+        raise ScalingError(f"the dd-train arguments: {error}") from None
+
+
 def run_argv(p: int, n: int, dd_args: list[str], run_dir: Path) -> list[str]:
     """dd-train's flags for the (P, N) run of a sweep (without --resume)."""
     return ["--nproc", str(p), "--subnets", str(n), "--strategy", "both", *dd_args, "--out", str(run_dir)]
@@ -70,6 +94,7 @@ def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[
     """Run dd-train for every valid (P, N) on this machine, one run at a time."""
     check_passthrough(dd_args)
     pairs = valid_pairs(nprocs, subnets)
+    refuse_bad_runs(pairs, out, dd_args)
     refuse_other_settings(pairs, out, dd_args)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -143,6 +168,7 @@ def slurm_command(nodes: list[int], subnets: list[int], tasks_per_node: int, out
                   script: Path | None = None) -> tuple[dict[str, str], list[str]]:
     """The environment and argv of slurm/scaling_study.sh for this sweep."""
     check_passthrough(dd_args)
+    refuse_bad_flags(dd_args)
     env = {"NODES": " ".join(map(str, nodes)), "SUBNETS": " ".join(map(str, subnets)),
            "TASKS_PER_NODE": str(tasks_per_node), "STUDY": str(out)}
     if script is not None:
