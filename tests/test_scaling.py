@@ -157,6 +157,16 @@ def test_slurm_without_a_study_script_says_which_flag(tmp_path, monkeypatch, cap
     assert len(err.splitlines()) == 1 and "--study-script" in err and "DD_MPI_SLURM_DIR" in err
     monkeypatch.setenv("DD_MPI_SLURM_DIR", str(REPO / "slurm"))  # the other way to name it
     assert scaling.main(["--slurm", "--dry-run"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: one line, not the study script's bash errors
+    assert scaling.main(["--slurm", "--out", str(tmp_path / "study")]) == 2
+    assert capsys.readouterr().err == ("dd-scaling: error: --slurm submits with sbatch, which is not on PATH: run it "
+                                       "on a Slurm login node (or add --dry-run to see the command)\n")
+
+
+def test_the_model_names_its_own_flag_for_an_n_that_does_not_split_the_net(tmp_path, capsys):
+    assert scaling.main(["--model", str(fake_run(tmp_path)), "--model-subnets", "3"]) == 2
+    assert capsys.readouterr().err.startswith("dd-scaling: error: --model-subnets 3: --subnets 3 does not divide")
 
 
 # ---------------------------------------------------------------------------------------

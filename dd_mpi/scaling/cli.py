@@ -44,6 +44,7 @@ import argparse
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_collect(args, [out])
             return 0 if len(done) == expected else 1
         if args.slurm:
+            if not args.dry_run and shutil.which("sbatch") is None:
+                raise ScalingError("--slurm submits with sbatch, which is not on PATH: run it on a Slurm login "
+                                   "node (or add --dry-run to see the command)")
             out = args.out or Path(time.strftime("runs/scaling-%Y%m%d-%H%M%S"))
             env, cmd = slurm_command(args.nodes, args.subnets or [2, 4, 8], args.tasks_per_node, out, dd_args,
                                      sbatch_opts=args.sbatch_opts, script=args.script,

@@ -22,6 +22,7 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
+from ..errors import UsageError
 from ..layout import layout_for
 from ..reporting import RunFiles
 from .collect import mean_or_none
@@ -294,7 +295,10 @@ def build_workloads(runs: list[RunFiles], calibration: dict, args) -> list[tuple
     compose_s = min(composes) if composes else 0.0
     out = []
     for n in subnet_ns:
-        g_params, s_params, g_flops, s_flops = model_params(cfg, n, args.classes)
+        try:
+            g_params, s_params, g_flops, s_flops = model_params(cfg, n, args.classes)
+        except UsageError as error:  # (it names dd-train's --subnets)
+            raise ScalingError(f"--model-subnets {n}: {error}") from None
         if n in subnet_override or None in subnet_override:
             ips = subnet_override.get(n, subnet_override.get(None))
             c_s, s_note = 1.0 / ips, f"--subnet-ips {ips:g}"
