@@ -111,13 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         stop = StopSignal()  # a rank from here on
         import torch
 
-        from .decompose import subnet_spec
-        from .plan import level_layouts
+        from .plan import checked_layouts
         from .rendezvous import pick_device, pick_precision
         # Everything that needs no communication is checked first, identically on every rank.
-        layouts = level_layouts(cfg, launch.world_size) if "dd" in cfg.strategies else []
-        if layouts:
-            subnet_spec(cfg.model_spec(10), cfg.subnets)
+        layouts = checked_layouts(cfg, launch.world_size)
     except UsageError as error:
         # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
         # torch then (no handler for its SIGTERM yet): there, every rank says the same line

@@ -109,6 +109,15 @@ def level_layouts(cfg: RunConfig, world_size: int) -> list[Layout]:
     return layouts
 
 
+def checked_layouts(cfg: RunConfig, world_size: int) -> list[Layout]:
+    """``level_layouts`` (none without phase 1), with the split of the net into N checked too:
+    what dd-train refuses before it starts anything (and a dd-scaling sweep before its first run)."""
+    layouts = level_layouts(cfg, world_size) if "dd" in cfg.strategies else []
+    if layouts:
+        subnet_spec(cfg.model_spec(10), cfg.subnets)
+    return layouts
+
+
 def default_groups(cfg: RunConfig, world_size: int) -> int | None:
     """Phase 1's G on ``world_size`` ranks when --groups is left out (None: no phase 1, or an
     --only-group task, whose --groups is the final run's)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import paper
 from .errors import UsageError
-from .report import PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
+from .report import NET_KEYS, PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
 REPORT_FILES = ("dd_report.md", "dd_report.csv", "accuracy_vs_time.png", "phase_times.png")
 PHASES = tuple((key, label) for key, _, label in PHASE_TIMES)  # the bars, in the order they run
@@ -113,7 +113,7 @@ def _check_report(where, report) -> None:
     for name, row in [*((f"sub-net {r['index']}", r) for r in subnets),
                       *((f"level {level.get('level')} net {r['index']} {part}", r.get(part))
                         for level in levels for r in level["nets"] for part in ("composed", "finetuned")),
-                      *((key, report.get(key)) for key in ("transfer", "transfer_T", "random_T"))]:
+                      *((key, report.get(key)) for key in NET_KEYS)]:
         if row is not None and not (isinstance(row, dict) and all(_number(row.get(k)) for k in
                                                                   ("top1", "top5", "loss", "seconds"))):
             raise _damaged(where, f"{name}: its result is not an object of numbers")

@@ -80,7 +80,8 @@ def positive(kind, *, or_zero: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
         if not math.isfinite(value) or value < 0 or (value == 0 and not or_zero):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number {'of 0 or more' if or_zero else 'above 0'}")
+            bound = "of 0 or more" if or_zero else "above 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number {bound}")
         return value
     parse.__name__ = kind.__name__  # (argparse names the type in its messages)
     return parse
@@ -195,10 +196,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     sweep.add_argument("--dry-run", action="store_true", help="--slurm: print the command, submit nothing")
     coll = parser.add_argument_group("collect")
     coll.add_argument("--target", type=positive(float), help="target test top-1 (%%) for time to accuracy "
-                                                   "(default per run: min(transfer_T, random_T))")
+                                                             "(default per run: min(transfer_T, random_T))")
     model = parser.add_argument_group("model")
-    model.add_argument("--alpha", type=positive(float, or_zero=True), default=DEFAULT_ALPHA, help=f"latency, s ({DEFAULT_ALPHA:g})")
-    model.add_argument("--beta", type=positive(float), default=DEFAULT_BETA, help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})")
+    model.add_argument("--alpha", type=positive(float, or_zero=True), default=DEFAULT_ALPHA,
+                       help=f"latency, s ({DEFAULT_ALPHA:g})")
+    model.add_argument("--beta", type=positive(float), default=DEFAULT_BETA,
+                       help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})")
     model.add_argument("--measure-comm", type=int, nargs="?", const=2, default=0, metavar="P",
                        help="measure alpha and beta with a gloo allreduce on P local ranks (2)")
     model.add_argument("--gpus", type=gpu_list, default=gpu_list("8-4096"), help="P to project (8-4096)")

@@ -42,13 +42,10 @@ def check_passthrough(dd_args: list[str]) -> None:
 def refuse_bad_runs(pairs: list[tuple[int, int]], out: Path, dd_args: list[str]) -> None:
     """Every run's flags as dd-train checks them before it starts (values, the layout of N on
     P), checked before the first: a typo would otherwise fail every run of the sweep in turn."""
-    from ..decompose import subnet_spec
-    from ..plan import level_layouts
+    from ..plan import checked_layouts
     for p, n in pairs:
         try:
-            cfg = parse_config(run_argv(p, n, dd_args, out / f"P{p}-N{n}"))
-            level_layouts(cfg, p)
-            subnet_spec(cfg.model_spec(10), n)
+            checked_layouts(parse_config(run_argv(p, n, dd_args, out / f"P{p}-N{n}")), p)
         except UsageError as error:
             raise ScalingError(f"the run P={p} N={n}: {error}") from None
 
