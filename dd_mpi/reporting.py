@@ -130,7 +130,11 @@ def _check_row(where, row) -> None:
 
 
 def load_runs(paths: list[Path]) -> list[RunFiles]:
-    return [RunFiles(p) for p in paths]
+    """One RunFiles a run: a directory named twice (a shell glob and a path) is reported once."""
+    given: dict[Path, Path] = {}
+    for path in paths:
+        given.setdefault(Path(path).resolve(), Path(path))  # (named as the user named it first)
+    return [RunFiles(p) for p in given.values()]
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ def test_markdown_without_top5_has_no_top5_column(tmp_path):
 def test_several_runs_one_block_each_and_plots(tmp_path):
     a, b = fake_run(tmp_path, "P2-N2"), fake_run(tmp_path, "P4-N2", world=4)
     out = tmp_path / "out"
-    assert reporting.main([str(a), str(b), "--out", str(out)]) == 0
+    again = a.parent / ".." / a.parent.name / a.name  # a named twice: reported once
+    assert reporting.main([str(a), str(b), str(again), "--out", str(out)]) == 0
     md = (out / "dd_report.md").read_text()
     assert md.count("## ") == 2 and str(a) in md and str(b) in md
     rows = list(csv.DictReader(io.StringIO((out / "dd_report.csv").read_text())))

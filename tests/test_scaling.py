@@ -164,6 +164,14 @@ def test_slurm_without_a_study_script_says_which_flag(tmp_path, monkeypatch, cap
                                        "on a Slurm login node (or add --dry-run to see the command)\n")
 
 
+def test_collect_says_what_is_wrong_with_a_path(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for path, says in ((tmp_path / "afile", "not a directory (give run or study directories)"),
+                       (tmp_path / "nothing", "no such directory")):
+        assert scaling.main(["--collect", str(path)]) == 2
+        assert capsys.readouterr().err == f"dd-scaling: error: {path}: {says}\n"
+
+
 def test_the_model_names_its_own_flag_for_an_n_that_does_not_split_the_net(tmp_path, capsys):
     assert scaling.main(["--model", str(fake_run(tmp_path)), "--model-subnets", "3"]) == 2
     assert capsys.readouterr().err.startswith("dd-scaling: error: --model-subnets 3: --subnets 3 does not divide")

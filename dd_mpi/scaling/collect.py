@@ -27,7 +27,8 @@ def find_runs(dirs: list[Path]) -> list[RunFiles]:
         elif d.is_dir():
             paths += sorted(f.parent for f in d.rglob("report.json"))
         else:
-            raise ScalingError(f"{d}: no such directory")
+            raise ScalingError(f"{d}: not a directory (give run or study directories)" if d.exists()
+                               else f"{d}: no such directory")
     if not paths:
         raise ScalingError(f"no report.json under {', '.join(map(str, dirs))}: no finished runs")
     runs = [RunFiles(p) for p in dict.fromkeys(p.resolve() for p in paths)]  # a run named twice counts once
