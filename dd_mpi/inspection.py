@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--width {chosen['width']} is invalid: use a number above 0 (1: the standard net)")
         if args.image_size is not None and args.image_size < 1:
             raise UsageError(f"--image-size {args.image_size} is invalid: use 1 or more pixels (or leave it out)")
-        if not -2 ** 63 <= args.seed < 2 ** 64:  # (what torch.manual_seed takes)
+        if not 0 <= args.seed < 2 ** 63:  # (torch.manual_seed takes below 2**64, and the sub-nets seed + k)
             raise UsageError(f"--seed {args.seed} is out of range: use one from 0 to 2**63 - 1")
         spec = ModelSpec(chosen["arch"], chosen["width"], chosen["num_classes"], chosen["shortcut"])
         spec.depth  # an unknown --arch: its UsageError now

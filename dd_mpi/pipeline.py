@@ -346,6 +346,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
         except OSError as error:
             return f"--out {out} is not writable ({error.strerror}): choose a writable directory"
         joins = cfg.resume or cfg.only_group_mode
+        written = cfg.to_dict()
         if config_file.exists():
             if not joins:
                 return (f"--out {out} holds another run's files (config.json): pass --resume to "
@@ -360,12 +361,13 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             if differences:
                 return (f"--resume: the run in {out} was made with other settings "
                         f"({'; '.join(differences)}): use the same flags or a new --out")
+            written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
         elif (out / ckpt.CHECKPOINT_DIR).exists() and not joins:
             return (f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out")
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
         started_here = not config_file.exists()
-        ckpt.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
+        ckpt.atomic_write_bytes(config_file, json.dumps(written, indent=2).encode())
         return None
 
     verdict = world.verdict_of_root(check)

@@ -100,8 +100,11 @@ def _check_report(where, report) -> None:
             raise _damaged(where, f'"{key}" is not an object')
     if not all(_number(v) for v in (report.get("timing") or {}).values()):
         raise _damaged(where, '"timing" holds a value that is not a number of seconds')
-    if not (_number(report.get("speedup")) and _number(report.get("world_size"))):
-        raise _damaged(where, '"speedup" or "world_size" is not a number')
+    if not (_number(report.get("speedup")) and _number(report.get("world_size"))
+            and _number((report.get("config") or {}).get("subnets"))):
+        raise _damaged(where, '"speedup", "world_size" or the config\'s "subnets" is not a number')
+    if not isinstance(report.get("groups") or [], list):
+        raise _damaged(where, '"groups" is not a list')
     subnets = report.get("sub_nets") or []
     levels = report.get("intermediate") or []
     if not (isinstance(subnets, list) and isinstance(levels, list)

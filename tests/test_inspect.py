@@ -63,7 +63,8 @@ def test_bad_numbers_are_one_line_and_exit_2():
     for flags, says in ((["--width", "nan"], "--width nan is invalid"), (["--width", "inf"], "--width inf is invalid"),
                         (["--image-size", "-5"], "--image-size -5 is invalid"),
                         (["--image-size", "0"], "--image-size 0 is invalid"),
-                        (["--verify", "--seed", str(2 ** 64)], f"--seed {2 ** 64} is out of range")):
+                        (["--verify", "--seed", str(2 ** 64 - 1)], f"--seed {2 ** 64 - 1} is out of range"),
+                        (["--verify", "--seed", "-1"], "--seed -1 is out of range")):
         result = run(*flags)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (flags, result.stderr[-2000:])
         assert result.stderr.startswith(f"dd-inspect: error: {says}"), result.stderr

@@ -186,6 +186,8 @@ DAMAGED = [  # (file, edit, what the line says): each was a traceback or a line 
     ("report.json", lambda r: {**r, "transfer": {**r["transfer"], "top1": "50.0"}}, "transfer: its result is not"),
     ("report.json", replaced("transfer", 12.5), "transfer: its result is not an object of numbers"),
     ("report.json", lambda r: {**r, "sub_nets": [{"top1": 1.0}]}, "has no index"),
+    ("report.json", lambda r: {**r, "config": {**r["config"], "subnets": "four"}}, 'the config\'s "subnets"'),
+    ("report.json", replaced("groups", 5), '"groups" is not a list'),
     ("metrics.jsonl", lambda rows: [{**rows[0], "elapsed": None}, *rows[1:]], "metrics.jsonl line 1: phase, epoch"),
     ("metrics.jsonl", lambda rows: [*rows[:2], [1]], "metrics.jsonl line 3: a JSON list"),
     ("metrics.jsonl", lambda rows: [{k: v for k, v in r.items() if k != "epoch"} for r in rows], "line 1: phase"),

@@ -336,6 +336,20 @@ def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path,
     kept = scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
                          "--train-samples", "256"])
     assert kept == 0 and "finished earlier, kept" in capsys.readouterr().out
+    # --groups at the G one rank takes anyway is the same run, as dd-train's --resume has it
+    kept = scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "256", "--groups", "1"])
+    assert kept == 0 and "finished earlier, kept" in capsys.readouterr().out
+    (run_dir / "config.json").write_text("[]")  # valid JSON, no run's settings: was an AttributeError
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "256"]) == 2
+    assert "(config.json is unreadable): sweep into a new --out" in capsys.readouterr().err
+
+
+def test_the_default_target_skips_a_net_without_a_score():
+    from dd_mpi.scaling.collect import default_target
+    assert default_target({"transfer_T": {"top1": None}, "random_T": {"top1": 50.0}}) == 50.0
+    assert default_target({"transfer_T": {"top1": 60.0}, "random_T": {}}) == 60.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def time_to_target(curve: list[tuple[float, float]], target: float) -> float | N
 
 
 def default_target(report: dict) -> float | None:
-    finals = [report[k]["top1"] for k in ("transfer_T", "random_T") if report.get(k)]
+    finals = [report[k]["top1"] for k in ("transfer_T", "random_T") if (report.get(k) or {}).get("top1") is not None]
     return min(finals) if finals else None
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..config import parse_config
+from ..plan import checked_layouts, default_groups
 from ..errors import UsageError
 from .errors import ScalingError
 
@@ -42,7 +43,6 @@ def check_passthrough(dd_args: list[str]) -> None:
 def refuse_bad_runs(pairs: list[tuple[int, int]], out: Path, dd_args: list[str]) -> None:
     """Every run's flags as dd-train checks them before it starts (values, the layout of N on
     P), checked before the first: a typo would otherwise fail every run of the sweep in turn."""
-    from ..plan import checked_layouts
     for p, n in pairs:
         try:
             checked_layouts(parse_config(run_argv(p, n, dd_args, out / f"P{p}-N{n}")), p)
@@ -75,7 +75,9 @@ def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list
             continue  # an unfinished run is resumed by dd-train, which checks its settings itself
         try:
             saved = json.loads((run_dir / "config.json").read_text())
-            differences = parse_config(run_argv(p, n, dd_args, run_dir)).incompatible_with(saved)
+            cfg = parse_config(run_argv(p, n, dd_args, run_dir))
+            differences = (cfg.incompatible_with(saved, default_groups(cfg, p)) if isinstance(saved, dict)
+                           else ["config.json is unreadable"])
         except UsageError as error:
             raise ScalingError(f"the dd-train arguments: {error}") from None
         except (OSError, ValueError):
