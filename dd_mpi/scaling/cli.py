@@ -269,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dd-scaling: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # writing the study's files, or reading a run's
-        print(f"dd-scaling: error: {error.filename or args.out or 'a file'}: {error.strerror or error}: check --out (a "
-              "directory you can write) and the run directories", file=sys.stderr)
+        where = error.filename or args.out or "a file"
+        print(f"dd-scaling: error: {where}: {error.strerror or error}: check --out (a directory you can write) "
+              "and the run directories", file=sys.stderr)
         return 2
 
 
