@@ -211,8 +211,10 @@ def test_a_damaged_run_file_is_one_line_naming_it(tmp_path, capsys, file, edit, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("error")
 def test_a_report_without_timings_is_still_reported(tmp_path, capsys):
-    """"timing": null (a run that ended before any phase) crashed the plot after the tables."""
+    """"timing": null (a run that ended before any phase) crashed the plot after the tables
+    (and then matplotlib warned of an empty legend)."""
     run = fake_run(tmp_path)
     damage(run, "report.json", replaced("timing", None))
     assert reporting.main([str(run), "--out", str(tmp_path / "out")]) == 0
