@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import DATASETS, parse_depth
@@ -260,6 +262,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_saved_config(path: Path) -> dict | None:
+    """A run's saved config.json (what ``incompatible_with`` compares against), or None when it
+    is missing, unreadable or valid JSON that is no run's settings (a hand edit)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _level_counts(levels: str | None, subnets: int) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .comm import BaseComm, BaseWorld
-from .config import RunConfig
+from .config import RunConfig, read_saved_config
 from .data import DataPlan, Stream
 from .datasets import load_for_run, split_size
 from .decompose import compose
@@ -351,11 +351,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             if not joins:
                 return (f"--out {out} holds another run's files (config.json): pass --resume to "
                         "continue it, or choose a new --out")
-            try:
-                saved = json.loads(config_file.read_text())
-            except (OSError, ValueError):
-                saved = None
-            if not isinstance(saved, dict):  # (valid JSON that is no run's settings, e.g. a hand edit)
+            saved = read_saved_config(config_file)
+            if saved is None:
                 return f"--out {out}: config.json is unreadable: remove it or choose a new --out"
             differences = cfg.incompatible_with(saved, default_groups)
             if differences:

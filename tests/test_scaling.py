@@ -343,7 +343,7 @@ def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path,
     (run_dir / "config.json").write_text("[]")  # valid JSON, no run's settings: was an AttributeError
     assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
                          "--train-samples", "256"]) == 2
-    assert "(config.json is unreadable): sweep into a new --out" in capsys.readouterr().err
+    assert "(config.json is missing or unreadable): sweep into a new --out" in capsys.readouterr().err
 
 
 def test_the_default_target_skips_a_net_without_a_score():

@@ -82,7 +82,8 @@ def time_to_target(curve: list[tuple[float, float]], target: float) -> float | N
 
 
 def default_target(report: dict) -> float | None:
-    finals = [report[k]["top1"] for k in ("transfer_T", "random_T") if (report.get(k) or {}).get("top1") is not None]
+    finals = [(report.get(k) or {}).get("top1") for k in ("transfer_T", "random_T")]
+    finals = [top1 for top1 in finals if top1 is not None]
     return min(finals) if finals else None
 
 

@@ -7,7 +7,6 @@ it), so the study script is named by --study-script, or found in ./slurm or $DD_
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -15,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import parse_config
+from ..config import build_parser, parse_config, read_saved_config
 from ..plan import checked_layouts, default_groups
 from ..errors import UsageError
 from .errors import ScalingError
@@ -53,7 +52,6 @@ def refuse_bad_runs(pairs: list[tuple[int, int]], out: Path, dd_args: list[str])
 def refuse_bad_flags(dd_args: list[str]) -> None:
     """The dd-train flags as its parser reads them (names, types): a job script adds its preset,
     so the values are checked by each job, but a typo is said before anything is submitted."""
-    from ..config import build_parser
     try:
         build_parser().parse_args(dd_args)
     except UsageError as error:
@@ -74,14 +72,12 @@ def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list
         if not (run_dir / "report.json").is_file():
             continue  # an unfinished run is resumed by dd-train, which checks its settings itself
         try:
-            saved = json.loads((run_dir / "config.json").read_text())
             cfg = parse_config(run_argv(p, n, dd_args, run_dir))
-            differences = (cfg.incompatible_with(saved, default_groups(cfg, p)) if isinstance(saved, dict)
-                           else ["config.json is unreadable"])
         except UsageError as error:
             raise ScalingError(f"the dd-train arguments: {error}") from None
-        except (OSError, ValueError):
-            differences = ["config.json is missing or unreadable"]
+        saved = read_saved_config(run_dir / "config.json")
+        differences = (["config.json is missing or unreadable"] if saved is None
+                       else cfg.incompatible_with(saved, default_groups(cfg, p)))
         if differences:
             raise ScalingError(f"{run_dir} holds a finished run made with other settings "
                                f"({'; '.join(differences)}): sweep into a new --out, or remove that run "
