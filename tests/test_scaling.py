@@ -86,6 +86,22 @@ def test_bad_sweep_flags_are_refused(tmp_path, capsys):
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--slurm", "--dry-run", "--nprocs", "8"], "--nprocs is read by --local only, not --slurm"),  # ran on --nodes
+    (["--local", "--nodes=2"], "--nodes is read by --slurm only, not --local"),
+    (["--model", "RUN", "--target", "50"], "--target is read by --local and --collect only, not --model"),
+    (["--collect", "RUN", "--samples", "9"], "--samples is read by --model only, not --collect"),
+    (["--collect", "RUN", "--", "--lr", "1"], "the dd-train flags after -- are for --local and --slurm sweeps"),
+])
+def test_a_flag_the_mode_does_not_read_is_refused(tmp_path, capsys, argv, says):
+    """Each of these was silently ignored: a study made with other settings than the user asked for."""
+    run = str(fake_run(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        scaling.main([run if arg == "RUN" else arg for arg in argv] + ["--out", str(tmp_path / "study")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"dd-scaling: error: {says}")
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_sweep_checks_every_run_s_flags_before_the_first(tmp_path, capsys, monkeypatch):
     """A typo in the dd-train flags failed every run of a --local sweep in turn (each with its
     log tail), and a --slurm sweep only once its jobs started in the queue."""

@@ -166,6 +166,17 @@ def run_model(args, dirs: list[Path]) -> int:
     return 0
 
 
+MODES = ("local", "slurm", "collect", "model")
+READ_BY = {  # the modes that read a flag (the others: all of them)
+    **dict.fromkeys(("nprocs", "run_timeout"), ("local",)),
+    **dict.fromkeys(("nodes", "tasks_per_node", "script", "study_script", "sbatch", "dry_run"), ("slurm",)),
+    "subnets": ("local", "slurm"),
+    "target": ("local", "collect"),  # (a --local sweep collects its runs at the end)
+    **dict.fromkeys(("alpha", "beta", "measure_comm", "gpus", "model_subnets", "samples", "per_rank_batch",
+                     "epochs", "global_ips", "subnet_ips", "classes"), ("model",)),
+}
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """dd-scaling's own flags, and the dd-train flags (after `--`, or any it does not know)."""
     if "--" in argv:
@@ -216,6 +227,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, unknown = parser.parse_known_args(own)
     if unknown and not (args.local or args.slurm):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    mode = next(name for name in MODES if getattr(args, name))
+    if passthrough and mode not in ("local", "slurm"):
+        parser.error(f"the dd-train flags after -- are for --local and --slurm sweeps, not --{mode}: leave them out")
+    for token in own:  # a flag another mode reads was silently ignored (--slurm --nprocs 8 ran on --nodes)
+        action = parser._option_string_actions.get(token.split("=", 1)[0])
+        readers = READ_BY.get(action.dest, MODES) if action else MODES
+        if mode not in readers:
+            parser.error(f"{token.split('=', 1)[0]} is read by {' and '.join('--' + r for r in readers)} only, "
+                         f"not --{mode}: leave it out")
     if args.epochs is not None and len(args.epochs) != 3:
         parser.error("--epochs: give SUBNET,FINETUNE,BASELINE")
     if args.measure_comm and args.measure_comm < 2:  # (0: not measured)
