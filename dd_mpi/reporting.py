@@ -373,7 +373,10 @@ def plot_phase_times(runs: list[RunFiles], path: Path) -> None:
 def default_out(paths: list[Path]) -> Path:
     if len(paths) == 1:
         return paths[0]
-    return Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    common = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    if common == Path(common.anchor):  # (runs on two file systems: the report would go to / itself)
+        raise UsageError(f"the runs share no directory but {common}: give --out, where to write the report")
+    return common
 
 
 def write_all(runs: list[RunFiles], out: Path, *, with_paper: bool = False) -> dict[str, Path]:
@@ -400,13 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
+        out = args.out or default_out(args.runs)
     except (FileNotFoundError, UsageError) as error:
         print(f"dd-report: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a run's file this user cannot read
         print(f"dd-report: error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    out = args.out or default_out(args.runs)
     try:
         files = write_all(runs, out, with_paper=args.paper)
     except OSError as error:

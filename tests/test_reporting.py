@@ -120,6 +120,19 @@ def test_several_runs_one_block_each_and_plots(tmp_path):
     assert reporting.default_out([a]) == a
 
 
+def test_runs_on_two_file_systems_ask_for_out(tmp_path, capsys):
+    """Runs that share no directory but / had their report written into / (or failed there)."""
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as elsewhere:
+        a, b = fake_run(tmp_path, "a"), fake_run(Path(elsewhere), "b")
+        assert os.path.commonpath([a.resolve(), b.resolve()]) == "/"
+        assert reporting.main([str(a), str(b)]) == 2
+        assert capsys.readouterr().err.strip() == ("dd-report: error: the runs share no directory but /: "
+                                                   "give --out, where to write the report")
+        assert not Path("/dd_report.md").exists()
+        assert reporting.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+
+
 def test_without_matplotlib_the_tables_are_written_and_the_plots_skipped(tmp_path):
     """matplotlib is an extra ('dd_mpi[plot]'): without it dd-report still prints and writes
     its tables (it once exited 2 with nothing but the install hint)."""
