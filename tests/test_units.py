@@ -469,14 +469,16 @@ def test_a_job_that_continues_a_run_needs_out(monkeypatch, tmp_path, capsys, env
     assert not (tmp_path / "runs").exists()
 
 
-def test_flags_the_run_does_not_read_are_noted_once(tmp_path, capsys):
+def test_flags_the_run_does_not_read_are_noted_once(tmp_path):
     """Forgetting --dataset with --data-dir ~/cifar trained the built-in synthetic set without a
     word; --groups with --strategy baseline was dropped silently. Each is a note (a config file
-    may set them for other runs), said once."""
+    may set them for other runs), said once for the job (rank 0), not once per rank."""
+    from helpers import explain, run_dd
     argv = ["--train-samples", "64", "--test-samples", "32", "--baseline-epochs", "1", "--strategy", "baseline",
             "--width", "1", "--data-dir", str(tmp_path / "cifar"), "--groups", "2", "--out", str(tmp_path / "run")]
-    assert main(argv) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dd-train: note: ")]
+    result = run_dd(argv, nproc=2)
+    assert result.returncode == 0, explain(result)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("dd-train: note: ")]
     assert notes == [f"dd-train: note: --data-dir {tmp_path / 'cifar'} is not read: --dataset synthetic (the default) "
                      "is built in; give --dataset (cifar10, cifar100, food101, imagefolder) to train on it",
                      "dd-train: note: --groups 2 is not used: --strategy baseline has no phase 1"]
