@@ -37,10 +37,13 @@ out=${DD_OUT:-runs/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}
 if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     dd_train --preset cifar10-resnet32 --out "$out" "$@" --only-group "$SLURM_ARRAY_TASK_ID"
 else
-    # The run directory as dd-train reads it (a later --out wins). Without the array's, this
-    # job would train every sub-network itself, in one job, before composing.
-    config=$(dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config) || exit 2  # it said why
-    run_dir=$(sed -n 's/^out: //p' <<< "$config")
+    # The run directory as dd-train reads it (a later --out wins; its YAML in --print-config may
+    # quote or wrap it). Without the array's, this job would train every sub-network itself, in
+    # one job, before composing.
+    dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config >/dev/null || exit 2  # it said why
+    # shellcheck source-path=SCRIPTDIR source=flags.sh
+    source "$dir/flags.sh"
+    run_dir=$(last_value --out "$out" "$@")
     if ! compgen -G "$run_dir/checkpoints/subnet*.pt" >/dev/null; then
         echo "dd_array.sh: error: $run_dir holds no sub-network checkpoint of the array: give this job" \
              "the array's --out (slurm/dd_array_submit.sh passes it to both)" >&2

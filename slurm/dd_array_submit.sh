@@ -24,17 +24,9 @@ while (( $# )) && [[ $1 != -- ]]; do sbatch_opts+=("$1"); shift; done
 (( $# )) && shift  # the --
 dd_args=("$@")
 
-last_value() {  # last_value FLAG DEFAULT: the value dd-train will see for FLAG
-    local value=$2 i
-    for ((i = 0; i < ${#dd_args[@]}; i++)); do
-        case ${dd_args[i]} in
-            "$1") value=${dd_args[i + 1]:-$value} ;;
-            "$1"=*) value=${dd_args[i]#*=} ;;
-        esac
-    done
-    echo "$value"
-}
 here=$(cd "$(dirname "$0")" && pwd)  # absolute: sbatch may be told --chdir
+# shellcheck source-path=SCRIPTDIR source=flags.sh
+source "$here/flags.sh"
 # N as dd-train will see it (a preset, --config or --subnets set it): one array task each.
 # The job's environment is this shell's (sbatch --export=ALL), so is its dd-train.
 dd_train=$(command -v dd-train || echo "$here/../.venv/bin/dd-train")
@@ -44,7 +36,7 @@ if [[ ! -x $dd_train ]]; then
 fi
 config=$("$dd_train" --preset cifar10-resnet32 ${dd_args[@]+"${dd_args[@]}"} --print-config) || exit 2  # dd_array.sh's flags
 subnets=$(sed -n 's/^subnets: *\([0-9]*\)$/\1/p' <<< "$config")
-out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)")
+out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)" ${dd_args[@]+"${dd_args[@]}"})
 dd_args+=(--out "$out")  # on the command line: a site's --export=NONE would drop an environment variable
 
 wait=0 opts=() tasks="0-$((subnets - 1))"

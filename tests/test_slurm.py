@@ -362,9 +362,12 @@ def test_the_final_job_with_a_bad_flag_says_dd_trains_line_only(tmp_path):
 
 
 def test_job_array_then_dependent_compose_and_finetune(tmp_path):
-    out = tmp_path / "out"
+    """The run directory is relative and looks like a date: --print-config's YAML quotes it
+    ('2024-06-01'), and the final job once read it from there, quotes and all, and found no
+    sub-network checkpoint in a directory of that name."""
+    out = tmp_path / "2024-06-01"
     cmd = ["bash", str(SLURM / "dd_array_submit.sh"), "--wait", "--nodes=1", "--ntasks=2",
-           "--cpus-per-task=1", "--gpus-per-node=0", "--", *TINY, "--out", str(out)]
+           "--cpus-per-task=1", "--gpus-per-node=0", "--", *TINY, "--out", out.name]
     result = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True,
                             timeout=2 * TIMEOUT)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
@@ -372,7 +375,7 @@ def test_job_array_then_dependent_compose_and_finetune(tmp_path):
         f"== {name}\n{text[-2000:]}" for name, text in sorted(logs.items()))
     assert result.returncode == 0, explain
     ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1]))
-    assert ids["out"] == str(out), explain
+    assert ids["out"] == out.name, explain
     for k in range(2):  # task k trained sub-network k, on its own 2 ranks
         assert f"--only-group {k}" in logs[f"dd_array-{ids['array']}_{k}.out"], explain
         assert (out / "checkpoints" / f"subnet{k}-final.pt").exists(), explain
