@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if restarted:
             cfg.resume = True  # a requeued or restarted job continues from its checkpoints
         _check_a_restart_finds_its_run(cfg, restarted)
+        if cfg.only_group_mode:  # so does an array task: a failed one is resubmitted as it was, without
+            cfg.resume = True  # --resume, and would retrain its sub-net from scratch over its checkpoints
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             return run_local(cfg.nproc, _without_nproc(argv))
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:

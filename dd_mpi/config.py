@@ -92,7 +92,7 @@ class RunConfig:
     # --- outputs and recovery ---
     out: str | None = None  # default: runs/<date>-<time>, named by rank 0
     resume: bool = False  # continue the run in --out from its checkpoints
-    only_group: int | None = None  # train this sub-network's phase 1 only, then exit (job arrays)
+    only_group: int | None = None  # train (or continue) this sub-network's phase 1 only, then exit (job arrays)
     preset: str | None = None  # the paper's runs (listed below); flags given win over it
     config: str | None = None  # a YAML file of RunConfig's keys (preset < file < flags)
     print_config: bool = False  # print the effective config as YAML and exit

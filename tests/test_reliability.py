@@ -334,6 +334,10 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     alone = run_ok([*args, "--only-group", "1"], nproc=1)
     assert "--resume" in alone.stdout and not (out / "report.json").exists()
     subnet1 = checkpoint_path(out, "subnet1", "final").read_bytes()
+    # the task resubmitted as it was (no --resume): its finished sub-net is loaded, not retrained
+    again = run_ok([*args, "--only-group", "1"], nproc=1)
+    assert "subnet1: finished earlier" in again.stdout, explain(again)
+    assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1
     resumed = run_ok([*args, "--resume"], nproc=4)
     assert "subnet1: finished earlier" in resumed.stdout, explain(resumed)
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1  # loaded, not retrained

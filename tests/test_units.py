@@ -788,8 +788,11 @@ def test_a_resume_checks_the_run_s_config_json(tmp_path):
     # the run keeps its own spelling: a later resume on other ranks without --groups is still it
     assert json.loads((out / "config.json").read_text())["groups"] is None
     other = parse_config([*flags, "--groups", "2"])
-    with pytest.raises(UsageError, match=r"other settings \(--groups: None -> 2\)"):
+    with pytest.raises(UsageError, match=r"^--resume: the run in .* other settings \(--groups: None -> 2\)"):
         pipeline.prepare_output(other, one, out, default_groups(other, 1))
+    task = parse_config([*flags[:4], "--only-group", "1", "--lr", "0.5"])  # an array task gave no --resume
+    with pytest.raises(UsageError, match=r"^--only-group 1: the run in .* other settings \(--lr: 0.1 -> 0.5\)"):
+        pipeline.prepare_output(task, one, out, default_groups(task, 1))
 
 
 def test_report_files_are_strict_json_when_a_number_is_nan(tmp_path):
