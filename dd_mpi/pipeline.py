@@ -105,6 +105,12 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
     phase_sync = world.phase_sync()
     log(f"phase 1: {first.nets} sub-networks of {first.spec.arch} width {first.spec.width:g} on "
         f"{first.layout.describe()}: groups {first.layout.rank_lists}", rank=world.rank)
+    if cfg.resume and world.rank == 0:  # (an array's final job, some of whose tasks did not finish)
+        missing = [first.net_name(j) for j in range(first.nets)
+                   if not ckpt.checkpoint_path(job.out, first.net_name(j), "final").exists()]
+        if 0 < len(missing) < first.nets:
+            log(f"phase 1: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no final checkpoint in "
+                f"{job.out}: this job trains (or continues) {'it' if len(missing) == 1 else 'them'}")
     trained, seconds = train_level(job, world, first, phase_sync)
     digests = world.comm.allgather_object(checksum_state(fused_view(trained)))
     record = {"groups": first.layout.rank_lists, "layout": [layout_entry(first)],

@@ -96,6 +96,7 @@ def test_the_rest_of_a_fused_group_is_trained_alone_when_its_other_nets_finished
     result = run_dd([*LAYOUT_RUN, "--out", str(out), "--resume"], nproc=1, timeout=600)
     assert result.returncode == 0, explain(result)
     assert "subnet1: finished earlier" in result.stdout and "subnet2: finished earlier" in result.stdout
+    assert f"phase 1: subnet0, subnet3 have no final checkpoint in {out}: this job trains" in result.stdout
     assert (out / "checkpoints" / "subnet0+3-last.pt").exists()
     before = subnet_states(layouts[1][0])
     for j, state in enumerate(subnet_states(out)):
