@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,8 +188,13 @@ class RunConfig:
         if self.cache_dir is not None and self.dataset in ("synthetic", "cifar10", "cifar100"):
             raise UsageError(f"--cache-dir is for image files (food101, imagefolder); {self.dataset} is "
                              "held in memory already: drop --cache-dir")
-        if self.cache_dir is not None and not self.cache_dir.strip():  # an unset $VAR in a script
-            raise UsageError("--cache-dir '' is empty: give a folder (a variable it names may be unset)")
+        for flag in ("cache_dir", "out"):
+            value = getattr(self, flag)
+            if value is not None and not value.strip():  # an unset $VAR in a script
+                raise UsageError(f"--{flag.replace('_', '-')} {value!r} is empty: give a folder (a variable it "
+                                 "names may be unset)")
+        if not 0 <= self.seed < 2 ** 32:  # (numpy's range; the sub-nets' seeds are derived from it)
+            raise UsageError(f"--seed {self.seed} is out of range: use one from 0 to 2**32 - 1")
         if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
             raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # at start, not an epoch in
@@ -207,6 +213,16 @@ class RunConfig:
                          f"give --dataset ({on_disk}) to train on it")
         if self.groups is not None and "dd" not in self.strategies:
             notes.append(f"--groups {self.groups} is not used: --strategy {self.strategy} has no phase 1")
+        defaults = RunConfig()
+        level_flags = [f"--{k.replace('_', '-')} {getattr(self, k)}" for k in ("levels", "level_epochs", "level_lr")
+                       if getattr(self, k) != getattr(defaults, k)]
+        if "dd" not in self.strategies:
+            why = f"--strategy {self.strategy} has no phase 1"
+        else:  # (--levels N,1 is the default itself)
+            level_flags = [flag for flag in level_flags if not flag.startswith("--levels ")]
+            why = "no level lies between the sub-networks and the global net (--levels N,...,1 adds some)"
+        if level_flags and ("dd" not in self.strategies or len(self.level_counts) == 2):
+            notes.append(f"{' and '.join(level_flags)} {'are' if len(level_flags) > 1 else 'is'} not used: {why}")
         return notes
 
     def _validate_levels(self) -> None:
@@ -364,7 +380,7 @@ def read_config_file(path: str) -> dict:
     import yaml
     try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            values = yaml.load(handle, Loader=_yaml_loader()) or {}  # noqa: S506 -- a SafeLoader
     except OSError as error:
         raise UsageError(f"--config {path}: {error.strerror}: give a readable YAML file") from None
     except UnicodeDecodeError:
@@ -383,27 +399,60 @@ def read_config_file(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, but plain scalars other than null stay text, for ``_coerce`` to
+    read as their key's type. PyYAML reads YAML 1.1, where 010 is 8 (octal), 12:30 is 750
+    (base 60), 2024-06-01 a date and on/yes true: `out: 0755` became the folder 493. A key
+    given twice (also as batch-size and batch_size) is refused, not the last one taken."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, regexp) for tag, regexp in resolvers
+                    if tag in ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                name = str(self.construct_object(key_node, deep=True)).replace("-", "_")
+                if name in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {name} is given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen.add(name)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
+INTEGER = re.compile(r"[-+]?(0|[1-9][0-9]*)")  # no leading zero: YAML 1.1 reads 010 as octal
+
+
 def _coerce(field: dataclasses.Field, value, where: str):
+    """A config file's value (text, as ``_yaml_loader`` reads it) as the key's type."""
     if value is None:
         if "None" in str(field.type):
             return None
         raise UsageError(f"{where} may not be empty")
     kind = _field_type(field)
     if isinstance(field.default, bool):
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
         raise UsageError(f"{where}: {value!r} is not true or false")
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+    if isinstance(value, str) and kind is int:
+        if INTEGER.fullmatch(value):
+            return int(value)
+        if INTEGER.fullmatch(value.lstrip("+-").lstrip("0") or "0"):
+            raise UsageError(f"{where}: {value!r} has a leading zero (an octal number in YAML 1.1): "
+                             "write the number without it")
+    if isinstance(value, str) and kind is float:
         try:
             return float(value)
         except ValueError:
             pass
-    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, str) and kind is str:
+        return value
     raise UsageError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number' if kind is float else 'text'}")
 
 
@@ -413,9 +462,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     wins (in one layer --global-batch-size does, as in the plan)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     from_file = read_config_file(args["config"]) if args.get("config") else {}
-    preset = args.get("preset") or from_file.get("preset")
+    preset = args["preset"] if "preset" in args else from_file.get("preset")
     values = {}
-    if preset:
+    if preset is not None:
         if preset not in PRESETS:
             raise UsageError(f"--preset {preset!r} is unknown: choose one of {', '.join(PRESETS)}")
         values.update({k: v for k, v in PRESETS[preset].items() if not k.startswith("_")})
@@ -423,7 +472,13 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         values.update(layer)
         if "batch_size" in layer and "global_batch_size" not in layer:
             values["global_batch_size"] = None  # a per-rank batch given over a preset's global one
-    return RunConfig(**values).validate()
+    try:
+        return RunConfig(**values).validate()
+    except UsageError as error:  # a bad value the file gave: the flag's message, and where it came from
+        key = str(error).split(" ", 1)[0].removeprefix("--").replace("-", "_")
+        if key in from_file and key not in args:
+            raise UsageError(f"{error} (given as {key} in --config {args['config']})") from None
+        raise
 
 
 def config_yaml(cfg: RunConfig) -> str:

@@ -44,7 +44,7 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     (None elsewhere or in --only-group mode)."""
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()  # (as --data-dir: a config file's ~ is no shell's)
     # data and plan before anything is written: bad data or a batch the layout cannot split
     # leaves no run behind (a config.json would make the corrected run ask for --resume)
     data = load_for_run(cfg, world.comm, workers)

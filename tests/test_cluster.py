@@ -58,12 +58,16 @@ def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):
 @pytest.mark.parametrize("text, needle", [
     ("widht: 2\n", "unknown key 'widht'"),
     ("subnets: four\n", "subnets: 'four' is not an integer"),
-    ("resume: 1\n", "resume: 1 is not true or false"),
-    ("lr: [0.1]\n", "lr: [0.1] is not a number"),
+    ("resume: 1\n", "resume: '1' is not true or false"),
+    ("tensorboard: yes\n", "tensorboard: 'yes' is not true or false"),  # YAML 1.1's true: say true
+    ("lr: [0.1]\n", "lr: ['0.1'] is not a number"),
     ("lr: fast\n", "lr: 'fast' is not a number"),
     ("- a\n- b\n", "must hold a mapping"),
     ("lr: 0.1\n  x: : y\n", "is not valid YAML"),
-    ("subnet-lr: -1\n", "--subnet-lr -1.0 is invalid"),
+    ("subnets: 010\n", "subnets: '010' has a leading zero (an octal number in YAML 1.1)"),  # was 8
+    ("batch-size: 8\nbatch_size: 16\n", "the key batch_size is given twice (line 2)"),  # the last one won
+    ("lr: 0.1\nseed: 1\nlr: 0.2\n", "the key lr is given twice (line 3)"),
+    ("subnet-lr: -1\n", "--subnet-lr -1.0 is invalid: use a positive learning rate (given as subnet_lr in --config"),
 ])
 def test_a_bad_config_file_is_one_line_naming_key_and_file(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
@@ -71,9 +75,19 @@ def test_a_bad_config_file_is_one_line_naming_key_and_file(tmp_path, text, needl
     with pytest.raises(UsageError) as error:
         parse_config(["--config", str(path)])
     message = str(error.value)
-    assert needle in message and "\n" not in message
-    if "invalid" not in needle:  # a value the file gave wrongly names the file
-        assert str(path) in message
+    assert needle in message and "\n" not in message and str(path) in message
+    assert "(given as" not in str(pytest.raises(UsageError, parse_config, ["--subnet-lr", "-1"]).value)  # a flag's
+
+
+def test_a_config_file_s_text_is_read_as_written(tmp_path):
+    """PyYAML reads YAML 1.1, where 0755 is 493 (octal), 12:30 is 750 (base 60) and 2024-06-01 a
+    date: a folder named so became another, or was refused. Numbers are read as the key's type."""
+    path = tmp_path / "run.yaml"
+    path.write_text("out: 0755\ndata-dir: 12:30\ncache_dir: 2024-06-01\ndataset: food101\n"
+                    "seed: +3\nwidth: 2\nweight_decay: 5e-4\ntensorboard: True\nlevels: null\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.out, cfg.data_dir, cfg.cache_dir) == ("0755", "12:30", "2024-06-01")
+    assert (cfg.seed, cfg.width, cfg.weight_decay, cfg.tensorboard, cfg.levels) == (3, 2.0, 5e-4, True, None)
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):

@@ -364,6 +364,10 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to compiled models: add --compile"),
     (["--dataset", "cifar10", "--image-size", "64"], "--image-size 64 does not apply to --dataset cifar10"),
     (["--dataset", "food101", "--cache-dir", ""], "--cache-dir '' is empty: give a folder"),
+    (["--out", ""], "--out '' is empty: give a folder"),  # wrote the run into the working directory
+    (["--preset", ""], "--preset '' is unknown: choose one of cifar10-resnet32"),  # ran the defaults
+    (["--seed", str(10 ** 20)], "--seed 100000000000000000000 is out of range: use one from 0 to 2**32 - 1"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
 ])
 def test_config_validation_names_the_flag(argv, message):
     with pytest.raises(UsageError) as error:
@@ -483,6 +487,24 @@ def test_flags_the_run_does_not_read_are_noted_once(tmp_path):
                      "is built in; give --dataset (cifar10, cifar100, food101, imagefolder) to train on it",
                      "dd-train: note: --groups 2 is not used: --strategy baseline has no phase 1"]
     assert parse_config(["--dataset", "cifar10", "--data-dir", "d", "--groups", "2"]).unused_flags() == []
+    # the levels' flags without a level between the sub-nets and the global net; --levels N,1 is the default
+    assert parse_config(["--level-epochs", "7", "--level-lr", "0.3", "--levels", "2,1"]).unused_flags() == [
+        "--level-epochs 7 and --level-lr 0.3 are not used: no level lies between the sub-networks and the global "
+        "net (--levels N,...,1 adds some)"]
+    assert parse_config(["--strategy", "baseline", "--subnets", "4", "--levels", "4,2,1"]).unused_flags() == [
+        "--levels 4,2,1 is not used: --strategy baseline has no phase 1"]
+    assert parse_config(["--subnets", "4", "--levels", "4,2,1", "--level-epochs", "3"]).unused_flags() == []
+
+
+def test_a_config_file_s_out_in_the_home_folder(tmp_path, monkeypatch):
+    """`out: ~/runs/x` in a config file (no shell expands it) made a folder named ~ in the
+    working directory; --data-dir and --cache-dir expanded it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("out: ~/runs/x\n")
+    assert main(["--config", "run.yaml", "--train-samples", "64", "--test-samples", "32", "--subnet-epochs", "1",
+                 "--finetune-epochs", "0", "--strategy", "dd", "--width", "1"]) == 0
+    assert (tmp_path / "home" / "runs" / "x" / "report.json").exists() and not (tmp_path / "~").exists()
 
 
 def test_a_resume_into_a_folder_without_a_run_says_it_starts_one(tmp_path, capsys):
