@@ -233,7 +233,9 @@ class RunConfig:
             counts = [int(v) for v in self.levels.split(",")]
         except ValueError:
             raise UsageError(f"{text} is invalid: give nets per level, e.g. 16,4,1") from None
-        if len(counts) < 2 or counts[-1] != 1 or min(counts) < 1:
+        if min(counts) < 1:
+            raise UsageError(f"{text} is invalid: each level has 1 net or more, e.g. 16,4,1")
+        if len(counts) < 2 or counts[-1] != 1:
             raise UsageError(f"{text} is invalid: at least two levels, the last 1 (the global net), e.g. 16,4,1")
         if counts[0] != self.subnets:
             raise UsageError(f"{text} starts at {counts[0]} nets but --subnets is {self.subnets}: "

@@ -74,7 +74,8 @@ def test_every_net_of_every_level_and_the_baseline_draws_its_own_data_stream():
 
 @pytest.mark.parametrize("levels, message", [
     ("16,4", "the last 1"), ("16,5,1", "each count must divide the one before"), ("8,4,1", "starts at 8 nets"),
-    ("16,16,1", "each count must divide"), ("x", "give nets per level")])
+    ("16,16,1", "each count must divide"), ("x", "give nets per level"),
+    ("16,0,1", "each level has 1 net or more")])  # (said "the last 1", which it is)
 def test_bad_levels_are_one_line(levels, message):
     with pytest.raises(UsageError) as error:
         parse_config(["--width", "4", "--subnets", "16", "--levels", levels])
