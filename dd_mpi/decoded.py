@@ -261,7 +261,7 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     error = None
     try:
         opened = open_cache(stem, size)
-    except (OSError, ValueError) as raised:
+    except (OSError, ValueError, EOFError) as raised:  # (EOFError: numpy's word for an empty file)
         error = f"{type(raised).__name__}: {raised}"
     failed = [(rank, message) for rank, message in enumerate(comm.slow.allgather_object(error)) if message]
     if failed:

@@ -32,6 +32,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -180,10 +181,20 @@ class CheckedLoader:
 
     def __call__(self, path) -> Image.Image:
         try:
-            return tv_datasets.folder.default_loader(path)
+            with open(path, "rb") as handle, Image.open(handle) as image:
+                return _rgb(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
                              f"replace or delete the file", everywhere=False) from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB (torchvision's loader, but 16-bit greys scaled: PIL's convert
+    clips them, and a 16-bit PNG became white)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535) // 257  # 65535 -> 255
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:
@@ -262,6 +273,9 @@ def load_food101(root: str, download: bool, image_size: int | None,
     train = tv_datasets.Food101(root, split="train", transform=train_tf, loader=CheckedLoader())
     test = tv_datasets.Food101(root, split="test", transform=test_tf, loader=CheckedLoader())
     raise_on(_class_mismatch(train.classes, test.classes, f"{root}/food-101/meta"))
+    if len(train.classes) < 2:
+        raise UsageError(f"{root}/food-101/meta/train.json lists {len(train.classes)} class: a classifier needs 2 "
+                         "or more: restore it from food-101.tar.gz")
     for split in (train, test):
         empty = _empty_classes(split._labels, split.classes)
         if empty:
@@ -294,6 +308,10 @@ def _imagefolder_check(root: str) -> Callable[[], str | None]:
                 return f"--data-dir {root} has no {split}/ folder: expected {layout}"
             if not _class_dirs(path):
                 return f"{path} has no class folders: expected {layout}"
+        classes = _class_dirs(os.path.join(root, "train"))
+        if len(classes) == 1:  # (train/images/*.jpg, or train/train/<class>/: a classifier of nothing)
+            return (f"--data-dir {root} has one class ({classes[0]}): a classifier needs 2 or more; expected "
+                    f"{layout}, one folder per class")
         return _class_mismatch(_class_dirs(os.path.join(root, "train")),
                                _class_dirs(os.path.join(root, "val")), f"--data-dir {root}")
 

@@ -205,6 +205,28 @@ def test_wrong_imagefolder_layout(tmp_path):
     usage_error(lambda: load("imagefolder", tmp_path, download=True), "--download")
 
 
+def test_one_class_is_no_classifier(tmp_path):
+    """train/images/*.jpg or train/train/<class>/ reads as one class: it trained to 100 % on
+    nothing (loss 0) and wrote a report."""
+    write_imagefolder(tmp_path / "d", classes=("images",), per_class=2, val_per_class=1)
+    usage_error(lambda: load("imagefolder", tmp_path / "d"), "has one class (images): a classifier needs 2 or more")
+    write_food101(tmp_path / "f", classes=("churros",), per_class=2, test_per_class=1)
+    usage_error(lambda: load("food101", tmp_path / "f"), "train.json lists 1 class: a classifier needs 2")
+
+
+def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
+    """PIL's convert('RGB') clips 16-bit greys (a 16-bit PNG from a microscope or a scanner)
+    to 255: the image trained as white."""
+    from dd_mpi.formats import CheckedLoader
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    pixels = np.asarray(CheckedLoader()(tmp_path / "grey16.png"))
+    assert pixels.shape == (64, 64, 3) and np.array_equal(pixels[..., 0], (ramp // 257).astype(np.uint8))
+    Image.fromarray(np.full((4, 4), 200, np.int32), "I").save(tmp_path / "eight_bit_values.tif")
+    assert (np.asarray(CheckedLoader()(tmp_path / "eight_bit_values.tif")) == 200).all()  # kept as they are
+
+
 def test_imagefolder_class_lists_that_differ_are_named(tmp_path):
     write_imagefolder(tmp_path, classes=("cat", "dog", "emu"), per_class=2, val_per_class=1)
     (tmp_path / "val" / "emu").rename(tmp_path / "val" / "ferret")

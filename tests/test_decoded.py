@@ -221,6 +221,18 @@ def test_an_unwritable_cache_dir_is_one_line(tmp_path):
     assert str(caught.value).startswith(f"--cache-dir {tmp_path / 'cache'}: cannot write")
 
 
+@pytest.mark.parametrize("part", ["images.npy", "labels.npy"])
+def test_an_emptied_cache_file_is_one_line(tmp_path, part):
+    """numpy says EOFError for an empty .npy: it was a traceback on every rank, where a
+    truncated or garbage file gave the line that says to delete the cache."""
+    data = food101(tmp_path)
+    cache(tmp_path, data.train)
+    (emptied,) = (tmp_path / "cache").glob(f"*.{part}")
+    emptied.write_bytes(b"")
+    with pytest.raises(UsageError, match=r"rank 0 cannot read the cache .*\(EOFError: .*\): delete those files"):
+        cache(tmp_path, data.train)
+
+
 def test_cache_dir_is_refused_for_data_held_in_memory():
     with pytest.raises(UsageError, match="--cache-dir is for image files"):
         parse_config(["--dataset", "cifar10", "--data-dir", "x", "--cache-dir", "c"])
