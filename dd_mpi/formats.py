@@ -58,6 +58,7 @@ CIFAR_STATS = {  # per-channel mean and std of the training images, in [0, 1] un
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 SMALL_IMAGE_PX = 64  # ImageFolder images this size or smaller are treated like CIFAR
+SIZE_SAMPLE = 32  # training images whose median size decides that
 
 
 @dataclass(frozen=True)
@@ -180,12 +181,39 @@ class CheckedLoader:
     A class, not a closure, so that datasets pickle into spawned workers."""
 
     def __call__(self, path) -> Image.Image:
-        try:
-            with open(path, "rb") as handle, Image.open(handle) as image:
-                return _rgb(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
-                             f"replace or delete the file", everywhere=False) from None
+        return _read_image(path, _rgb)
+
+
+def _read_image(path, read: Callable[[Image.Image], object]):
+    """``read`` of the image at ``path``; a file PIL cannot read is a UsageError naming it."""
+    try:
+        with open(path, "rb") as handle, Image.open(handle) as image:
+            return read(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
+                         f"replace or delete the file", everywhere=False) from None
+
+
+def _small_images(samples: list[tuple[str, int]]) -> bool:
+    """Whether an ImageFolder holds small images (the CIFAR recipe, decoded into memory) or large
+    ones, by the median longer side of up to SIZE_SAMPLE training images spread over the list
+    (headers only). The first image alone decided: a thumbnail first among photos sent a
+    Food-101-sized set into memory, and one photo first among thumbnails the reverse."""
+    step = max(1, len(samples) // SIZE_SAMPLE)
+    sides = sorted(_read_image(path, lambda image: max(image.size)) for path, _ in samples[::step][:SIZE_SAMPLE])
+    return sides[len(sides) // 2] <= SMALL_IMAGE_PX
+
+
+def _symlink_loop(samples: list[tuple[str, int]]) -> str | None:
+    """A folder that a link leads back into (os.walk follows links: `ln -s . again` listed
+    every image ~40 times over, one class swamping the rest): the deeper path, or None."""
+    first_path_of: dict[str, str] = {}
+    for folder in sorted({os.path.dirname(path) for path, _ in samples}, key=len):
+        real = os.path.realpath(folder)
+        earlier = first_path_of.setdefault(real, folder)
+        if earlier != folder and folder.startswith(earlier + os.sep):
+            return f"{folder} is {earlier} again, through a symbolic link"
+    return None
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -251,6 +279,8 @@ def _food101_check(root: str, download: bool) -> Callable[[], str | None]:
         for part in ("images", "meta/train.json", "meta/test.json"):
             if not os.path.exists(os.path.join(base, part)):
                 return f"{base} lacks {part}: expected the Food-101 layout {layout}"
+        if not os.path.isdir(os.path.join(base, "images")):  # (torchvision: "use download=True")
+            return f"{base}/images is a file, not a folder: expected the Food-101 layout {layout}"
         for split in ("train", "test"):
             path = os.path.join(base, "meta", f"{split}.json")
             try:
@@ -330,8 +360,11 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
             raise UsageError(f"{os.path.join(root, split, empty[0])} holds no image files "
                              f"(empty: {', '.join(empty)}): add images or remove the class folder")
     raise_on(_class_mismatch(splits["train"].classes, splits["val"].classes, f"--data-dir {root}"))
-    first = splits["train"].samples[0][0]
-    small = max(CheckedLoader()(first).size) <= SMALL_IMAGE_PX
+    for folder in splits.values():
+        loop = _symlink_loop(folder.samples)
+        if loop:
+            raise UsageError(f"--data-dir {root}: {loop}: remove the link (its images would count many times)")
+    small = _small_images(splits["train"].samples)
     size = image_size or (32 if small else 224)
     splits["train"].transform, splits["val"].transform = (_small_transforms if small else
                                                           _large_transforms)(size)

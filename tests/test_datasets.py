@@ -196,6 +196,9 @@ def test_wrong_food101_layout(tmp_path):
     usage_error(lambda: load("food101", tmp_path), "meta/test.json", "food-101/images/<class>")
     (tmp_path / "food-101" / "meta" / "test.json").write_text("[1, 2")
     usage_error(lambda: load("food101", tmp_path), "test.json is not Food-101 metadata")
+    shutil.rmtree(tmp_path / "food-101" / "images")
+    (tmp_path / "food-101" / "images").write_text("")  # torchvision: "use download=True", no dd-train flag
+    usage_error(lambda: load("food101", tmp_path), "food-101/images is a file, not a folder")
 
 
 def test_wrong_imagefolder_layout(tmp_path):
@@ -323,6 +326,26 @@ def test_imagefolder_small_images_keep_their_pixels(tmp_path):
     assert label == 2 and torch.allclose(image, expected, atol=1e-6)
     assert native.train[0][0].shape == (3, 16, 16)
     pickle.loads(pickle.dumps(native.train))
+
+
+@pytest.mark.parametrize("most, stray, recipe", [(16, 2000, 32), (80, 8, 224)])
+def test_the_recipe_follows_most_images_not_the_first(tmp_path, most, stray, recipe):
+    """Small or large was the first training image's size: a thumbnail first among photos put
+    a Food-101-sized set in memory at the CIFAR recipe, a photo among thumbnails the reverse."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=4, val_per_class=1, size=most)
+    Image.new("RGB", (stray, stray)).save(tmp_path / "train" / "a" / "!first.png")  # sorts first
+    assert load("imagefolder", tmp_path).image_size == recipe
+
+
+def test_a_symbolic_link_loop_is_refused(tmp_path):
+    """os.walk follows links: `ln -s . again` listed class a's images ~40 times over."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    (tmp_path / "train" / "a" / "again").symlink_to(".")
+    usage_error(lambda: load("imagefolder", tmp_path),
+                f"{tmp_path / 'train' / 'a' / 'again'} is {tmp_path / 'train' / 'a'} again, through a symbolic link")
+    (tmp_path / "train" / "a" / "again").unlink()
+    (tmp_path / "train" / "b" / "a").symlink_to(tmp_path / "train" / "a")  # a linked folder, no loop: fine
+    assert load("imagefolder", tmp_path).num_classes == 2
 
 
 def test_imagefolder_large_images_get_the_imagenet_recipe(tmp_path):
