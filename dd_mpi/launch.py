@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
 
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 # A stop request (checkpoint, exit 75): forwarded to the ranks by run_local, caught by cli.StopSignal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -178,7 +179,8 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    **{LOCAL_LAUNCHER_ENV: "local"})
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
-        children.append(subprocess.Popen([sys.executable, "-m", "dd_mpi", *argv], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "dd_mpi", *argv], env=env,
+                                         preexec_fn=_stop_when_parent_dies(os.getpid())))
 
     stop_signals = set()
 
@@ -194,6 +196,22 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _stop_when_parent_dies(launcher_pid: int) -> Callable[[], None] | None:
+    """For a rank, before it starts: SIGTERM when the launcher dies (Linux's parent-death
+    signal). A launcher killed outright (SIGKILL, the OOM killer) left its ranks training on
+    to the end, unseen; now they checkpoint and exit as on any stop signal."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != launcher_pid:  # it died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signals: set[int] = frozenset()) -> int:

@@ -346,6 +346,24 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     assert checkpoint_path(out, "finetune", "final").exists()
 
 
+@pytest.mark.timing
+@pytest.mark.slow
+def test_the_ranks_stop_when_their_launcher_is_killed(tmp_path, jobs):
+    """dd-train --nproc K killed outright (SIGKILL, the OOM killer) left its ranks training on
+    to the end, unseen. The kernel now sends each SIGTERM when it dies (the parent-death
+    signal): they checkpoint and exit, as on any stop signal."""
+    out = tmp_path / "run"
+    job = start(jobs, [*RUN, "--strategy", "dd", "--subnet-epochs", "50", *STOP_SOON, "--out", str(out)],
+                tmp_path, "orphaned", nproc=2)
+    ranks = job.find_ranks(2)
+    job.wait_for_new(checkpoint_path(out, "subnet0", "last"))  # past start-up: the stop handlers are set
+    job.proc.kill()
+    job.proc.wait()
+    assert wait_gone(list(ranks.values()), timeout=KILL_BOUND) == [], job.output()
+    assert job.output().count(": stop requested") == 2, job.output()  # each group checkpointed
+    assert not checkpoint_path(out, "subnet0", "final").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Contract 4: a rank killed with SIGKILL (or frozen) ends the whole job, non-zero, in bounded time
 KILL_RUN = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
