@@ -69,6 +69,8 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     seen = None if data is None else (data.class_names, split_size(data.train), split_size(data.test))
     views = comm.slow.allgather_object((error, seen))
     _raise_for_views(views, cfg.data_dir, comm.size)
+    for note in data.notes:
+        log(f"note: {note}", rank=comm.rank)
     if data.decode_size is not None:
         if cfg.cache_dir is not None:
             log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)

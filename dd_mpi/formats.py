@@ -92,6 +92,7 @@ class DatasetBundle:
     test: InMemorySplit | Dataset
     class_names: tuple[str, ...]
     decode_size: int | None = None  # small images: decode once into memory at this size
+    notes: tuple[str, ...] = ()  # for the log (rank 0): what was read otherwise than one may think
 
 
 Verifier = Callable[[Callable[[], "str | None"]], "str | None"]
@@ -351,8 +352,9 @@ def _imagefolder_check(root: str) -> Callable[[], str | None]:
 def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -> DatasetBundle:
     raise_on(verify_once(_imagefolder_check(root)))
     # Scan first without transforms: the image size decides which ones (every rank alike).
+    kinds = {split: _ImageFiles() for split in ("train", "val")}
     splits = {split: tv_datasets.ImageFolder(os.path.join(root, split), loader=CheckedLoader(),
-                                             allow_empty=True)
+                                             is_valid_file=kinds[split], allow_empty=True)
               for split in ("train", "val")}
     for split, folder in splits.items():
         empty = _empty_classes(folder.targets, folder.classes)
@@ -369,7 +371,32 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
     splits["train"].transform, splits["val"].transform = (_small_transforms if small else
                                                           _large_transforms)(size)
     classes = splits["train"].classes
+    notes = tuple(f"{os.path.join(root, split)}: {kinds[split].skipped_note()}"
+                  for split in ("train", "val") if kinds[split].skipped)
     return DatasetBundle(name="imagefolder", num_classes=len(classes), in_channels=3,
                          image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          train=splits["train"], test=splits["val"], class_names=tuple(classes),
-                         decode_size=size if small else None)
+                         decode_size=size if small else None, notes=notes)
+
+
+class _ImageFiles:
+    """torchvision's test of an image file (its extensions), counting the files it leaves out
+    whose extension PIL reads as an image (.gif, .jfif, ...): 20 GIFs of a class were left
+    out without a word. Text, JSON and the like are left out silently, as before."""
+
+    def __init__(self):
+        self.skipped: dict[str, int] = {}
+        self.images = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+
+    def __call__(self, path: str) -> bool:
+        if tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS):
+            return True
+        extension = os.path.splitext(path)[1].lower()
+        if extension in self.images and not os.path.basename(path).startswith("."):
+            self.skipped[extension] = self.skipped.get(extension, 0) + 1
+        return False
+
+    def skipped_note(self) -> str:
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
+        return (f"{sum(self.skipped.values())} image files not read ({counts}): torchvision reads "
+                f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}; convert them to use them")

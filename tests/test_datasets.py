@@ -337,6 +337,20 @@ def test_the_recipe_follows_most_images_not_the_first(tmp_path, most, stray, rec
     assert load("imagefolder", tmp_path).image_size == recipe
 
 
+def test_image_files_torchvision_does_not_read_are_noted(tmp_path):
+    """20 GIFs and a .jfif (a JPEG) were left out without a word; text files still are."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    for name in ("x.gif", "y.GIF", "z.jfif"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "b" / name, format="GIF" if "gif" in name.lower() else "JPEG")
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    data = load("imagefolder", tmp_path)
+    assert len(data.train) == 4 and data.notes == (
+        f"{tmp_path / 'train'}: 3 image files not read (2 .gif, 1 .jfif): torchvision reads .jpg .jpeg .png .ppm "
+        ".bmp .pgm .tif .tiff .webp; convert them to use them",)
+    write_imagefolder(tmp_path / "plain", classes=("a", "b"), per_class=2, val_per_class=1)
+    assert load("imagefolder", tmp_path / "plain").notes == ()
+
+
 def test_a_symbolic_link_loop_is_refused(tmp_path):
     """os.walk follows links: `ln -s . again` listed class a's images ~40 times over."""
     write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
