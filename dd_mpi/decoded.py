@@ -181,12 +181,15 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
 
 
 def remove_killed_builds(stem: Path, host: str) -> list[Path]:
-    """Delete the temporaries of this cache that a killed build on this host left (a build
-    that fails cleans up after itself; SIGKILL or a lost node does not, and an image cache's
-    temporary can be gigabytes). A writer is known dead only on its own host, by its PID;
-    another host's temporaries, or a live PID's (another job building now), are left."""
+    """Delete the temporaries that killed builds on this host left in this cache's folder, of
+    this cache or of another of the dataset's (a build that fails cleans up after itself;
+    SIGKILL or a lost node does not, an image cache's temporary can be gigabytes, and after
+    the images changed no build of that cache comes again). A writer is known dead only on
+    its own host, by its PID; another host's temporaries, or a live PID's (another job
+    building now), are left."""
+    dataset = stem.name.split("-", 1)[0]  # (cache_stem's names: DATASET-SPLIT-SIZEpx-HASH)
     removed = []
-    for path in stem.parent.glob(glob.escape(f"{stem.name}.") + "*" + glob.escape(f".tmp-{host}-") + "*"):
+    for path in stem.parent.glob(glob.escape(f"{dataset}-") + "*" + glob.escape(f".tmp-{host}-") + "*"):
         pid = path.name.rsplit("-", 1)[1]
         if not pid.isdigit() or _alive(int(pid)):
             continue

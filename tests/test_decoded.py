@@ -197,8 +197,10 @@ def test_a_killed_builds_temporaries_on_this_host_are_removed_by_the_next_build(
     running = subprocess.Popen(["sleep", "60"])  # another job building right now
     host = socket.gethostname()
     killed = [f"{stem}.{part}.tmp-{host}-{finished.pid}" for part in ("images.npy", "labels.npy")]
+    # ... and another cache's of the dataset (images changed since: no build of it comes again)
+    killed.append(str(tmp_path / "cache" / f"food101-train-32px-0123456789abcdef.images.npy.tmp-{host}-{finished.pid}"))
     kept = [f"{stem}.images.npy.tmp-{host}-{running.pid}", f"{stem}.images.npy.tmp-other-node-{finished.pid}",
-            f"{stem}-another-cache.images.npy.tmp-{host}-{finished.pid}"]
+            str(tmp_path / "cache" / f"notes.txt.tmp-{host}-{finished.pid}")]  # no cache's: someone else's file
     try:
         for name in killed + kept:
             Path(name).write_bytes(b"half a cache")
