@@ -92,7 +92,7 @@ class DatasetBundle:
     test: InMemorySplit | Dataset
     class_names: tuple[str, ...]
     decode_size: int | None = None  # small images: decode once into memory at this size
-    notes: tuple[str, ...] = ()  # said once in the log (rank 0): e.g. files the loader left out
+    notes: tuple[str, ...] = ()  # for the log (rank 0): what was read otherwise than one may think
 
 
 Verifier = Callable[[Callable[[], "str | None"]], "str | None"]

@@ -335,37 +335,6 @@ def run_baseline(job: Run, world: BaseWorld) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-RUN_LOCK = ".dd_mpi.lock"
-_held_locks: list = []  # open lock files, held by rank 0 until its process ends (even by SIGKILL) or runs again
-
-
-def hold_run_lock(out: Path, only_group: int | None) -> str | None:
-    """Rank 0's claim on --out, so that two jobs never write one run at once (a job submitted
-    twice, or an array task resubmitted while it still ran: both wrote the same checkpoints).
-    A run holds OUT/.dd_mpi.lock alone; an array task shares it with the other tasks and holds
-    its sub-network's own. flock(2): released by the kernel when the process ends; where the
-    file system has no locks, there is no claim. Returns why --out is busy, else None."""
-    import fcntl
-    while _held_locks:  # a run before this one in this process (tests, or dd_mpi called from Python)
-        _held_locks.pop().close()
-    claims = [(RUN_LOCK, fcntl.LOCK_EX)] if only_group is None else \
-        [(RUN_LOCK, fcntl.LOCK_SH), (f"{RUN_LOCK}-subnet{only_group}", fcntl.LOCK_EX)]
-    for name, mode in claims:
-        handle = open(out / name, "a")  # noqa: SIM115 -- held open on purpose
-        try:
-            fcntl.flock(handle, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            what = "the run" if name == RUN_LOCK else f"sub-network {only_group}"
-            return (f"--out {out}: another job is training {what} there now ({out / name} is locked): "
-                    "wait for it to end, or cancel it")
-        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            handle.close()
-            continue
-        _held_locks.append(handle)
-    return None
-
-
 def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: int | None) -> None:
     """Check --out on rank 0 (one verdict for all ranks), then write config.json there.
     ``default_groups``: the G phase 1 takes without --groups on these ranks (None: no phase
@@ -382,9 +351,6 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             probe.unlink()
         except OSError as error:
             return f"--out {out} is not writable ({error.strerror}): choose a writable directory"
-        busy = hold_run_lock(out, cfg.only_group)
-        if busy:
-            return busy
         joins = cfg.resume or cfg.only_group_mode
         written = cfg.to_dict()
         if config_file.exists():

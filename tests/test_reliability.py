@@ -364,30 +364,6 @@ def test_the_ranks_stop_when_their_launcher_is_killed(tmp_path, jobs):
     assert not checkpoint_path(out, "subnet0", "final").exists()
 
 
-@pytest.mark.timing
-@pytest.mark.slow
-def test_two_jobs_never_train_one_run_at_once(tmp_path, jobs):
-    """A job submitted twice, or an array task resubmitted while it still ran, trained the
-    same sub-network into the same checkpoints. Rank 0 holds a lock in --out (flock: the
-    kernel drops it when the process ends, even by SIGKILL): array tasks of other sub-nets
-    share the run's, a second task of the same sub-net or a whole run is refused."""
-    from dd_mpi.pipeline import hold_run_lock
-    out = tmp_path / "run"
-    args = [*RUN, "--strategy", "dd", "--subnet-epochs", "50", "--out", str(out)]
-    task = start(jobs, [*args, "--only-group", "0"], tmp_path, "task0", nproc=1)
-    task.wait_for_new(checkpoint_path(out, "subnet0", "last"))
-    again = run_dd([*args, "--only-group", "0"], nproc=1, timeout=120)
-    assert again.returncode == 2 and error_lines(again.stderr) == [
-        f"dd-train: error: --out {out}: another job is training sub-network 0 there now "
-        f"({out / '.dd_mpi.lock-subnet0'} is locked): wait for it to end, or cancel it"], explain(again)
-    whole = run_dd([*args, "--resume"], nproc=2, timeout=120)
-    assert whole.returncode == 2 and "another job is training the run there now" in whole.stderr, explain(whole)
-    assert hold_run_lock(out, 1) is None  # another sub-net's task may train beside it
-    task.kill()  # SIGKILL: no clean-up, and yet the lock is free
-    assert hold_run_lock(out, 0) is None and hold_run_lock(out, None) is None
-    assert task.proc.returncode == -signal.SIGKILL and not checkpoint_path(out, "subnet0", "final").exists()
-
-
 # ---------------------------------------------------------------------------------------
 # Contract 4: a rank killed with SIGKILL (or frozen) ends the whole job, non-zero, in bounded time
 KILL_RUN = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
