@@ -193,8 +193,8 @@ class RunConfig:
             if value is not None and not value.strip():  # an unset $VAR in a script
                 raise UsageError(f"--{flag.replace('_', '-')} {value!r} is empty: give a folder (a variable it "
                                  "names may be unset)")
-        if not 0 <= self.seed < 2 ** 32:  # (numpy's range; the sub-nets' seeds are derived from it)
-            raise UsageError(f"--seed {self.seed} is out of range: use one from 0 to 2**32 - 1")
+        if abs(self.seed) > 2 ** 53:  # (torch takes 64 bits, and the nets' seeds are seed * 1000 + k)
+            raise UsageError(f"--seed {self.seed} is out of range: use one from -2**53 to 2**53")
         if self.dataset == "imagefolder" and not self.data_dir:  # the others say so when loading
             raise UsageError(f"--dataset {self.dataset} needs --data-dir DIR ({DATASETS[self.dataset].where})")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # at start, not an epoch in
@@ -415,6 +415,8 @@ def _yaml_loader():
             for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
         def construct_mapping(self, node, deep=False):
+            if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+                return super().construct_mapping(node, deep)  # (<<: keys it merges are given again on purpose)
             seen = set()
             for key_node, _ in node.value:
                 name = str(self.construct_object(key_node, deep=True)).replace("-", "_")
@@ -453,6 +455,9 @@ def _coerce(field: dataclasses.Field, value, where: str):
             return float(value)
         except ValueError:
             pass
+    if kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            kind is float or isinstance(value, int)):  # a tagged value (!!int 5) comes typed
+        return kind(value)
     if isinstance(value, str) and kind is str:
         return value
     raise UsageError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number' if kind is float else 'text'}")

@@ -193,7 +193,10 @@ def remove_killed_builds(stem: Path, host: str) -> list[Path]:
         pid = path.name.rsplit("-", 1)[1]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # another user's, in a shared folder: theirs to remove
+            continue
         removed.append(path)
     return removed
 

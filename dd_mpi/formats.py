@@ -386,7 +386,8 @@ class _ImageFiles:
 
     def __init__(self):
         self.skipped: dict[str, int] = {}
-        self.images = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+        self.images = {ext for ext, kind in Image.registered_extensions().items()  # (stubs: no pixels to
+                       if kind in Image.OPEN and "Stub" not in Image.OPEN[kind][0].__module__}  # read, e.g. .h5)
 
     def __call__(self, path: str) -> bool:
         if tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS):
@@ -398,5 +399,5 @@ class _ImageFiles:
 
     def skipped_note(self) -> str:
         counts = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
-        return (f"{sum(self.skipped.values())} image files not read ({counts}): torchvision reads "
-                f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}; convert them to use them")
+        return (f"{sum(self.skipped.values())} files of image formats not read ({counts}): torchvision reads "
+                f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}; convert the images among them to use them")

@@ -44,6 +44,7 @@ else
     # shellcheck source-path=SCRIPTDIR source=flags.sh
     source "$dir/flags.sh"
     run_dir=$(last_value --out "$out" "$@")
+    run_dir=${run_dir/#\~/$HOME}  # (dd-train expands a leading ~, which bash leaves in --out=~/x)
     if ! compgen -G "$run_dir/checkpoints/subnet*.pt" >/dev/null; then
         echo "dd_array.sh: error: $run_dir holds no sub-network checkpoint of the array: give this job" \
              "the array's --out (slurm/dd_array_submit.sh passes it to both)" >&2

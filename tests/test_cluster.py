@@ -88,6 +88,10 @@ def test_a_config_file_s_text_is_read_as_written(tmp_path):
     cfg = parse_config(["--config", str(path)])
     assert (cfg.out, cfg.data_dir, cfg.cache_dir) == ("0755", "12:30", "2024-06-01")
     assert (cfg.seed, cfg.width, cfg.weight_decay, cfg.tensorboard, cfg.levels) == (3, 2.0, 5e-4, True, None)
+    # YAML's own typing still reads: tagged values, and a merge key (whose keys are given again on purpose)
+    path.write_text("subnets: !!int 4\nwidth: !!float 1\n<<: {lr: 0.05, seed: 4}\nseed: 5\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.subnets, cfg.width, cfg.lr, cfg.seed) == (4, 1.0, 0.05, 5)
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):

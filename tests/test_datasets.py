@@ -343,10 +343,11 @@ def test_image_files_torchvision_does_not_read_are_noted(tmp_path):
     for name in ("x.gif", "y.GIF", "z.jfif"):
         Image.new("RGB", (8, 8)).save(tmp_path / "train" / "b" / name, format="GIF" if "gif" in name.lower() else "JPEG")
     (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "a" / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # PIL's stub: no image to read
     data = load("imagefolder", tmp_path)
     assert len(data.train) == 4 and data.notes == (
-        f"{tmp_path / 'train'}: 3 image files not read (2 .gif, 1 .jfif): torchvision reads .jpg .jpeg .png .ppm "
-        ".bmp .pgm .tif .tiff .webp; convert them to use them",)
+        f"{tmp_path / 'train'}: 3 files of image formats not read (2 .gif, 1 .jfif): torchvision reads .jpg .jpeg "
+        ".png .ppm .bmp .pgm .tif .tiff .webp; convert the images among them to use them",)
     write_imagefolder(tmp_path / "plain", classes=("a", "b"), per_class=2, val_per_class=1)
     assert load("imagefolder", tmp_path / "plain").notes == ()
 
