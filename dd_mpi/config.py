@@ -111,6 +111,12 @@ class RunConfig:
         return self.only_group is not None
 
     @property
+    def continuing_flag(self) -> str:
+        """The flag that makes this job continue the run in --out, as its messages name it: an array
+        task continues its sub-network's checkpoints without --resume."""
+        return f"--only-group {self.only_group}" if self.only_group_mode else "--resume"
+
+    @property
     def strategies(self) -> tuple[str, ...]:
         return {"dd": ("dd",), "baseline": ("baseline",), "both": ("dd", "baseline")}[self.strategy]
 

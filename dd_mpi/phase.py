@@ -178,11 +178,11 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
                 rank=comm.rank)
     if saved is not None:
         if saved.get("nets") is not None and list(saved["nets"]) != list(nets):  # named by an older dd_mpi
-            raise UsageError(f"--resume: {last_path} holds nets {list(saved['nets'])}, not {nets}: delete it "
+            raise UsageError(f"{cfg.continuing_flag}: {last_path} holds nets {list(saved['nets'])}, not {nets}: delete it "
                              "to retrain them")
         state = PhaseState.from_dict(saved)
         if state.ranks != comm.size:  # LR scaling, steps and data split would change
-            raise UsageError(f"--resume: {name} was trained on {state.ranks} ranks and would resume on "
+            raise UsageError(f"{cfg.continuing_flag}: {name} was trained on {state.ranks} ranks and would resume on "
                              f"{comm.size}: relaunch with the same number of ranks, or delete {last_path} "
                              "to retrain this phase")
         model.load_state_dict(state.model)

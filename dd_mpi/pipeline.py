@@ -362,8 +362,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
                 return f"--out {out}: config.json is unreadable: remove it or choose a new --out"
             differences = cfg.incompatible_with(saved, default_groups)
             if differences:
-                joining = f"--only-group {cfg.only_group}" if cfg.only_group_mode else "--resume"
-                return (f"{joining}: the run in {out} was made with other settings "
+                return (f"{cfg.continuing_flag}: the run in {out} was made with other settings "
                         f"({'; '.join(differences)}): use the same flags or a new --out")
             written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
         elif (out / ckpt.CHECKPOINT_DIR).exists() and not joins:

@@ -598,6 +598,23 @@ def test_resuming_a_phase_on_another_number_of_ranks_is_refused(tmp_path, refere
 
 
 @pytest.mark.slow
+def test_an_array_task_on_another_number_of_ranks_is_refused_naming_its_flag(tmp_path, reference):
+    """An array task resubmitted on fewer ranks than its sub-network was trained on: refused as
+    a resume would be, but naming the flag the task was given (it has no --resume)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    checkpoint_path(out, "subnet1", "final").unlink()  # its task died before it finished
+    last = checkpoint_path(out, "subnet1", "last")
+    before = last.read_bytes()
+    result = run_dd([*RUN, "--only-group", "1", "--out", str(out)], nproc=1, timeout=300)
+    assert result.returncode == 2, explain(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "--only-group 1: subnet1 was trained on 2 ranks and would resume on 1" in lines[0], \
+        explain(result)
+    assert last.read_bytes() == before and not checkpoint_path(out, "subnet1", "final").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["subnet", "finetune"])
 def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, phase):
     out = tmp_path / "run"
