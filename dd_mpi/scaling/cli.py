@@ -167,14 +167,6 @@ def run_model(args, dirs: list[Path]) -> int:
 
 
 MODES = ("local", "slurm", "collect", "model")
-READ_BY = {  # the modes that read a flag (the others: all of them)
-    **dict.fromkeys(("nprocs", "run_timeout"), ("local",)),
-    **dict.fromkeys(("nodes", "tasks_per_node", "script", "study_script", "sbatch", "dry_run"), ("slurm",)),
-    "subnets": ("local", "slurm"),
-    "target": ("local", "collect"),  # (a --local sweep collects its runs at the end)
-    **dict.fromkeys(("alpha", "beta", "measure_comm", "gpus", "model_subnets", "samples", "per_rank_batch",
-                     "epochs", "global_ips", "subnet_ips", "classes"), ("model",)),
-}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -194,36 +186,47 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     mode.add_argument("--model", nargs="+", type=Path, metavar="DIR", help="performance model on the runs")
     parser.add_argument("--out", type=Path, help="sweep: study directory (default runs/scaling-DATE); "
                                                  "collect/model: where to write (default: the first DIR)")
+    readers: dict[str, tuple[str, ...]] = {}  # a flag -> the modes that read it (unlisted: all of them)
+
+    def add(group, read_by: tuple[str, ...], *names: str, **options) -> None:
+        group.add_argument(*names, **options)
+        readers.update(dict.fromkeys(names, read_by))
+
     sweep = parser.add_argument_group("sweeps")
-    sweep.add_argument("--nprocs", type=int_list, default=[1, 2, 4], help="--local: world sizes P (1,2,4)")
-    sweep.add_argument("--subnets", type=int_list, default=None, help="values of N (local 1,2; slurm 2,4,8)")
-    sweep.add_argument("--run-timeout", type=positive(float), default=3600, help="--local: seconds per run (3600)")
-    sweep.add_argument("--nodes", type=int_list, default=[1, 2, 4], help="--slurm: node counts (1,2,4)")
-    sweep.add_argument("--tasks-per-node", type=positive(int), default=4, help="--slurm: ranks (GPUs) per node (4)")
-    sweep.add_argument("--script", type=Path, help="--slurm: job script of one run (default slurm/resnet32.sh)")
-    sweep.add_argument("--study-script", type=Path, help="--slurm: slurm/scaling_study.sh (default: under the "
-                                                         "working directory, else in $DD_MPI_SLURM_DIR)")
-    sweep.add_argument("--sbatch", default="", help="--slurm: sbatch options for every job, e.g. '-p gpu -A proj'")
-    sweep.add_argument("--dry-run", action="store_true", help="--slurm: print the command, submit nothing")
+    add(sweep, ("local",), "--nprocs", type=int_list, default=[1, 2, 4], help="--local: world sizes P (1,2,4)")
+    add(sweep, ("local", "slurm"), "--subnets", type=int_list, default=None,
+        help="values of N (local 1,2; slurm 2,4,8)")
+    add(sweep, ("local",), "--run-timeout", type=positive(float), default=3600,
+        help="--local: seconds per run (3600)")
+    add(sweep, ("slurm",), "--nodes", type=int_list, default=[1, 2, 4], help="--slurm: node counts (1,2,4)")
+    add(sweep, ("slurm",), "--tasks-per-node", type=positive(int), default=4,
+        help="--slurm: ranks (GPUs) per node (4)")
+    add(sweep, ("slurm",), "--script", type=Path, help="--slurm: job script of one run (default slurm/resnet32.sh)")
+    add(sweep, ("slurm",), "--study-script", type=Path,
+        help="--slurm: slurm/scaling_study.sh (default: under the working directory, else in $DD_MPI_SLURM_DIR)")
+    add(sweep, ("slurm",), "--sbatch", default="",
+        help="--slurm: sbatch options for every job, e.g. '-p gpu -A proj'")
+    add(sweep, ("slurm",), "--dry-run", action="store_true", help="--slurm: print the command, submit nothing")
     coll = parser.add_argument_group("collect")
-    coll.add_argument("--target", type=positive(float), help="target test top-1 (%%) for time to accuracy "
-                                                             "(default per run: min(transfer_T, random_T))")
+    add(coll, ("local", "collect"), "--target", type=positive(float),  # (a --local sweep collects its runs)
+        help="target test top-1 (%%) for time to accuracy (default per run: min(transfer_T, random_T))")
     model = parser.add_argument_group("model")
-    model.add_argument("--alpha", type=positive(float, or_zero=True), default=DEFAULT_ALPHA,
-                       help=f"latency, s ({DEFAULT_ALPHA:g})")
-    model.add_argument("--beta", type=positive(float), default=DEFAULT_BETA,
-                       help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})")
-    model.add_argument("--measure-comm", type=int, nargs="?", const=2, default=0, metavar="P",
-                       help="measure alpha and beta with a gloo allreduce on P local ranks (2)")
-    model.add_argument("--gpus", type=gpu_list, default=gpu_list("8-4096"), help="P to project (8-4096)")
-    model.add_argument("--model-subnets", type=int_list, help="N to project (default: the runs' N > 1, or 4)")
-    model.add_argument("--samples", type=positive(int), help="training samples per epoch (default: the runs'; "
-                       "--dataset imagefolder runs need it)")
-    model.add_argument("--per-rank-batch", type=positive(int), help="batch per rank (default: the runs')")
-    model.add_argument("--epochs", type=int_list, help="epochs SUBNET,FINETUNE,BASELINE (default: the runs')")
-    model.add_argument("--global-ips", help="images/s per rank of the global net (e.g. from a GPU benchmark)")
-    model.add_argument("--subnet-ips", help="images/s per rank of a sub-net: X, or N=X,N=Y")
-    model.add_argument("--classes", type=positive(int), help="classes, for --dataset imagefolder runs")
+    for flag, options in {
+            "--alpha": dict(type=positive(float, or_zero=True), default=DEFAULT_ALPHA,
+                            help=f"latency, s ({DEFAULT_ALPHA:g})"),
+            "--beta": dict(type=positive(float), default=DEFAULT_BETA, help=f"bandwidth, bytes/s ({DEFAULT_BETA:g})"),
+            "--measure-comm": dict(type=int, nargs="?", const=2, default=0, metavar="P",
+                                   help="measure alpha and beta with a gloo allreduce on P local ranks (2)"),
+            "--gpus": dict(type=gpu_list, default=gpu_list("8-4096"), help="P to project (8-4096)"),
+            "--model-subnets": dict(type=int_list, help="N to project (default: the runs' N > 1, or 4)"),
+            "--samples": dict(type=positive(int), help="training samples per epoch (default: the runs'; "
+                                                       "--dataset imagefolder runs need it)"),
+            "--per-rank-batch": dict(type=positive(int), help="batch per rank (default: the runs')"),
+            "--epochs": dict(type=int_list, help="epochs SUBNET,FINETUNE,BASELINE (default: the runs')"),
+            "--global-ips": dict(help="images/s per rank of the global net (e.g. from a GPU benchmark)"),
+            "--subnet-ips": dict(help="images/s per rank of a sub-net: X, or N=X,N=Y"),
+            "--classes": dict(type=positive(int), help="classes, for --dataset imagefolder runs")}.items():
+        add(model, ("model",), flag, **options)
     args, unknown = parser.parse_known_args(own)
     if unknown and not (args.local or args.slurm):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -231,10 +234,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if passthrough and mode not in ("local", "slurm"):
         parser.error(f"the dd-train flags after -- are for --local and --slurm sweeps, not --{mode}: leave them out")
     for token in own:  # a flag another mode reads was silently ignored (--slurm --nprocs 8 ran on --nodes)
-        action = parser._option_string_actions.get(token.split("=", 1)[0])
-        readers = READ_BY.get(action.dest, MODES) if action else MODES
-        if mode not in readers:
-            parser.error(f"{token.split('=', 1)[0]} is read by {' and '.join('--' + r for r in readers)} only, "
+        flag = token.split("=", 1)[0]
+        if mode not in readers.get(flag, MODES):
+            parser.error(f"{flag} is read by {' and '.join('--' + r for r in readers[flag])} only, "
                          f"not --{mode}: leave it out")
     if args.epochs is not None and len(args.epochs) != 3:
         parser.error("--epochs: give SUBNET,FINETUNE,BASELINE")
