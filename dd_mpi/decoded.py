@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from .errors import UsageError
-from .formats import CheckedLoader, InMemorySplit, stored_size, worker_ignores_stop_signals
+from .formats import CheckedLoader, InMemorySplit, ShorterSideResize, stored_size, worker_ignores_stop_signals
 from .progress import log
 
 CACHE_FORMAT = 1  # bump when the stored pixels change meaning
@@ -54,7 +54,7 @@ class _Decoded(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], resize: int, crop: int):
         self.samples = samples
-        self.transform = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.PILToTensor()])
+        self.transform = T.Compose([ShorterSideResize(resize), T.CenterCrop(crop), T.PILToTensor()])
 
     def __len__(self) -> int:
         return len(self.samples)

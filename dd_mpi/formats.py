@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 from torchvision.datasets import utils as tv_utils
 
 from .errors import UsageError
@@ -59,6 +60,7 @@ CIFAR_STATS = {  # per-channel mean and std of the training images, in [0, 1] un
 }
 SMALL_IMAGE_PX = 64  # ImageFolder images this size or smaller are treated like CIFAR
 SIZE_SAMPLE = 32  # training images whose median size decides that
+MAX_ASPECT = 16  # a resize of the shorter side stops where the longer one reaches this many times the size
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,26 @@ def stored_size(size: int) -> int:
     square, then to ``size``) land on the test transform's one: torchvision rounds an offset
     half to even, and an odd half-margin would shift some crops by a pixel."""
     return size + 4 * round(size * 32 / 224 / 4)
+
+
+class ShorterSideResize:
+    """T.Resize(size) (the shorter side to ``size``), but the longer side to at most MAX_ASPECT ×
+    ``size``, and no side below 1 pixel (the centre crop then pads): a 6000×2 image became
+    768000×256, 1.5 GB for one sample. (T.Resize's max_size rounds such a short side to 0.)"""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        longest = MAX_ASPECT * self.size
+        if max(width, height) * self.size <= longest * min(width, height):
+            return TF.resize(image, self.size)  # as T.Resize(size), to the pixel
+        scale = longest / max(width, height)
+        return TF.resize(image, [max(1, round(height * scale)), max(1, round(width * scale))])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, longer side <= {MAX_ASPECT * self.size})"
 
 
 @dataclass(frozen=True)
@@ -230,7 +252,7 @@ def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:
     """The ImageNet recipe: random-resized crops for training, resize 256/224 + centre crop to test."""
     normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalise])
-    test = T.Compose([T.Resize(stored_size(size)), T.CenterCrop(size), *normalise])
+    test = T.Compose([ShorterSideResize(stored_size(size)), T.CenterCrop(size), *normalise])
     return train, test
 
 
@@ -238,9 +260,9 @@ def _small_transforms(size: int) -> tuple[T.Compose, T.Compose]:
     """The CIFAR recipe (pad by size/8, random crop, flip). The Resize makes images of another
     size the same scale in training as in testing; it does nothing to size×size images."""
     normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = T.Compose([T.Resize(size), T.RandomCrop(size, padding=size // 8),
+    train = T.Compose([ShorterSideResize(size), T.RandomCrop(size, padding=size // 8, pad_if_needed=True),
                        T.RandomHorizontalFlip(), *normalise])
-    test = T.Compose([T.Resize(size), T.CenterCrop(size), *normalise])
+    test = T.Compose([ShorterSideResize(size), T.CenterCrop(size), *normalise])
     return train, test
 
 

@@ -230,6 +230,33 @@ def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
     assert (np.asarray(CheckedLoader()(tmp_path / "eight_bit_values.tif")) == 200).all()  # kept as they are
 
 
+@pytest.mark.parametrize("recipe", ["large", "small"])
+def test_a_very_long_thin_image_is_not_blown_up(tmp_path, recipe):
+    """Resizing the shorter side of a 6000×2 image to 256 made it 768000×256 (1.5 GB): the longer
+    side now stops at 16× the size, and the crops pad. Each transform that resizes is checked:
+    the test transform, the small recipe's training one, and the decoder of caches and of
+    in-memory sets."""
+    from dd_mpi.decoded import _Decoded
+    write_imagefolder(tmp_path, classes=("cat", "dog"), per_class=2, val_per_class=1,
+                      size=96 if recipe == "large" else 24)
+    strip = Image.new("RGB", (6000, 2), (200, 10, 10))
+    for split in ("train", "val"):
+        strip.save(tmp_path / split / "cat" / "strip.png")
+    bundle = load("imagefolder", tmp_path, image_size=32)
+    assert (bundle.decode_size is None) == (recipe == "large")
+    resizing = [bundle.test.transform, _Decoded([], 36, 32).transform]
+    if recipe == "small":
+        resizing.append(bundle.train.transform)
+    for transform in resizing:
+        resize = transform.transforms[0]
+        assert max(resize(strip).size) <= 16 * resize.size, transform
+    for split in (bundle.test, bundle.train):
+        index = next(i for i, (path, _) in enumerate(split.samples) if path.endswith("strip.png"))
+        assert split[index][0].shape == (3, 32, 32)  # the crops pad what the resize left short
+    decoded, _ = _Decoded([(str(tmp_path / "val" / "cat" / "strip.png"), 0)], 36, 32)[0]
+    assert decoded.shape == (3, 32, 32) and decoded.dtype == torch.uint8
+
+
 def test_imagefolder_class_lists_that_differ_are_named(tmp_path):
     write_imagefolder(tmp_path, classes=("cat", "dog", "emu"), per_class=2, val_per_class=1)
     (tmp_path / "val" / "emu").rename(tmp_path / "val" / "ferret")
