@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import runlock
 from .comm import BaseComm, BaseWorld
 from .config import RunConfig, read_saved_config
 from .data import DataPlan, Stream
@@ -352,6 +353,11 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
         except OSError as error:
             return f"--out {out} is not writable ({error.strerror}): choose a writable directory"
         joins = cfg.resume or cfg.only_group_mode
+        # a job that continues the run may follow one whose lock outlives it a while (a lost
+        # node's, on NFS); the other ranks wait for this verdict up to --io-timeout
+        busy = runlock.claim(out, cfg.only_group, wait_seconds=cfg.io_timeout / 2 if joins else 0)
+        if busy:
+            return busy
         written = cfg.to_dict()
         if config_file.exists():
             if not joins:

@@ -18,12 +18,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from dd_mpi import runlock
 from dd_mpi.checkpoint import CHECKPOINT_DIR, checkpoint_path, load
 from dd_mpi.pipeline import GroupAlarm
 
@@ -362,6 +364,69 @@ def test_the_ranks_stop_when_their_launcher_is_killed(tmp_path, jobs):
     assert wait_gone(list(ranks.values()), timeout=KILL_BOUND) == [], job.output()
     assert job.output().count(": stop requested") == 2, job.output()  # each group checkpointed
     assert not checkpoint_path(out, "subnet0", "final").exists()
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_two_jobs_never_train_one_run_at_once(tmp_path, jobs):
+    """A job submitted twice, or an array task resubmitted while it still ran, trained the same
+    sub-network into the same checkpoints. Rank 0 holds a lock in --out (flock: the kernel
+    drops it when the process ends, even by SIGKILL): array tasks of other sub-nets share the
+    run's; a second task of the same sub-net, or a whole run, waits for it (half of
+    --io-timeout) and is refused."""
+    out = tmp_path / "run"
+    args = [*RUN, "--strategy", "dd", "--subnet-epochs", "500", "--out", str(out)]
+    task = start(jobs, [*args, "--only-group", "0"], tmp_path, "task0", nproc=1)  # (one process)
+    task.wait_for_new(checkpoint_path(out, "subnet0", "last"))
+    again = run_dd([*args, "--only-group", "0", "--io-timeout", "4"], nproc=1, timeout=120)
+    assert again.returncode == 2 and error_lines(again.stderr) == [
+        f"dd-train: error: --out {out}: another job is training sub-network 0 there now "
+        f"({out / '.dd_mpi.lock-subnet0'} is locked): wait for it to end, or cancel it"], explain(again)
+    assert "waiting up to 2 s for it to end" in again.stdout, explain(again)
+    whole = run_dd([*args, "--resume", "--io-timeout", "4"], nproc=2, timeout=120)
+    assert whole.returncode == 2 and "another job is training the run there now" in whole.stderr, explain(whole)
+    assert task.proc.poll() is None  # the first job trains on
+    assert runlock.claim(out, 1, wait_seconds=0) is None  # another sub-net's task may train beside it
+    runlock.release()
+    task.kill()  # SIGKILL: no clean-up, and yet the lock is free
+    assert wait_gone([task.proc.pid]) == []
+    assert runlock.claim(out, 0, wait_seconds=0) is None and runlock.claim(out, None, wait_seconds=0) is None
+    runlock.release()
+    assert not checkpoint_path(out, "subnet0", "final").exists()
+
+
+HOLD_AND_FORK = """
+import multiprocessing, sys, time
+from pathlib import Path
+from dd_mpi import runlock
+assert runlock.claim(Path(sys.argv[1]), None, wait_seconds=0) is None
+worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))  # as DataLoader's
+worker.start()
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timing
+def test_a_continuing_job_waits_for_the_lock_and_forked_workers_do_not_keep_it(tmp_path):
+    """The claim is the process's own: a DataLoader worker forked after it closes its copy (it
+    kept the lock for the seconds it outlived a killed rank 0, and a restart was refused). A
+    new job is refused at once; a continuing one waits, and starts when the holder dies."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        assert "another job is training the run there now" in runlock.claim(tmp_path, None, wait_seconds=0)
+        killer = threading.Timer(1.0, holder.kill)
+        killer.start()
+        started = time.monotonic()
+        assert runlock.claim(tmp_path, None, wait_seconds=120) is None  # while the worker still lives
+        assert alive(worker) and time.monotonic() - started < 60
+        runlock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(worker, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------
