@@ -386,6 +386,8 @@ def read_config_file(path: str) -> dict:
     """RunConfig's keys from a YAML file, checked: an unknown key or a value of the wrong
     type is one line naming the key and the file."""
     import yaml
+    if not path.strip():  # an unset $VAR in a script: it read as no file, and the defaults ran
+        raise UsageError(f"--config {path!r} is empty: give a YAML file (a variable it names may be unset)")
     try:
         with open(path, encoding="utf-8") as handle:
             values = yaml.load(handle, Loader=_yaml_loader()) or {}  # noqa: S506 -- a SafeLoader
@@ -474,7 +476,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     --batch-size and --global-batch-size are two ways to give one batch: the later layer's
     wins (in one layer --global-batch-size does, as in the plan)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    from_file = read_config_file(args["config"]) if args.get("config") else {}
+    from_file = read_config_file(args["config"]) if "config" in args else {}
     preset = args["preset"] if "preset" in args else from_file.get("preset")
     values = {}
     if preset is not None:

@@ -14,4 +14,7 @@ command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the
 tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
 for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
+# checked once first: torchrun stops every rank when one exits, so each would say a bad flag's line,
+# under the launcher's own traceback and exit status
+dd-train ${tiny[@]+"${tiny[@]}"} "$@" --print-config >/dev/null || exit  # (it said why)
 exec torchrun --standalone --nproc-per-node 4 -m dd_mpi ${tiny[@]+"${tiny[@]}"} "$@"

@@ -366,6 +366,7 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--dataset", "food101", "--cache-dir", ""], "--cache-dir '' is empty: give a folder"),
     (["--out", ""], "--out '' is empty: give a folder"),  # wrote the run into the working directory
     (["--preset", ""], "--preset '' is unknown: choose one of cifar10-resnet32"),  # ran the defaults
+    (["--config", ""], "--config '' is empty: give a YAML file"),  # read as no file: the defaults ran
     (["--seed", str(10 ** 20)], "--seed 100000000000000000000 is out of range: use one from -2**53 to 2**53"),
 ])
 def test_config_validation_names_the_flag(argv, message):
