@@ -17,6 +17,7 @@ import io
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,46 @@ def load(path: Path) -> dict | None:
         raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}): delete it "
                          "to retrain that phase, or point --out at another directory",
                          everywhere=False) from None
+
+
+def _size(value) -> str:
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    return "×".join(map(str, value.shape)) or "a scalar"
+
+
+FINAL_KEYS = ("model", "history", "test", "seconds")
+LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "test")
+
+
+def fitting(saved: dict | None, path: Path, keys: tuple[str, ...], model: dict,
+            settings_differ: Callable[[dict], list[str]]) -> dict | None:
+    """``saved`` (None: none), once it is seen to hold ``keys``, weights of the shapes of
+    ``model`` (a state dict), and settings (its ``config``) of which ``settings_differ`` finds
+    none changed: another run's checkpoint copied in composed a wrong net on rank 0 while the
+    other ranks died in a collective (another --width), or was resumed silently (another
+    --seed), and a file that is no checkpoint raised KeyError."""
+    if saved is None:
+        return None
+    refuse = (f"checkpoint {path} %s: delete it to retrain that phase, or point --out at the run it "
+              "belongs to")
+    missing = [k for k in keys if k not in saved] if isinstance(saved, dict) else list(keys)
+    if missing or not isinstance(saved["model"], dict):
+        raise UsageError(refuse % f"is not a dd_mpi checkpoint of this kind (no {', '.join(missing) or 'model'})",
+                         everywhere=False)
+    differences = [f"{name} is {_size(held)}, here {_size(model[name])}"
+                   for name, held in saved["model"].items()
+                   if name in model and (not isinstance(held, torch.Tensor) or held.shape != model[name].shape)]
+    differences += [f"it has no {name}" for name in model if name not in saved["model"]]
+    differences += [f"{name} is not in this run's" for name in saved["model"] if name not in model]
+    if differences:
+        raise UsageError(refuse % f"holds another network than this run's ({differences[0]}: another run's, "
+                         "or another --arch/--width)", everywhere=False)
+    changed = settings_differ(saved["config"]) if isinstance(saved.get("config"), dict) else []
+    if changed:
+        raise UsageError(refuse % f"was made with other settings than this run's ({'; '.join(changed)}): another "
+                         "run's", everywhere=False)
+    return saved
 
 
 def rng_state() -> dict:

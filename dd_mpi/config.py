@@ -262,13 +262,17 @@ class RunConfig:
                "level_epochs", "level_lr", "subnet_batch_size", "global_batch_size", "groups", "nesterov",
                "bn_weight_decay", "warmup_style")
 
-    def incompatible_with(self, saved: dict, default_groups: int | None = None) -> list[str]:
+    def incompatible_with(self, saved: dict, default_groups: int | None = None, *,
+                          layout_free: bool = False) -> list[str]:
         """'flag: saved -> now' for every shaping setting that differs from a saved config
         (a setting the saved config predates counts as its default). ``default_groups``: the
-        G that no --groups gives on this job's ranks, the same as giving it."""
+        G that no --groups gives on this job's ranks, the same as giving it. ``layout_free``:
+        --groups left out (a checkpoint's nets are the same in any layout)."""
         defaults = RunConfig()
 
         def same(key: str, before, now) -> bool:
+            if key == "groups" and layout_free:
+                return True
             if key == "groups" and default_groups is not None:
                 before, now = (default_groups if g is None else g for g in (before, now))
             return before == now

@@ -11,6 +11,7 @@ run loads it instead of training again.
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +122,14 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     checkpoints. ``start``: the nets' weights (composed nets), else seeded fresh ones;
     ``initial``: their evaluation already made, whose ``initial_seconds`` count as theirs."""
     cfg, out = run.cfg, run.out
-    finished = {j: ckpt.load(ckpt.checkpoint_path(out, level.net_name(j), "final")) for j in nets} \
-        if cfg.resume else {}
+    finished = {}
+    settings_differ = partial(cfg.incompatible_with, layout_free=True)
+    if cfg.resume:
+        with torch.device("meta"):
+            shapes = build_model(level.spec).state_dict()
+        for j in nets:
+            path = ckpt.checkpoint_path(out, level.net_name(j), "final")
+            finished[j] = ckpt.fitting(ckpt.load(path), path, ckpt.FINAL_KEYS, shapes, settings_differ)
     done = [j for j in nets if finished.get(j) is not None]
     if done and len(done) < len(nets):
         together = finished_together(level, nets, [j for j in nets if j not in done],
@@ -177,9 +184,12 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
                 "that one to use it), or with nets that have finished since (--only-group tasks)",
                 rank=comm.rank)
     if saved is not None:
-        if saved.get("nets") is not None and list(saved["nets"]) != list(nets):  # named by an older dd_mpi
-            raise UsageError(f"{cfg.continuing_flag}: {last_path} holds nets {list(saved['nets'])}, not {nets}: delete it "
+        held = saved.get("nets") if isinstance(saved, dict) else None
+        if held is not None and list(held) != list(nets):  # named by an older dd_mpi
+            raise UsageError(f"{cfg.continuing_flag}: {last_path} holds nets {list(held)}, not {nets}: delete it "
                              "to retrain them")
+        ckpt.fitting(saved, last_path, ckpt.LAST_KEYS, model.state_dict(),
+                     partial(cfg.incompatible_with, layout_free=True))
         state = PhaseState.from_dict(saved)
         if state.ranks != comm.size:  # LR scaling, steps and data split would change
             raise UsageError(f"{cfg.continuing_flag}: {name} was trained on {state.ranks} ranks and would resume on "

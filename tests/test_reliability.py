@@ -622,10 +622,39 @@ def garble(path: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(5000))
 
 
+def widen(path: Path) -> None:
+    """Another run's checkpoint copied in: its first weight twice as wide (another --width)."""
+    saved = load(path)
+    name = next(iter(saved["model"]))
+    saved["model"][name] = torch.cat([saved["model"][name]] * 2)
+    torch.save(saved, path)
+
+
+def reseed(path: Path) -> None:
+    """Another run's checkpoint of the same shapes copied in: the same flags but --seed 7."""
+    saved = load(path)
+    saved["config"]["seed"] = 7
+    torch.save(saved, path)
+
+
+def not_a_checkpoint(path: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, path)  # reads, but holds none of a checkpoint's keys
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("victim, damage", [("finetune-last", truncate), ("subnet1-final", garble)])
-def test_a_corrupt_checkpoint_is_refused_on_resume(tmp_path, reference, victim, damage):
-    """A run stopped in phase 3 (its later files removed), then one checkpoint damaged."""
+@pytest.mark.parametrize("victim, damage, expected", [
+    ("finetune-last", truncate, "is unreadable"),
+    ("subnet1-final", garble, "is unreadable"),
+    ("subnet1-final", widen, "holds another network than this run's (conv1.weight is 16×3×3×3, here 8×3×3×3"),
+    ("finetune-last", widen, "holds another network than this run's (conv1.weight is 32×3×3×3, here 16×3×3×3"),
+    ("subnet1-final", not_a_checkpoint, "is not a dd_mpi checkpoint of this kind (no model, history"),
+    ("subnet1-final", reseed, "was made with other settings than this run's (--seed: 7 -> 0): another run's"),
+    ("finetune-last", reseed, "was made with other settings than this run's (--seed: 7 -> 0): another run's"),
+])
+def test_a_corrupt_checkpoint_is_refused_on_resume(tmp_path, reference, victim, damage, expected):
+    """A run stopped in phase 3 (its later files removed), then one checkpoint damaged, or
+    replaced by another run's (it composed a wrong net on rank 0 while the others died in a
+    collective) or by a file that is no checkpoint (KeyError)."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for name in ("finetune-final", "baseline-last", "baseline-best", "baseline-final"):
@@ -637,7 +666,7 @@ def test_a_corrupt_checkpoint_is_refused_on_resume(tmp_path, reference, victim, 
     result = run_dd([*RUN, "--resume", "--out", str(out)], nproc=2, timeout=300)
     assert result.returncode == 2, explain(result)
     lines = error_lines(result.stderr)
-    assert lines and len(set(lines)) == 1 and f"{path} is unreadable" in lines[0], explain(result)
+    assert lines and len(set(lines)) == 1 and f"{path} {expected}" in lines[0], explain(result)
     assert "Traceback" not in result.stderr
     assert path.read_bytes() == damaged  # left for the user to look at
     assert not checkpoint_path(out, "finetune", "final").exists() and not (out / "report.json").exists()
