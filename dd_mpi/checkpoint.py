@@ -71,14 +71,31 @@ def load(path: Path) -> dict | None:
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, MemoryError) as error:
+        if isinstance(error, OSError) and _reads_through(path):  # torch's zip reader: EINVAL on some truncations
+            raise _corrupt(path, error) from None
         reason, fix = (("out of memory", "free memory on this node") if isinstance(error, MemoryError)
                        else (error.strerror or str(error), "check the file system"))
         raise UsageError(f"checkpoint {path} could not be read ({reason}): {fix}, then rerun",
                          everywhere=False) from None
     except Exception as error:  # truncated, corrupt, not a checkpoint
-        raise UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}): delete it "
-                         "to retrain that phase, or point --out at another directory",
-                         everywhere=False) from None
+        raise _corrupt(path, error) from None
+
+
+def _corrupt(path: Path, error: BaseException) -> UsageError:
+    return UsageError(f"checkpoint {path} is unreadable ({type(error).__name__}): delete it to retrain that "
+                      "phase, or point --out at another directory", everywhere=False)
+
+
+def _reads_through(path: Path) -> bool:
+    """Whether the file system gives every byte of ``path``: then an OSError came from the
+    bytes themselves, and rerunning would meet it again."""
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+        return True
+    except OSError:
+        return False
 
 
 def _size(value) -> str:

@@ -568,6 +568,19 @@ def test_a_damaged_checkpoint_is_a_usage_error_naming_the_file(tmp_path, damage)
     assert not error.value.everywhere  # only the ranks that read it know: each says so
 
 
+def test_every_truncation_of_a_checkpoint_is_called_damaged(tmp_path):
+    """torch's zip reader raises OSError (EINVAL) on some truncated files: that was taken for an
+    I/O error, whose advice (check the file system, rerun) met the same error again."""
+    path = tmp_path / "finetune-last.pt"
+    ckpt.save(path, {"model": {f"w{i}": torch.zeros(500) for i in range(8)}, "epoch": 3})
+    whole = path.read_bytes()
+    for length in range(64, len(whole), len(whole) // 80):
+        path.write_bytes(whole[:length])
+        with pytest.raises(UsageError) as error:
+            ckpt.load(path)
+        assert f"checkpoint {path} is unreadable" in str(error.value), (length, str(error.value))
+
+
 def test_a_checkpoint_that_fails_to_read_is_not_called_damaged(tmp_path):
     """An I/O error (here: a directory where the file should be) says nothing against the
     file: the message names the error and does not advise deleting a good checkpoint."""
