@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from harness import default_out, print_header, run_dd_train
+from harness import Parser, check_dd_train, out_dir, print_header, run_dd_train
 
 from dd_mpi import checkpoint as ckpt
 from dd_mpi.flat import checksum, checksum_state, flatten_state, unflatten_into, unflatten_state
-from dd_mpi.config import parse_config
+from dd_mpi.config import RunConfig
 from dd_mpi.decompose import compose, composed_spec, subnet_spec
+from dd_mpi.errors import EXIT_USAGE
 from dd_mpi.models import build_model
+from dd_mpi.scaling.cli import positive
 
 PAPER = ["--arch", "resnet32", "--width", "4", "--subnets", "4", "--batch-size", "32"]  # the wide preset's net
 QUICK = ["--train-samples", "512", "--test-samples", "256", "--subnet-epochs", "1", "--finetune-epochs", "1"]
@@ -43,9 +45,8 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def probe_memory(dd_args: list[str]) -> dict:
+def probe_memory(cfg: RunConfig) -> dict:
     """Rank 0's phase 2, step by step as pipeline.gather_and_compose does it, in this process."""
-    cfg = parse_config(dd_args)
     sub_spec = subnet_spec(cfg.model_spec(10), cfg.subnets)
     own = build_model(sub_spec).to(memory_format=torch.channels_last).state_dict()  # rank 0's sub-net
     flat = flatten_state(own)
@@ -78,23 +79,28 @@ def probe_memory(dd_args: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
+    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="fewer samples and epochs")
     parser.add_argument("--out", type=Path, help="directory for the run (default runs/bench-comm-<time>)")
     parser.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)  # the fresh process
     args, dd_args = parser.parse_known_args()
     dd_args = [*PAPER, *(QUICK if args.quick else FULL), *dd_args]
     if args.probe_memory:
-        print(json.dumps(probe_memory(dd_args)))
+        print(json.dumps(probe_memory(check_dd_train(parser, dd_args))))
         return
+    check_dd_train(parser, [*dd_args, "--strategy", "dd"], args.nproc)  # all bad input refused here
+    out = out_dir(parser, args.out, "comm")
     print_header("phase 2: compose time share and rank 0's peak memory")
 
-    probe = subprocess.run([sys.executable, __file__, "--probe-memory", *dd_args],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run([sys.executable, __file__, "--probe-memory", *dd_args], capture_output=True, text=True)
+    if probe.returncode == EXIT_USAGE:  # its one line
+        sys.stderr.write(probe.stderr)
+        sys.exit(EXIT_USAGE)
+    if probe.returncode != 0:
+        sys.exit(f"the memory probe failed (exit {probe.returncode}):\n{probe.stderr[-3000:]}")
     mem = json.loads(probe.stdout.splitlines()[-1])
-    out = (args.out or default_out("comm")).resolve()
     report, _ = run_dd_train([*dd_args, "--strategy", "dd"], args.nproc, out)
     t, cfg = report["timing"], report["config"]
     share = t["compose"] / t["dd_total"]

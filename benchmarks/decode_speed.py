@@ -33,10 +33,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from harness import Parser  # noqa: E402
+
 from dd_mpi import data, decoded, formats  # noqa: E402
 from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.models import ModelSpec  # noqa: E402
 from dd_mpi.presets import PRESETS  # noqa: E402
+from dd_mpi.scaling.cli import positive  # noqa: E402
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -119,15 +122,15 @@ def training_rate(preset: str, size: int, batch: int = 32, steps: int = 5) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 images (default 400)")
-    parser.add_argument("--images", type=int)
+    parser.add_argument("--images", type=positive(int))
     parser.add_argument("--photos", action="store_true", help="JPEGs cut from real photos (needs scikit-learn)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--preset", default="food101-resnet50")
-    parser.add_argument("--consume", type=float, help="images/s one rank trains (default: measured here)")
+    parser.add_argument("--image-size", type=positive(int), default=224)
+    parser.add_argument("--preset", default="food101-resnet50", choices=tuple(PRESETS))
+    parser.add_argument("--consume", type=positive(float), help="images/s one rank trains (default: measured here)")
     args = parser.parse_args()
-    count = args.images or (100 if args.quick else 400)
+    count = args.images if args.images is not None else 100 if args.quick else 400
     torch.set_num_threads(1)
     print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, one process = one worker, 1 thread")
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,9 +26,13 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from harness import Parser  # noqa: E402
+
 from dd_mpi.presets import PRESETS  # noqa: E402
 from dd_mpi.decompose import subnet_spec  # noqa: E402
+from dd_mpi.errors import UsageError  # noqa: E402
 from dd_mpi.models import ModelSpec, build_model  # noqa: E402
+from dd_mpi.scaling.cli import positive  # noqa: E402
 from dd_mpi.train import member_losses  # noqa: E402
 
 CIFAR_TRAIN = 50_000
@@ -64,33 +68,38 @@ def images_per_second(spec: ModelSpec, batch: int, bf16: bool, steps: int, compi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--preset", default="cifar10-resnet32")
+    parser.add_argument("--batch-size", type=positive(int), default=128)
+    parser.add_argument("--preset", default="cifar10-resnet32", choices=tuple(PRESETS))
     parser.add_argument("--compile", default=None, metavar="MODE",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode, e.g. default or reduce-overhead (CUDA graphs)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    parser.add_argument("--threads", type=positive(int), help="torch threads on CPU (default: torch's)")
     parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"))
     parser.add_argument("--arch", help="another global net than the preset's (with --width, --subnets, --shortcut)")
-    parser.add_argument("--width", type=float)
-    parser.add_argument("--subnets", type=int)
+    parser.add_argument("--width", type=positive(float))
+    parser.add_argument("--subnets", type=positive(int))
     parser.add_argument("--shortcut", choices=("A", "B"))
     args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    subnets = args.subnets if args.subnets is not None else preset["subnets"]
+    try:  # the nets, checked as dd-train checks them (--arch, --width, --subnets) before any work
+        global_spec = ModelSpec(args.arch if args.arch is not None else preset["arch"],
+                                args.width if args.width is not None else preset["width"], 10,
+                                args.shortcut if args.shortcut is not None else preset.get("shortcut") or "A")
+        sub_spec = subnet_spec(global_spec, subnets)
+    except UsageError as error:
+        parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_throughput: no GPU visible (--device cpu measures a CPU)")
-    if args.threads:
+        parser.error("--device cuda: no GPU visible (--device cpu measures a CPU)")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
     memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
     steps = 30 if args.quick else 100
-    preset = PRESETS[args.preset]
-    subnets = args.subnets or preset["subnets"]
-    global_spec = ModelSpec(args.arch or preset["arch"], args.width or preset["width"], 10,
-                            args.shortcut or preset.get("shortcut") or "A")
-    sub_spec = subnet_spec(global_spec, subnets)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"# {' '.join(sys.argv)}\n# {name}, {args.memory_format}, batch {args.batch_size}, torch {torch.__version__}")
     results = {}

@@ -1,11 +1,14 @@
 """Shared by the benchmarks: the machine line, running dd-train, reading its outputs.
 
 Every benchmark prints the exact command and the machine first (timings mean nothing
-without them) and its headline ratio last.
+without them) and its headline ratio last. Bad input ends a script before any work, as
+one line naming the flag and what fixes it, exit 2: ``Parser`` for the script's own flags
+(with the argparse types below), ``check_dd_train`` for the dd-train flags it passes on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,9 +20,73 @@ from pathlib import Path
 
 import torch
 
+from dd_mpi.config import RunConfig, parse_config
+from dd_mpi.errors import EXIT_USAGE, UsageError
+from dd_mpi.plan import checked_layouts
+
 REPO = Path(__file__).resolve().parent.parent
 # an --eval-every / --subnet-eval-every beyond any run's epochs: evaluate after the last only
 AFTER_THE_LAST_EPOCH = "1000000"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad input is one line, ``SCRIPT: error: MESSAGE``, exit 2 (not the usage
+    block first: the message names the flag, --help shows them all)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def distinct_list(kind=int, choices: tuple | None = None):
+    """An argparse type: a comma-separated list of ``kind`` values (of ``choices``), each once:
+    a value given twice would be a second run into the first one's directory."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {kind.__name__} "
+                                             "values") from None
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: {bad[0]!r} is not one of {', '.join(map(str, choices))}")
+        twice = [v for v in dict.fromkeys(values) if values.count(v) > 1]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{text!r}: {twice[0]!r} given twice: give each value once")
+        return values
+    parse.__name__ = "list"  # (argparse names the type in its messages)
+    return parse
+
+
+def percent(text: str) -> float:
+    """An argparse type: a percentage, 0 to 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not 0 <= value <= 100:  # (nan too)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage from 0 to 100")
+    return value
+
+
+def check_dd_train(parser: argparse.ArgumentParser, dd_args: list[str], nproc: int | None = None) -> RunConfig:
+    """dd-train's flags read as dd-train reads them, and with ``nproc`` its run's layout on that
+    many ranks checked as dd-train checks it before it starts: a bad one ends the script here,
+    like a bad flag of its own, not after the runs before it."""
+    try:
+        cfg = parse_config(dd_args)
+        if nproc is not None:
+            checked_layouts(cfg, nproc)
+    except UsageError as error:
+        parser.error(f"dd-train flags: {error}")
+    return cfg
+
+
+def out_dir(parser: argparse.ArgumentParser, out: Path | None, name: str) -> Path:
+    """--out, resolved (default runs/bench-NAME-TIME); refused if it is there but no directory."""
+    path = (out if out is not None else default_out(name)).resolve()
+    if path.exists() and not path.is_dir():
+        parser.error(f"--out {out}: is a file, not a directory: give a directory for the runs")
+    return path
 
 
 def cpu_model() -> str:
@@ -55,6 +122,10 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dd_train_env())
     (out / "log.txt").write_text(result.stdout + result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dd-train: error: ")]
+    if result.returncode == EXIT_USAGE and errors:  # bad input found at its start: its one line
+        print(f"{errors[-1]} (log: {out / 'log.txt'})", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if result.returncode != 0:
         sys.exit(f"dd-train failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
     print(f"    done in {time.perf_counter() - start:.0f} s wall (incl. start-up), outputs in {out}", flush=True)
@@ -100,9 +171,12 @@ def default_out(name: str) -> Path:
     return REPO / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def digits_args(root: Path | None = None) -> list[str]:
+def digits_args(root: Path | None = None, *, write: bool = True) -> list[str]:
     """dd-train flags for scikit-learn's digits as an ImageFolder (benchmarks/digits.py): the
-    small real image set every speed and accuracy conclusion is checked on."""
-    from digits import write_digits
-    path = write_digits(root or REPO / "runs" / "digits")
+    small real image set every speed and accuracy conclusion is checked on. Written unless
+    ``write`` is false (the flags alone, to check them before any work)."""
+    path = root if root is not None else REPO / "runs" / "digits"
+    if write:
+        from digits import write_digits
+        path = write_digits(path)
     return ["--dataset", "imagefolder", "--data-dir", str(path)]

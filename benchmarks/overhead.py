@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from harness import print_header
+from harness import Parser, check_dd_train, print_header
 
 from dd_mpi.comm import init_world
 from dd_mpi.config import parse_config
@@ -35,6 +35,7 @@ from dd_mpi.datasets import load_for_run, split_size
 from dd_mpi.launch import LaunchInfo, free_port
 from dd_mpi.models import build_model
 from dd_mpi.rendezvous import pick_device, pick_precision
+from dd_mpi.scaling.cli import positive
 from dd_mpi.train import PRECISIONS, Recipe, make_optimizer, make_scheduler, train_epoch
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--train-samples", "512", "--batch-size", "64"]
@@ -139,18 +140,18 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=4, help="processes (ranks)")
+    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=positive(int), default=4, help="processes (ranks)")
     parser.add_argument("--quick", action="store_true", help="small model and data")
-    parser.add_argument("--reps", type=int, help="timed epochs per loop (default 10)")
+    parser.add_argument("--reps", type=positive(int), default=10, help="timed epochs per loop (default 10)")
     parser.add_argument("--plain-tuned", action="store_true",
                         help="plain loop with dd_mpi's channels-last and broadcast_buffers=False")
     args, dd_args = parser.parse_known_args()
     dd_args = [*(QUICK if args.quick else []), *dd_args]
-    reps = args.reps or 10
+    reps = args.reps
+    cfg = check_dd_train(parser, dd_args)  # all bad input refused before any work
     print_header("overhead: dd_mpi's global training loop vs a plain DDP loop")
-    cfg = parse_config(dd_args)
     print(f"setup: {cfg.arch} width {cfg.width:g}, batch {cfg.batch_size}/rank, {args.nproc} ranks, "
           f"{cfg.dataset} (in memory), {reps} timed epochs each + 1 warm-up, alternating", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:

@@ -21,11 +21,11 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness import AFTER_THE_LAST_EPOCH, default_out, digits_args, print_header, run_dd_train
+from harness import AFTER_THE_LAST_EPOCH, Parser, check_dd_train, digits_args, out_dir, print_header, run_dd_train
 
-from dd_mpi.config import parse_config
 from dd_mpi.decompose import subnet_spec
 from dd_mpi.inspection import model_sizes
+from dd_mpi.scaling.cli import positive
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
          "--test-samples", "256", "--batch-size", "32"]
@@ -54,34 +54,37 @@ def describe(epochs: range) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
+    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run")
     parser.add_argument("--digits", action="store_true", help="scikit-learn's digits as an ImageFolder "
                         "(real images through the image-file path)")
-    parser.add_argument("--epochs", type=int, help="epochs per phase (default 4 with --quick, else 5)")
+    parser.add_argument("--epochs", type=positive(int), help="epochs per phase (default 4 with --quick, else 5)")
     parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-speed-TIME)")
     args, dd_args = parser.parse_known_args()
     if args.epochs is not None and args.epochs < 2:
         parser.error("--epochs: 2 or more (the last epoch, which evaluates, is not timed)")
-    epochs = str(args.epochs or (4 if args.quick else 5))
-    dd_args = [*(QUICK if args.quick else []), *(digits_args() if args.digits else []), *dd_args,
+    epochs = str(args.epochs if args.epochs is not None else 4 if args.quick else 5)
+    dd_args = [*(QUICK if args.quick else []), *(digits_args(write=False) if args.digits else []), *dd_args,
                "--subnet-epochs", epochs, "--baseline-epochs",
                epochs, "--finetune-epochs", "0", "--eval-every", AFTER_THE_LAST_EPOCH]
-    out = (args.out or default_out("speed")).resolve()
+    full_args = [*dd_args, "--strategy", "both", "--subnet-data", "full"]
+    shard_args = [*dd_args, "--strategy", "dd", "--subnet-data", "shard"]
+    cfg = check_dd_train(parser, full_args, args.nproc)  # all bad input refused before the first run
+    check_dd_train(parser, shard_args, args.nproc)
+    out = out_dir(parser, args.out, "speed")
+    if args.digits:
+        digits_args()  # written now
     print_header("phase-1 epoch vs global epoch")
 
-    cfg = parse_config(dd_args)
     n, spec = cfg.subnets, cfg.model_spec(10)
     size = cfg.image_size or spec.default_image_size
     global_flops, sub_flops = model_sizes(spec, size)[1], model_sizes(subnet_spec(spec, n), size)[1]
     ideal = {"full": global_flops / sub_flops / n, "shard": global_flops / sub_flops}  # ~N, ~N²
 
-    full_report, full_metrics = run_dd_train([*dd_args, "--strategy", "both", "--subnet-data", "full"],
-                                             args.nproc, out / "full")
-    _, shard_metrics = run_dd_train([*dd_args, "--strategy", "dd", "--subnet-data", "shard"],
-                                    args.nproc, out / "shard")
+    full_report, full_metrics = run_dd_train(full_args, args.nproc, out / "full")
+    _, shard_metrics = run_dd_train(shard_args, args.nproc, out / "shard")
     global_epoch = seconds_per_epoch(full_metrics, "baseline")
     batch = (f"every net's batch {cfg.global_batch_size} over its ranks" if cfg.global_batch_size
              else f"batch {cfg.batch_size}/rank")

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import statistics
 
-from harness import AFTER_THE_LAST_EPOCH, default_out, digits_args, print_header, run_dd_train
+from harness import (AFTER_THE_LAST_EPOCH, Parser, check_dd_train, digits_args, distinct_list, out_dir, percent,
+                     print_header, run_dd_train)
 
 from dd_mpi.reporting import baseline_curve, dd_timeline
 from dd_mpi.scaling import time_to_target
+from dd_mpi.scaling.cli import positive
 
 # --quick: the synthetic task at a size that takes a few minutes on 2 cores. Epoch split
 # from the search in BENCHMARKS.md: most epochs in phase 1 (cheap), one fine-tune epoch;
@@ -73,25 +75,32 @@ def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=4, help="local ranks (P)")
+    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run (minutes on 2 cores)")
     parser.add_argument("--paper-split", action="store_true", help="the paper's split (standard ResNet32, "
                         "shortcut B, into 4 on shards); flags given after it win")
     parser.add_argument("--digits", action="store_true", help="scikit-learn's digits as an ImageFolder")
-    parser.add_argument("--seeds", default=None, help="comma-separated --seed values: one pair of runs each")
-    parser.add_argument("--target", type=float, help="test top-1 in %% (default: the baseline's final)")
-    parser.add_argument("--modes", default=None, help="--subnet-data values to run for phase 1 "
-                        "(default full,shard; shard,full with --paper-split)")
+    parser.add_argument("--seeds", type=distinct_list(int), help="comma-separated --seed values: one pair of "
+                        "runs each")
+    parser.add_argument("--target", type=percent, help="test top-1 in %% (default: the baseline's final)")
+    parser.add_argument("--modes", type=distinct_list(str, ("full", "shard")), help="--subnet-data values to run "
+                        "for phase 1 (default full,shard; shard,full with --paper-split)")
     parser.add_argument("--out", type=Path, help="directory for the runs (default runs/bench-tta-TIME)")
     args, dd_args = parser.parse_known_args()
     dd_args = (SUBNETS_SCORED_AT_THE_END + (QUICK if args.quick else []) + (PAPER_SPLIT if args.paper_split else [])
-               + (digits_args() if args.digits else []) + dd_args)  # flags given later win
-    modes = (args.modes or ("shard,full" if args.paper_split else "full,shard")).split(",")
-    out = (args.out or default_out("tta")).resolve()
+               + (digits_args(write=False) if args.digits else []) + dd_args)  # flags given later win
+    modes = args.modes if args.modes is not None else ["shard", "full"] if args.paper_split else ["full", "shard"]
+    seeds = args.seeds if args.seeds is not None else [None]
+    for seed in seeds:  # every run's flags and layout, refused before the first run
+        for i, mode in enumerate(modes):
+            check_dd_train(parser, [*dd_args, *([] if seed is None else ["--seed", str(seed)]),
+                                    "--strategy", "both" if i == 0 else "dd", "--subnet-data", mode], args.nproc)
+    out = out_dir(parser, args.out, "tta")
+    if args.digits:
+        digits_args()  # written now
     print_header("time to accuracy: DD vs the conventional baseline")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     speedups = []
     for seed in seeds:
         extra = [] if seed is None else ["--seed", str(seed)]
@@ -101,7 +110,7 @@ def main() -> None:
         speedups.append(one_seed([*dd_args, *extra], modes, args, where))
     if len(seeds) > 1:
         short = [errors for _, errors, _ in speedups if errors > 0]
-        print(f"seeds {args.seeds}: speedups {', '.join(f'{s:.2f}{m}' for s, _, m in speedups)}; DD final >= "
+        print(f"seeds {','.join(map(str, seeds))}: speedups {', '.join(f'{s:.2f}{m}' for s, _, m in speedups)}; DD final >= "
               f"baseline final on {len(seeds) - len(short)} of {len(seeds)}"
               + (f" (the others short by {', '.join(f'{e:.1f}' for e in short)} standard errors of the test set)"
                  if short else ""))

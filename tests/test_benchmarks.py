@@ -2,6 +2,7 @@
 
 Tiny settings (2 ranks, 64 images): these check that each script works end to end and that
 its headline agrees with the run it measured, not the figures (those are in BENCHMARKS.md).
+Bad input is refused before any work: one line naming the flag, exit 2.
 """
 
 import json
@@ -9,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,6 @@ from helpers import launcher_free_env
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--nproc", "2", "--arch", "resnet20", "--width", "2", "--subnets", "2",
         "--train-samples", "64", "--test-samples", "64", "--batch-size", "16"]
-
-pytestmark = pytest.mark.slow
 
 
 def run_benchmark(script: str, *args: str, header: bool = True) -> list[str]:
@@ -46,6 +46,7 @@ def headline_numbers(line: str, pattern: str) -> list[float]:
     return values
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
     out = tmp_path / "tta"
     lines = run_benchmark("time_to_accuracy.py", *TINY, "--subnet-epochs", "2", "--finetune-epochs", "1",
@@ -76,6 +77,7 @@ def test_time_to_accuracy_headline_matches_its_runs(tmp_path):
     assert any(line.startswith("better default: --subnet-data ") for line in lines)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_at_a_reached_target_is_the_ratio_of_the_two_clocks(tmp_path):
     """Target 0: the baseline is there after its first epoch, DD at compose (phase 1's
     slowest group + phase 2 + the composed net's evaluation). The baseline's 1 epoch against
@@ -108,6 +110,7 @@ def test_time_to_accuracy_at_a_reached_target_is_the_ratio_of_the_two_clocks(tmp
                             if short else " of 2"), summary
 
 
+@pytest.mark.slow
 def test_phase_speed_headline(tmp_path):
     lines = run_benchmark("phase_speed.py", *TINY, "--groups", "1", "--epochs", "2", "--out", str(tmp_path / "speed"))
     full, shard = headline_numbers(lines[-1], r"speed ratio: ([0-9.]+) \(full; shard ([0-9.]+)\)")
@@ -117,6 +120,7 @@ def test_phase_speed_headline(tmp_path):
     assert any(line.startswith("phase 1 (shard): ") and f"= {shard:.2f} " in line for line in lines)
 
 
+@pytest.mark.slow
 def test_overhead_headline():
     lines = run_benchmark("overhead.py", "--nproc", "2", "--arch", "resnet20", "--width", "1",
                           "--train-samples", "64", "--batch-size", "16", "--reps", "2")
@@ -125,6 +129,7 @@ def test_overhead_headline():
     assert len(pairs) == 2 and min(pairs) - 0.001 <= ratio <= max(pairs) + 0.001, (ratio, pairs)
 
 
+@pytest.mark.slow
 def test_comm_headline(tmp_path):
     out = tmp_path / "comm"
     lines = run_benchmark("comm.py", *TINY, "--subnet-epochs", "1", "--finetune-epochs", "1", "--out", str(out))
@@ -134,12 +139,14 @@ def test_comm_headline(tmp_path):
     assert peak >= 1.0  # rank 0 holds at least the composed model
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu_throughput measures a GPU; none visible")
 def test_gpu_throughput_headline():
     lines = run_benchmark("gpu_throughput.py", "--quick", "--batch-size", "32", header=False)
     headline_numbers(lines[-1], r"projected speedup: ([0-9.]+)")
 
 
+@pytest.mark.slow
 def test_gpu_throughput_measures_a_cpu_too():
     """--device cpu: the fp32 line last (no projection), its ratios those of its own figures;
     a bf16 line before it where the CPU has bf16 units."""
@@ -156,6 +163,7 @@ def test_gpu_throughput_measures_a_cpu_too():
     assert len(bf16) == int(torch.ops.mkldnn._is_mkldnn_bf16_supported()), lines
 
 
+@pytest.mark.slow
 def test_decode_speed_says_how_many_workers_keep_up():
     lines = run_benchmark("decode_speed.py", "--images", "12", "--consume", "1000", header=False)
     (rate,) = [float(m.group(1)) for line in lines if (m := re.match(r"decode \+ train transform: ([0-9.]+) img/s", line))]
@@ -168,6 +176,49 @@ def test_decode_speed_says_how_many_workers_keep_up():
         r"per rank \(([0-9.]+)x one decoding worker\)", line))]
     gather, augmented, versus = (float(v) for v in cache)
     assert gather > 0 and 0 < augmented and versus == pytest.approx(augmented / rate, abs=0.1)
+
+
+CPU = ("--device", "cpu")  # gpu_throughput's checks come before its GPU check, but not on every machine
+BAD_INPUT = [  # (script, its arguments, the flag its one line names); {out}: a directory in tmp_path, {file}: a file
+    # one case per kind of mistake a script met badly (each case starts a Python that imports torch)
+    ("comm.py", ["--quick", "--subnets", "0", "--out", "{out}"], "--subnets"),
+    ("comm.py", ["--bogus-flag", "--out", "{out}"], "--bogus-flag"),
+    ("phase_speed.py", ["--quick", "--subnets", "0", "--out", "{out}"], "--subnets"),
+    ("phase_speed.py", ["--quick", "--out", "{file}"], "--out"),
+    ("phase_speed.py", ["--quick", "--nproc", "0", "--out", "{out}"], "--nproc"),
+    ("overhead.py", ["--quick", "--arch", "foo"], "--arch"),
+    ("overhead.py", ["--quick", "--nproc", "0"], "--nproc"),
+    ("overhead.py", ["--quick", "--reps", "0"], "--reps"),
+    ("time_to_accuracy.py", ["--quick", "--seeds", "1,x", "--out", "{out}"], "--seeds"),
+    ("time_to_accuracy.py", ["--quick", "--target", "101", "--out", "{out}"], "--target"),
+    ("time_to_accuracy.py", ["--quick", "--modes", "full,full", "--out", "{out}"], "--modes"),
+    ("time_to_accuracy.py", ["--quick", "--seeds", "1,1", "--out", "{out}"], "--seeds"),
+    ("gpu_throughput.py", [*CPU, "--preset", "bogus"], "--preset"),
+    ("gpu_throughput.py", [*CPU, "--subnets", "0"], "--subnets"),
+    ("gpu_throughput.py", [*CPU, "--subnets", "3"], "--subnets"),
+    ("gpu_throughput.py", [*CPU, "--batch-size", "0"], "--batch-size"),
+    ("decode_speed.py", ["--images", "0"], "--images"),
+    ("decode_speed.py", ["--image-size", "0"], "--image-size"),
+    ("decode_speed.py", ["--consume", "nan"], "--consume"),
+    ("decode_speed.py", ["--preset", "bogus"], "--preset"),
+]
+
+
+@pytest.mark.parametrize("script,args,flag", BAD_INPUT, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_naming_the_flag_before_any_work(tmp_path, script, args, flag):
+    """The project's standard for bad input: one line naming the flag and the fix, exit 2;
+    never a traceback, a value silently replaced, or a failure only after the runs."""
+    (tmp_path / "file").write_text("not a directory\n")
+    args = [a.format(out=tmp_path / "out", file=tmp_path / "file") for a in args]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=60, env=launcher_free_env())
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and flag in lines[0], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "out").exists()  # refused before the header, before any run
+    assert time.perf_counter() - start < 60
 
 
 def test_a_preset_overridden_by_later_flags_runs_and_prints_each_flag_once():
