@@ -212,6 +212,9 @@ def _read_image(path, read: Callable[[Image.Image], object]):
     try:
         with open(path, "rb") as handle, Image.open(handle) as image:
             return read(image)
+    except FileNotFoundError:  # listed (Food-101's meta files, or an ImageFolder scanned), then gone
+        raise UsageError(f"image {path} is missing: restore it, or leave it out of the dataset's lists "
+                         "(Food-101: meta/train.json and meta/test.json)", everywhere=False) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
                          f"replace or delete the file", everywhere=False) from None

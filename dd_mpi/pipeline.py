@@ -345,6 +345,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
 
     def check() -> str | None:
         nonlocal started_here
+        if out.exists() and not out.is_dir():
+            return f"--out {out} is a file, not a folder: choose a folder (a new one, or a run's)"
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test-{os.getpid()}"
@@ -352,6 +354,12 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             probe.unlink()
         except OSError as error:
             return f"--out {out} is not writable ({error.strerror}): choose a writable directory"
+        if cfg.tensorboard:  # found after the first epoch otherwise, by every writer
+            try:
+                (out / "tensorboard").mkdir(exist_ok=True)
+            except OSError as error:
+                return (f"--tensorboard: {out / 'tensorboard'} cannot be a folder ({error.strerror}): move "
+                        "what is there, or choose another --out")
         joins = cfg.resume or cfg.only_group_mode
         # a job that continues the run may follow one whose lock outlives it a while (a lost
         # node's, on NFS); the other ranks wait for this verdict up to --io-timeout

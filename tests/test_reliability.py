@@ -596,11 +596,19 @@ def test_bad_flags_fail_fast_with_one_line(tmp_path, launcher, nproc, flags, nee
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["under-a-file", "another-run", "another-run-resumed-wrongly"])
+@pytest.mark.parametrize("case", ["under-a-file", "a-file", "tensorboard-a-file", "another-run",
+                                  "another-run-resumed-wrongly"])
 def test_an_unusable_out_is_refused(tmp_path, reference, case):
     if case == "under-a-file":  # root ignores permissions: a path whose parent is a file
         (tmp_path / "file").write_text("x")
         out, extra, needle = tmp_path / "file" / "run", [], "is not writable"
+    elif case == "a-file":
+        (tmp_path / "file").write_text("x")
+        out, extra, needle = tmp_path / "file", [], "is a file, not a folder"
+    elif case == "tensorboard-a-file":  # found after the first epoch, by a traceback on every rank
+        (tmp_path / "tb").mkdir()
+        (tmp_path / "tb" / "tensorboard").write_text("x")
+        out, extra, needle = tmp_path / "tb", ["--tensorboard"], "--tensorboard: "
     elif case == "another-run":
         out, extra, needle = reference, [], "holds another run's files"
     else:
