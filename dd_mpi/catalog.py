@@ -23,12 +23,19 @@ BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # blocks per stage
 KNOWN_ARCHS = "resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101"
 
 
+MAX_DEPTH = 2402  # twice He et al.'s ResNet1202; building resnet6000002 (to check it) never ended
+
+
 def parse_depth(arch: str) -> int:
-    if not arch.startswith("resnet") or not arch[len("resnet"):].isdigit():
+    digits = arch[len("resnet"):]
+    if not arch.startswith("resnet") or not (digits.isascii() and digits.isdigit()):  # (not "resnet２０")
         raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
-    depth = int(arch[len("resnet"):])
+    depth = int(digits)
     if depth not in BOTTLENECK_LAYERS and (depth < 8 or (depth - 2) % 6):
         raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
+    if depth > MAX_DEPTH:
+        raise UsageError(f"--arch {arch} is deeper than dd_mpi builds (up to resnet{MAX_DEPTH}): choose a "
+                         "shallower one")
     return depth
 
 

@@ -64,8 +64,12 @@ def composed_spec(sub_spec: ModelSpec, subnets: int) -> ModelSpec:
 
 def build_model_check(spec: ModelSpec) -> None:
     """Raise the model's own UsageError (e.g. an option A shortcut that can't be padded) now."""
-    with torch.device("meta"):
-        build_model(spec)
+    try:
+        with torch.device("meta"):
+            build_model(spec)
+    except RuntimeError as error:  # --width 1e9: "Storage size calculation overflowed"
+        raise UsageError(f"--width {spec.width:g} makes {spec.arch} too large to build ({error}): choose a "
+                         "smaller width") from None
 
 
 def composition_rules(spec: ModelSpec) -> dict[str, Rule]:

@@ -64,7 +64,11 @@ def test_bad_numbers_are_one_line_and_exit_2():
                         (["--image-size", "-5"], "--image-size -5 is invalid"),
                         (["--image-size", "0"], "--image-size 0 is invalid"),
                         (["--verify", "--seed", str(2 ** 64 - 1)], f"--seed {2 ** 64 - 1} is out of range"),
-                        (["--verify", "--seed", "-1"], "--seed -1 is out of range")):
+                        (["--verify", "--seed", "-1"], "--seed -1 is out of range"),
+                        # a RuntimeError traceback, and a build that never ended
+                        (["--width", "1e9", "--subnets", "1"], "--subnets 1 (each sub-net at --width 1e+09): "
+                                                                "--width 1e+09 makes resnet32 too large to build"),
+                        (["--arch", "resnet6000002"], "--arch resnet6000002 is deeper than dd_mpi builds")):
         result = run(*flags)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (flags, result.stderr[-2000:])
         assert result.stderr.startswith(f"dd-inspect: error: {says}"), result.stderr

@@ -332,6 +332,8 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--subnets", "0"], "--subnets 0 is invalid"),
     (["--arch", "resnet21"], "--arch 'resnet21' is unknown"),
     (["--arch", "vgg16"], "--arch 'vgg16' is unknown"),
+    (["--arch", "resnet２０"], "--arch 'resnet２０' is unknown"),  # (full-width digits: str.isdigit)
+    (["--arch", "resnet6000002"], "--arch resnet6000002 is deeper than dd_mpi builds (up to resnet2402)"),
     (["--dataset", "mnist"], "--dataset 'mnist' is unknown"),
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["--strategy", "fast"], "--strategy 'fast' is unknown"),
