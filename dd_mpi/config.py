@@ -404,13 +404,16 @@ def read_config_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of RunConfig keys (key: value lines)")
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    read = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in ("config", "print_config") and value in (None, "false"):
+            continue  # as a run's config.json holds them: it reads back as the run's settings
         if name not in fields or name in ("config", "print_config"):
             raise UsageError(f"--config {path}: unknown key {key!r}: use dd-train's flag names "
                              "(dd-train --print-config lists them)")
-        values[key] = _coerce(fields[name], value, f"--config {path}: {key}")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+        read[name] = _coerce(fields[name], value, f"--config {path}: {key}")
+    return read
 
 
 def _yaml_loader():
@@ -481,6 +484,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     wins (in one layer --global-batch-size does, as in the plan)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     from_file = read_config_file(args["config"]) if "config" in args else {}
+    if "preset" in args and from_file.get("preset") not in (None, args["preset"]):
+        raise UsageError(f"--preset {args['preset']} differs from the preset ({from_file['preset']}) of --config "
+                         f"{args['config']}, whose values win over a preset's: give one of them")
     preset = args["preset"] if "preset" in args else from_file.get("preset")
     values = {}
     if preset is not None:

@@ -7,6 +7,7 @@ an epoch resumed bit for bit, and workers restarted by torchrun continuing the s
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -44,6 +45,29 @@ def test_print_config_round_trips_through_config(tmp_path):
     again = parse_config(["--config", str(path)])
     assert again.config == str(path)
     assert RunConfig(**{**again.to_dict(), "config": None}) == cfg  # nothing lost on the way
+
+
+def test_a_run_s_config_json_reads_back_as_its_settings(tmp_path):
+    """config.json holds every RunConfig key, "config" and "print_config" too: it was refused
+    as a config file ("unknown key 'config'")."""
+    cfg = parse_config(["--preset", "cifar10-resnet56", "--seed", "3", "--out", "run"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    assert parse_config(["--config", str(path)]) == RunConfig(**{**cfg.to_dict(), "config": str(path)})
+    path.write_text(json.dumps({**cfg.to_dict(), "print_config": True}))  # not a setting a file gives
+    with pytest.raises(UsageError, match="unknown key 'print_config'"):
+        parse_config(["--config", str(path)])
+
+
+def test_a_preset_flag_that_differs_from_the_file_s_is_refused(tmp_path):
+    """A --print-config file holds every key, so a --preset flag beside it changed only the
+    label (dd-report --paper then compared the run with another experiment)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(config_yaml(parse_config(["--preset", "cifar10-resnet32"])))
+    with pytest.raises(UsageError, match=r"--preset food101-resnet50 differs from the preset \(cifar10-resnet32\) "
+                                         f"of --config {path}, whose values win"):
+        parse_config(["--config", str(path), "--preset", "food101-resnet50"])
+    assert parse_config(["--config", str(path), "--preset", "cifar10-resnet32"]).arch == "resnet32"
 
 
 def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):
