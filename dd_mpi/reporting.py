@@ -212,6 +212,14 @@ def paper_numbers(run: RunFiles) -> tuple[paper.PaperResult | None, dict | None]
     return result, (paper.by_report_name(result) if result else None)
 
 
+def paper_differences(result: paper.PaperResult, config: dict) -> list[str]:
+    """'--flag run (paper paper)' where a run made from a paper preset left the paper's
+    experiment (another dataset, net or N): its numbers are then beside another experiment's."""
+    return [f"--{key} {config.get(key)} (paper {theirs})"
+            for key, theirs in (("dataset", result.dataset), ("arch", result.arch), ("subnets", result.subnets))
+            if config.get(key) != theirs]
+
+
 def markdown_block(run: RunFiles, *, with_paper: bool = False) -> str:
     report = run.report
     lines = [f"## {run.path}", "",
@@ -223,6 +231,10 @@ def markdown_block(run: RunFiles, *, with_paper: bool = False) -> str:
         preset = (report.get("config") or {}).get("preset")
         lines += [f"(no paper numbers: the run's preset is {preset!r}, not one of the paper's: "
                   f"{', '.join(paper.RESULTS)})", ""]
+    changed = paper_differences(result, report.get("config") or {}) if result else []
+    if changed:
+        lines += [f"(the paper's numbers are those of its {result.dataset} {result.arch} into {result.subnets} "
+                  f"experiment; this run differs: {', '.join(changed)})", ""]
     lines += net_table(report, loss=True, paper=numbers)
     timing = report.get("timing") or {}
     lines += ["", "| phase | seconds |" + (" paper hours |" if result and result.hours_dd else ""),

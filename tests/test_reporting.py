@@ -309,14 +309,19 @@ def test_report_defaults_to_the_run_directory(real_run):
 def test_paper_puts_the_papers_numbers_beside_a_runs(tmp_path, capsys):
     run = fake_run(tmp_path)
     report = json.loads((run / "report.json").read_text())
-    report["config"]["preset"] = "cifar10-resnet32"
+    report["config"].update(preset="cifar10-resnet32", dataset="cifar10", arch="resnet32", subnets=4)
     (run / "report.json").write_text(json.dumps(report))
     assert reporting.main(["--paper", str(run)]) == 0
     text = capsys.readouterr().out
-    assert "paper top-1 (%)" in text
+    assert "paper top-1 (%)" in text and "this run differs" not in text
     assert "| sub_net_0 | 40.00 | 1.5000 | 10.0 | 81.25 |" in text  # the paper's sub_net_1 (1-based)
     assert "| transfer_T | 60.00 | 1.0000 | 8.0 | 94.09 |" in text and "| random_T | 55.00 | 1.1000 | 30.0 | 92.82 |" in text
     assert "| DD total | 21.0 | 5.65 |" in text and "| speedup (baseline / DD) | 1.43x | 1.51x |" in text
+    report["config"].update(dataset="imagefolder", subnets=2)  # the preset, then another experiment
+    (run / "report.json").write_text(json.dumps(report))
+    assert reporting.main(["--paper", str(run)]) == 0
+    assert ("(the paper's numbers are those of its cifar10 resnet32 into 4 experiment; this run differs: "
+            "--dataset imagefolder (paper cifar10), --subnets 2 (paper 4))") in capsys.readouterr().out
     other = fake_run(tmp_path, "other")
     assert reporting.main(["--paper", str(other)]) == 0
     assert "no paper numbers: the run's preset is None" in capsys.readouterr().out
