@@ -168,6 +168,9 @@ def _cifar_check(cls: type, name: str, root: str, download: bool) -> Callable[[]
         if not os.path.isdir(root):
             return f"--data-dir {root} {_absent(root)}: {get}"
         if not os.path.isdir(folder):
+            if os.path.basename(os.path.normpath(root)) == cls.base_folder:  # one level too deep
+                return (f"--data-dir {root} is {name}'s own folder: give the folder that holds it, "
+                        f"--data-dir {os.path.dirname(os.path.normpath(root)) or '.'}")
             return f"--data-dir {root} has no {cls.base_folder}/ ({name} in python format): {get}"
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:

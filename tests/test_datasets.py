@@ -188,6 +188,9 @@ def test_wrong_cifar_layout(tmp_path, monkeypatch):
     patch_md5_table(CIFAR100, write_cifar100(tmp_path, n_train=10, n_test=10), monkeypatch.setattr)
     (tmp_path / "cifar-100-python" / "test").unlink()
     usage_error(lambda: load("cifar100", tmp_path), "cifar-100-python lacks test")
+    usage_error(lambda: load("cifar100", tmp_path / "cifar-100-python"),  # one level too deep: it said download
+                "cifar-100-python is cifar100's own folder: give the folder that holds it, "
+                f"--data-dir {tmp_path}")
 
 
 def test_wrong_food101_layout(tmp_path):
