@@ -12,6 +12,8 @@ SIGTERM/SIGUSR1 after checkpointing (requeue and run again with --resume).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launch = detect_launch()
     try:
-        cfg = parse_config(argv)
+        with contextlib.redirect_stdout(io.StringIO()) if launch.rank != 0 else contextlib.nullcontext():
+            cfg = parse_config(argv)  # (--help: printed by rank 0 alone, not once per rank)
         if cfg.print_config:
             if launch.rank == 0:
                 print(config_yaml(cfg), end="", flush=True)

@@ -10,6 +10,9 @@
 # A --preset or --config replaces the default (any flag given beats a preset's values).
 set -euo pipefail
 command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
+for tool in dd-train horovodrun; do  # (else: "exec: horovodrun: not found", and no fix)
+    command -v "$tool" >/dev/null || { echo "$0: error: $tool is not on PATH: pip install -e . in a venv, then bash launch/build_horovod.sh" >&2; exit 2; }
+done
 tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
 for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, launcher_free_env, read_report
+from helpers import BIN, launcher_free_env, read_report, run_dd
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), *REPO.glob("benchmarks/*.sh"),
@@ -89,6 +89,30 @@ def test_a_bad_flag_given_to_a_launch_script_is_one_line(tmp_path, script):
     assert result.stderr.splitlines() == ["dd-train: error: --subnets 0 is invalid: use 1 or more sub-networks"], \
         result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("mpiexec", marks=pytest.mark.mpi)])
+def test_help_under_a_launcher_is_printed_once(launcher):
+    """argparse printed --help on every rank."""
+    result = run_dd(["--help"], launcher=launcher, nproc=2, timeout=TIMEOUT)
+    assert result.returncode == 0 and result.stdout.count("usage: dd-train") == 1, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("script, missing", [("local.sh", "dd-train"), ("torchrun.sh", "torchrun")])
+def test_a_launch_script_without_its_tools_says_how_to_install_them(tmp_path, script, missing):
+    """Outside the repository (no .venv beside it) and with nothing installed on PATH, the
+    scripts said "exec: torchrun: not found", and no fix."""
+    shutil.copy(REPO / "launch" / script, tmp_path / script)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    if missing != "dd-train":  # dd-train is there, the launcher is not
+        (tools / "dd-train").write_text("#!/bin/sh\nexit 0\n")
+        (tools / "dd-train").chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / script)], cwd=tmp_path, capture_output=True, text=True,
+                            env={**launcher_env(), "PATH": f"{tools}{os.pathsep}/usr/bin{os.pathsep}/bin"},
+                            timeout=TIMEOUT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"error: {missing} is not on PATH: pip install -e ." in result.stderr, result.stderr
 
 
 def test_a_preset_given_to_a_launch_script_replaces_its_tiny_default(tmp_path):
