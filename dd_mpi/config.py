@@ -510,4 +510,8 @@ def config_yaml(cfg: RunConfig) -> str:
     """The effective config as a YAML file that ``--config`` reads back (run-only keys out)."""
     import yaml
     skip = ("config", "print_config", "nproc")
-    return yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in skip}, sort_keys=False)
+    text = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in skip}, sort_keys=False)
+    if cfg.global_batch_size is not None:  # an edit of batch_size alone did nothing, without a word
+        text = text.replace("\nglobal_batch_size:", "\n# global_batch_size wins over batch_size: make it null to "
+                            "give a batch per rank\nglobal_batch_size:", 1)
+    return text

@@ -77,6 +77,9 @@ def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "subnet_epochs: 9\n" in result.stdout and "shortcut: B\n" in result.stdout
     assert "arch: resnet32\n" in result.stdout and not (tmp_path / "run").exists()
+    # the preset's global batch wins over batch_size (an edit of batch_size alone did nothing): said where it is
+    assert "# global_batch_size wins over batch_size: make it null to give a batch per rank\nglobal_batch_size: 128\n" \
+        in result.stdout
 
 
 @pytest.mark.parametrize("text, needle", [
