@@ -383,7 +383,7 @@ def test_two_jobs_never_train_one_run_at_once(tmp_path, jobs):
         f"dd-train: error: --out {out}: another job is training sub-network 0 there now "
         f"({out / '.dd_mpi.lock-subnet0'} is locked): wait for it to end, or cancel it"], explain(again)
     assert "waiting up to 2 s for it to end" in again.stdout, explain(again)
-    whole = run_dd([*args, "--resume", "--io-timeout", "4"], nproc=2, timeout=120)
+    whole = run_dd([*args, "--resume", "--io-timeout", "30"], nproc=2, timeout=120)  # (rank 1 waits 30 s for 0)
     assert whole.returncode == 2 and "another job is training the run there now" in whole.stderr, explain(whole)
     assert task.proc.poll() is None  # the first job trains on
     assert runlock.claim(out, 1, wait_seconds=0) is None  # another sub-net's task may train beside it
