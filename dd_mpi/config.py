@@ -288,6 +288,10 @@ class RunConfig:
                           "are of the stored square, the files' of the whole image)")
         return differ
 
+    def checkpoint_differences(self, saved: dict) -> list[str]:
+        """``incompatible_with`` a checkpoint's settings: in any layout (a net is the same in all)."""
+        return self.incompatible_with(saved, layout_free=True)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -11,7 +11,6 @@ run loads it instead of training again.
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def finished_together(level: Level, nets: list[int], unfinished: list[int], own:
         theirs = level.nets_named(path.name[:-len("-last.pt")])
         if theirs and set(unfinished) < set(theirs) <= set(nets):
             saved = ckpt.load(path)
-            if saved is not None and saved.get("epoch") == level.recipe.epochs:
+            if isinstance(saved, dict) and saved.get("epoch") == level.recipe.epochs:
                 return list(theirs)
     return None
 
@@ -123,13 +122,12 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     ``initial``: their evaluation already made, whose ``initial_seconds`` count as theirs."""
     cfg, out = run.cfg, run.out
     finished = {}
-    settings_differ = partial(cfg.incompatible_with, layout_free=True)
     if cfg.resume:
         with torch.device("meta"):
             shapes = build_model(level.spec).state_dict()
         for j in nets:
             path = ckpt.checkpoint_path(out, level.net_name(j), "final")
-            finished[j] = ckpt.fitting(ckpt.load(path), path, ckpt.FINAL_KEYS, shapes, settings_differ)
+            finished[j] = ckpt.fitting(ckpt.load(path), path, ckpt.FINAL_KEYS, shapes, cfg.checkpoint_differences)
     done = [j for j in nets if finished.get(j) is not None]
     if done and len(done) < len(nets):
         together = finished_together(level, nets, [j for j in nets if j not in done],
@@ -188,8 +186,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         if held is not None and list(held) != list(nets):  # named by an older dd_mpi
             raise UsageError(f"{cfg.continuing_flag}: {last_path} holds nets {list(held)}, not {nets}: delete it "
                              "to retrain them")
-        ckpt.fitting(saved, last_path, ckpt.LAST_KEYS, model.state_dict(),
-                     partial(cfg.incompatible_with, layout_free=True))
+        ckpt.fitting(saved, last_path, ckpt.LAST_KEYS, model.state_dict(), cfg.checkpoint_differences)
         state = PhaseState.from_dict(saved)
         if state.ranks != comm.size:  # LR scaling, steps and data split would change
             raise UsageError(f"{cfg.continuing_flag}: {name} was trained on {state.ranks} ranks and would resume on "
