@@ -43,6 +43,14 @@ def run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], pr
     ``workers`` DataLoader workers per rank. ``should_stop`` (cli.StopSignal) is armed once
     the data is loaded: from then on a stop signal checkpoints. Returns the report on rank 0
     (None elsewhere or in --only-group mode)."""
+    try:
+        return _run(cfg, world, should_stop, layouts, precision, workers)
+    finally:  # the claim on --out is the job's (the process's end drops it too): a later run in
+        runlock.release()  # this process (tests, a notebook) must not keep another job waiting
+
+
+def _run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], precision: str,
+         workers: int) -> dict | None:
     if cfg.out is None:  # one name for all ranks, chosen by rank 0
         cfg.out = world.comm.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
     out = Path(cfg.out).expanduser()  # (as --data-dir: a config file's ~ is no shell's)

@@ -517,6 +517,11 @@ def test_a_resume_into_a_folder_without_a_run_says_it_starts_one(tmp_path, capsy
                  "--strategy", "dd", "--width", "1", "--resume", "--out", str(out)]) == 0
     assert f"--resume: {out} held no run (no config.json): a new one starts there" in capsys.readouterr().out
     assert (out / "report.json").exists()
+    # the run is over: its claim on --out too, though this process lives on (another job may continue the run)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from dd_mpi import runlock; "
+                            "print(runlock.claim(Path(sys.argv[1]), None, wait_seconds=0))", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout == "None\n", probe.stdout + probe.stderr
 
 
 def test_a_batch_larger_than_the_data_trains_at_the_lr_of_the_batch_it_takes(tmp_path, capsys):
