@@ -18,5 +18,5 @@ tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --s
 for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
 # checked once first: horovodrun stops every rank when one exits, so each would say a bad flag's line,
 # under the launcher's own traceback and exit status
-dd-train ${tiny[@]+"${tiny[@]}"} "$@" --print-config >/dev/null || exit  # (it said why)
+dd-train --backend horovod ${tiny[@]+"${tiny[@]}"} "$@" --print-config >/dev/null || exit  # (it said why)
 exec horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod ${tiny[@]+"${tiny[@]}"} "$@"
