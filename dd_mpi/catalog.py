@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from .formats import DatasetBundle, Verifier
 
 # ---------------------------------------------------------------------------- architectures
-BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # blocks per stage
-KNOWN_ARCHS = "resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101"
+BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # blocks per stage
+KNOWN_ARCHS = "resnet20/32/44/56/110 (any other 6n+2), resnet50, resnet101, resnet152"
 
 
 MAX_DEPTH = 2402  # twice He et al.'s ResNet1202; building resnet6000002 (to check it) never ended

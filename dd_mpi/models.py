@@ -16,7 +16,7 @@ Two families (``FAMILIES``, chosen by the depth in ``--arch``):
   110      1,727,962
   ======== ==================== ====================
 
-* Bottleneck ResNets 50/101 in torchvision's ImageNet layout with every width scaled by w
+* Bottleneck ResNets 50/101/152 in torchvision's ImageNet layout with every width scaled by w
   (w=1 has torchvision's resnet50's 25,557,032 parameters and its state-dict names).
 
 Two spec fields shape the channel structure beyond the width:
@@ -57,7 +57,7 @@ CLASSIFIER_MODULE = "fc"
 class ModelSpec:
     """Everything needed to rebuild a network: stored in checkpoints and reports."""
 
-    arch: str  # "resnet20", "resnet32", ... (any 6n+2), "resnet50", "resnet101"
+    arch: str  # "resnet20", "resnet32", ... (any 6n+2), "resnet50", "resnet101", "resnet152"
     width: float = 1.0  # width factor w: every layer has w times the standard channels
     num_classes: int = 10
     shortcut: str = "A"  # CIFAR family: "A" zero padding, "B" 1x1 conv + BN
@@ -288,7 +288,7 @@ class CifarResNet(nn.Module):
 
 
 class BottleneckResNet(nn.Module):
-    """ResNet-50/101 in torchvision's layout and initialisation, every width times w."""
+    """ResNet-50/101/152 in torchvision's layout and initialisation, every width times w."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()

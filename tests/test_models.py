@@ -22,7 +22,7 @@ def test_cifar_parameter_counts_match_he_et_al(arch, width, expected):
     assert params(ModelSpec(arch, width)) == expected
 
 
-@pytest.mark.parametrize("depth", [50, 101])
+@pytest.mark.parametrize("depth", [50, 101, 152])  # (152 is 6n+2 too: it was a CIFAR net, against its name)
 def test_bottleneck_matches_torchvision_at_standard_width(depth):
     reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     assert params(ModelSpec(f"resnet{depth}", 1, num_classes=1000)) == count_parameters(reference)
