@@ -13,6 +13,7 @@ of an intermediate level, ``composed.pt`` (and ``level{l}-composed.pt``), ``fine
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -71,8 +72,8 @@ def load(path: Path) -> dict | None:
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, MemoryError) as error:
-        if isinstance(error, OSError) and _reads_through(path):  # torch's zip reader: EINVAL on some truncations
-            raise _corrupt(path, error) from None
+        if isinstance(error, OSError) and error.errno == errno.EINVAL and _reads_through(path):
+            raise _corrupt(path, error) from None  # torch's zip reader on some truncations (ESTALE/EIO: I/O)
         reason, fix = (("out of memory", "free memory on this node") if isinstance(error, MemoryError)
                        else (error.strerror or str(error), "check the file system"))
         raise UsageError(f"checkpoint {path} could not be read ({reason}): {fix}, then rerun",

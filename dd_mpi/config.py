@@ -390,6 +390,9 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
+JOB_ONLY = ("config", "print_config", "out", "resume", "only_group", "nproc")  # a job's, not a run's settings
+
+
 def read_config_file(path: str) -> dict:
     """RunConfig's keys from a YAML file, checked: an unknown key or a value of the wrong
     type is one line naming the key and the file."""
@@ -408,11 +411,12 @@ def read_config_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"--config {path} must hold a mapping of RunConfig keys (key: value lines)")
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    saved_run = "print_config" in values  # a run's config.json: its settings, not its job's
     read = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name in ("config", "print_config") and value in (None, "false"):
-            continue  # as a run's config.json holds them: it reads back as the run's settings
+        if saved_run and name in JOB_ONLY:
+            continue  # (its --out and --resume would continue that run; its --only-group train one sub-net)
         if name not in fields or name in ("config", "print_config"):
             raise UsageError(f"--config {path}: unknown key {key!r}: use dd-train's flag names "
                              "(dd-train --print-config lists them)")
@@ -488,9 +492,6 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     wins (in one layer --global-batch-size does, as in the plan)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     from_file = read_config_file(args["config"]) if "config" in args else {}
-    if "preset" in args and from_file.get("preset") not in (None, args["preset"]):
-        raise UsageError(f"--preset {args['preset']} differs from the preset ({from_file['preset']}) of --config "
-                         f"{args['config']}, whose values win over a preset's: give one of them")
     preset = args["preset"] if "preset" in args else from_file.get("preset")
     values = {}
     if preset is not None:

@@ -26,7 +26,7 @@ from .config import RunConfig, read_saved_config
 from .data import DataPlan, Stream
 from .datasets import load_for_run, split_size
 from .decompose import compose
-from .errors import (Outcome, PeerFailed, UsageError, deciding, is_outcome, outcome_of, peer_lost,
+from .errors import (Outcome, PeerFailed, Preempted, UsageError, deciding, is_outcome, outcome_of, peer_lost,
                      raise_outcome)
 from .flat import checksum, checksum_state, flatten_state, unflatten_state
 from .layout import Layout
@@ -60,7 +60,7 @@ def _run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], p
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
     refuse_empty_epochs(plan, split_size(data.train), cfg, data.image_size)
     should_stop.arm()
-    prepare_output(cfg, world.comm, out, default_groups(cfg, world.size))
+    prepare_output(cfg, world.comm, out, default_groups(cfg, world.size), should_stop)
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
     token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
@@ -344,7 +344,8 @@ def run_baseline(job: Run, world: BaseWorld) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: int | None) -> None:
+def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: int | None,
+                   should_stop=lambda: False) -> None:
     """Check --out on rank 0 (one verdict for all ranks), then write config.json there.
     ``default_groups``: the G phase 1 takes without --groups on these ranks (None: no phase
     1), so that a resume may give or leave out --groups at that value."""
@@ -371,7 +372,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
         joins = cfg.resume or cfg.only_group_mode
         # a job that continues the run may follow one whose lock outlives it a while (a lost
         # node's, on NFS); the other ranks wait for this verdict up to --io-timeout
-        busy = runlock.claim(out, cfg.only_group, wait_seconds=cfg.io_timeout / 2 if joins else 0)
+        busy = runlock.claim(out, cfg.only_group, wait_seconds=cfg.io_timeout / 2 if joins else 0,
+                             should_stop=should_stop)
         if busy:
             return busy
         written = cfg.to_dict()
@@ -396,6 +398,8 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
         return None
 
     verdict = world.verdict_of_root(check)
+    if verdict == runlock.STOPPED:  # every rank, alike: exit 75, and the job is requeued
+        raise Preempted(verdict)
     if verdict:
         raise UsageError(verdict)
     # Every rank reads checkpoints from --out: a node-local directory would leave ranks on

@@ -23,12 +23,14 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from .progress import log
 
 LOCK_NAME = ".dd_mpi.lock"
+STOPPED = "stopped while waiting for --out's lock"  # claim's verdict when a stop signal came meanwhile
 _POLL_SECONDS = 0.5
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 _held: list[IO] = []  # the open lock files of this process's claim
@@ -53,17 +55,35 @@ def release() -> None:
         _held.pop().close()
 
 
-def claim(out: Path, only_group: int | None, wait_seconds: float) -> str | None:
+def _open(path: Path) -> IO:
+    """The lock file, read-write (NFS's flock needs it), and writable by all when this user made
+    it: another user's --resume of a shared run would meet EACCES. Read-only where only that
+    is allowed (a local flock takes it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return open(path, "rb")  # noqa: SIM115 -- held open for the life of the process
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o666)  # (past the umask)
+    except OSError:
+        pass
+    return os.fdopen(fd, "a+")
+
+
+def claim(out: Path, only_group: int | None, wait_seconds: float,
+          should_stop: Callable[[], bool] = lambda: False) -> str | None:
     """Claim ``out`` for this job: the whole run, or (``only_group``) one sub-network of it.
-    Waits up to ``wait_seconds`` for another job's claim to end. Returns why ``out`` is busy,
-    else None."""
+    Waits up to ``wait_seconds`` for another job's claim to end, unless ``should_stop`` (then
+    STOPPED: a requeue signal must not become a refusal). Returns why ``out`` is busy, else
+    None."""
     release()
     claims = [(LOCK_NAME, fcntl.LOCK_EX)] if only_group is None else \
         [(LOCK_NAME, fcntl.LOCK_SH), (f"{LOCK_NAME}-subnet{only_group}", fcntl.LOCK_EX)]
     deadline = time.monotonic() + wait_seconds
     for name, mode in claims:
         path = out / name
-        handle = open(path, "a+")  # noqa: SIM115 -- held open for the life of the process
+        handle = _open(path)
         said = False
         while True:
             try:
@@ -74,17 +94,19 @@ def claim(out: Path, only_group: int | None, wait_seconds: float) -> str | None:
                 pass
             except OSError as error:
                 handle.close()
-                if error.errno not in _NO_LOCKS:
+                if error.errno not in _NO_LOCKS and not (error.errno == errno.EBADF and handle.mode == "rb"):
                     raise
                 log(f"--out {out}: its file system has no file locks, so a second job on this run "
                     "would not be noticed: submit each run once")
                 return None
             what = "the run" if name == LOCK_NAME else f"sub-network {only_group}"
-            if time.monotonic() >= deadline:
+            if should_stop() or time.monotonic() >= deadline:
                 handle.close()
                 release()
+                if should_stop():
+                    return STOPPED
                 return (f"--out {out}: another job is training {what} there now ({path} is locked): "
-                        "wait for it to end, or cancel it")
+                        f"wait for it to end, or cancel it (if none runs there any more, remove {path})")
             if not said:
                 log(f"--out {out}: another job holds {what} ({path} is locked): waiting up to "
                     f"{wait_seconds:.0f} s for it to end (a lost node's lock lasts until its lease ends)")

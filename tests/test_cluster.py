@@ -49,25 +49,20 @@ def test_print_config_round_trips_through_config(tmp_path):
 
 def test_a_run_s_config_json_reads_back_as_its_settings(tmp_path):
     """config.json holds every RunConfig key, "config" and "print_config" too: it was refused
-    as a config file ("unknown key 'config'")."""
-    cfg = parse_config(["--preset", "cifar10-resnet56", "--seed", "3", "--out", "run"])
+    as a config file ("unknown key 'config'"). Its job's own keys are left out: an array task's
+    --only-group, and --out with --resume, would have continued that run, not started one."""
+    first = tmp_path / "first.yaml"
+    first.write_text("seed: 3\n")
+    cfg = parse_config(["--preset", "cifar10-resnet56", "--config", str(first), "--out", "run", "--resume",
+                        "--only-group", "1", "--nproc", "2"])
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    assert parse_config(["--config", str(path)]) == RunConfig(**{**cfg.to_dict(), "config": str(path)})
-    path.write_text(json.dumps({**cfg.to_dict(), "print_config": True}))  # not a setting a file gives
-    with pytest.raises(UsageError, match="unknown key 'print_config'"):
+    again = parse_config(["--config", str(path)])
+    assert again == RunConfig(**{**cfg.to_dict(), "config": str(path), "out": None, "resume": False,
+                                 "only_group": None, "nproc": None})
+    path.write_text("print-config: true\n")  # a file of the user's: no setting a file gives
+    with pytest.raises(UsageError, match="unknown key 'print-config'"):
         parse_config(["--config", str(path)])
-
-
-def test_a_preset_flag_that_differs_from_the_file_s_is_refused(tmp_path):
-    """A --print-config file holds every key, so a --preset flag beside it changed only the
-    label (dd-report --paper then compared the run with another experiment)."""
-    path = tmp_path / "run.yaml"
-    path.write_text(config_yaml(parse_config(["--preset", "cifar10-resnet32"])))
-    with pytest.raises(UsageError, match=r"--preset food101-resnet50 differs from the preset \(cifar10-resnet32\) "
-                                         f"of --config {path}, whose values win"):
-        parse_config(["--config", str(path), "--preset", "food101-resnet50"])
-    assert parse_config(["--config", str(path), "--preset", "cifar10-resnet32"]).arch == "resnet32"
 
 
 def test_print_config_prints_the_effective_yaml_and_exits(tmp_path):

@@ -381,8 +381,17 @@ def test_two_jobs_never_train_one_run_at_once(tmp_path, jobs):
     again = run_dd([*args, "--only-group", "0", "--io-timeout", "4"], nproc=1, timeout=120)
     assert again.returncode == 2 and error_lines(again.stderr) == [
         f"dd-train: error: --out {out}: another job is training sub-network 0 there now "
-        f"({out / '.dd_mpi.lock-subnet0'} is locked): wait for it to end, or cancel it"], explain(again)
+        f"({out / '.dd_mpi.lock-subnet0'} is locked): wait for it to end, or cancel it (if none runs there "
+        f"any more, remove {out / '.dd_mpi.lock-subnet0'})"], explain(again)
     assert "waiting up to 2 s for it to end" in again.stdout, explain(again)
+    # a stop signal while it waits (Slurm's, before a requeue) ends it as a stop (75), not a refusal (2)
+    waiting = start(jobs, [*args, "--only-group", "0", "--io-timeout", "600"], tmp_path, "waiting", nproc=1)
+    deadline = time.monotonic() + 120
+    while "waiting up to 300 s" not in waiting.output() and time.monotonic() < deadline and waiting.proc.poll() is None:
+        time.sleep(0.1)
+    waiting.proc.send_signal(signal.SIGTERM)
+    code, _ = waiting.finish(timeout=60)
+    assert code == EXIT_PREEMPTED and "Traceback" not in waiting.output(), waiting.output()
     whole = run_dd([*args, "--resume", "--io-timeout", "30"], nproc=2, timeout=120)  # (rank 1 waits 30 s for 0)
     assert whole.returncode == 2 and "another job is training the run there now" in whole.stderr, explain(whole)
     assert task.proc.poll() is None  # the first job trains on
@@ -415,7 +424,8 @@ def test_a_continuing_job_waits_for_the_lock_and_forked_workers_do_not_keep_it(t
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
                               text=True)
     worker = int(holder.stdout.readline())
-    try:
+    try:  # writable by all: another user's --resume of a shared run opens it read-write (NFS's flock)
+        assert (tmp_path / runlock.LOCK_NAME).stat().st_mode & 0o777 == 0o666
         assert "another job is training the run there now" in runlock.claim(tmp_path, None, wait_seconds=0)
         killer = threading.Timer(1.0, holder.kill)
         killer.start()
