@@ -390,7 +390,8 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
-JOB_ONLY = ("config", "print_config", "out", "resume", "only_group", "nproc")  # a job's, not a run's settings
+NOT_SETTINGS = ("config", "print_config", "nproc")  # how a job was started, not what it runs
+JOB_ONLY = NOT_SETTINGS + ("out", "resume", "only_group")  # a job's, not a run's settings
 
 
 def read_config_file(path: str) -> dict:
@@ -514,8 +515,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
 def config_yaml(cfg: RunConfig) -> str:
     """The effective config as a YAML file that ``--config`` reads back (run-only keys out)."""
     import yaml
-    skip = ("config", "print_config", "nproc")
-    text = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in skip}, sort_keys=False)
+    text = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in NOT_SETTINGS}, sort_keys=False)
     if cfg.global_batch_size is not None:  # an edit of batch_size alone did nothing, without a word
         text = text.replace("\nglobal_batch_size:", "\n# global_batch_size wins over batch_size: make it null to "
                             "give a batch per rank\nglobal_batch_size:", 1)
