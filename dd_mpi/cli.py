@@ -24,7 +24,8 @@ import traceback
 from .config import config_yaml, parse_config
 from .errors import (EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PeerFailed, PhaseFailed, Preempted, UsageError,
                      peer_lost)
-from .launch import STOP_SIGNALS, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch, run_local
+from .launch import (STOP_SIGNALS, check_local_ranks, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch,
+                     run_local)
 from .progress import say
 
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.only_group_mode:  # so does an array task: a failed one is resubmitted as it was, without
             cfg.resume = True  # --resume, and would retrain its sub-net from scratch over its checkpoints
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
+            check_local_ranks(cfg.nproc)
             return run_local(cfg.nproc, _without_nproc(argv))
         if cfg.nproc and launch.launcher not in ("single", "local") and launch.rank == 0:
             say(f"dd-train: note: --nproc {cfg.nproc} ignored: {launch.launcher} started "

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
+from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, UsageError
 
 LOCAL_LAUNCHER_ENV = "DD_MPI_LAUNCHER"
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -165,6 +165,18 @@ def data_workers(threads: int) -> int:
     return min(8, threads - 1)
 
 
+LOCAL_RANKS_PER_CPU = 8  # past this a typo (--nproc 1000): every rank imports torch, and the node swaps
+
+
+def check_local_ranks(nproc: int) -> None:
+    """``--nproc`` starts its ranks on this machine alone: more than a few a CPU is a mistake."""
+    cpus = len(os.sched_getaffinity(0))
+    if nproc > LOCAL_RANKS_PER_CPU * cpus:
+        raise UsageError(f"--nproc {nproc} would start {nproc} ranks on this machine's {cpus} CPUs: give at most "
+                         f"{LOCAL_RANKS_PER_CPU * cpus} ({LOCAL_RANKS_PER_CPU} a CPU), or start more ranks on "
+                         "several nodes with srun, mpiexec or torchrun")
+
+
 def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
     """``dd-train --nproc K``: start K ranks on this machine, like torchrun, and watch them.
 
@@ -192,10 +204,17 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
 
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
-        return _wait_all(children, grace_seconds, stop_signals)
+        code = _wait_all(children, grace_seconds, stop_signals)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code == EXIT_PREEMPTED and not any(child.returncode == EXIT_PREEMPTED for child in children):
+        # no rank had armed its handler (they say how to resume once they have): without a
+        # word, a Ctrl-C at start-up looked like a job that ended by itself
+        names = ", ".join(signal.Signals(s).name for s in sorted(stop_signals))
+        print(f"dd-train: stopped by {names or 'signal'} while the ranks started up, before anything was "
+              "trained: run the same command again", file=sys.stderr, flush=True)
+    return code
 
 
 def _stop_when_parent_dies(launcher_pid: int) -> Callable[[], None] | None:

@@ -398,6 +398,7 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     # no prefix of a flag stands for it: a wrapper that looks for --out (dd_array_submit.sh) or
     # keeps the last of each flag (the benchmarks) would miss it
     (["--subnet-epoch", "3"], "unrecognized arguments: --subnet-epoch 3"),
+    (["--nproc", "100000"], "--nproc 100000 would start 100000 ranks on this machine's"),  # it started them
 ])
 def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -714,6 +715,8 @@ def test_sigterm_while_the_ranks_start_up_ends_the_local_job_with_75(tmp_path):
     job.send_signal(signal.SIGTERM)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 75, output
+    assert output.strip().splitlines() == ["dd-train: stopped by SIGTERM while the ranks started up, before "
+                                           "anything was trained: run the same command again"], output
 
 
 @pytest.mark.timing
