@@ -94,10 +94,11 @@ def claim(out: Path, only_group: int | None, wait_seconds: float,
                 pass
             except OSError as error:
                 handle.close()
-                if error.errno not in _NO_LOCKS and not (error.errno == errno.EBADF and handle.mode == "rb"):
+                read_only = error.errno == errno.EBADF and handle.mode == "rb"  # (NFS: an exclusive lock needs write)
+                if error.errno not in _NO_LOCKS and not read_only:
                     raise
-                log(f"--out {out}: its file system has no file locks, so a second job on this run "
-                    "would not be noticed: submit each run once")
+                why = f"{path} is read-only to this user" if read_only else "its file system has no file locks"
+                log(f"--out {out}: {why}, so a second job on this run would not be noticed: submit each run once")
                 return None
             what = "the run" if name == LOCK_NAME else f"sub-network {only_group}"
             if should_stop() or time.monotonic() >= deadline:

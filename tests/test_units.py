@@ -6,6 +6,7 @@ discovery, data plans, config validation, checkpoint files, failure classificati
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dd_mpi import checkpoint as ckpt
+from dd_mpi import checkpoint as ckpt, runlock
 from dd_mpi.cli import _without_nproc, main
 from dd_mpi.comm import Comm
 from dd_mpi.errors import Outcome, deciding, peer_lost as exit_quietly_if_peer_lost
@@ -860,3 +861,23 @@ def test_report_files_are_strict_json_when_a_number_is_nan(tmp_path):
     write_metrics(tmp_path, [{"phase": "subnet0", "loss": math.nan, "test_top1": 12.5}])
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert strict(line) == {"phase": "subnet0", "loss": None, "test_top1": 12.5}
+
+
+@pytest.mark.parametrize("failure, why", [
+    (OSError(errno.ENOLCK, "No locks available"), "its file system has no file locks"),
+    (OSError(errno.EBADF, "Bad file descriptor"), "is read-only to this user"),  # NFS: exclusive needs write
+])
+def test_a_run_lock_that_cannot_be_taken_claims_nothing_and_says_why(tmp_path, monkeypatch, capsys, failure, why):
+    (tmp_path / runlock.LOCK_NAME).touch()
+
+    def another_users_file(*_):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def flock(handle, mode):
+        raise failure
+
+    if failure.errno == errno.EBADF:
+        monkeypatch.setattr(runlock.os, "open", another_users_file)  # then it is opened read-only
+    monkeypatch.setattr(runlock.fcntl, "flock", flock)
+    assert runlock.claim(tmp_path, None, wait_seconds=0) is None
+    assert why in capsys.readouterr().out and not runlock._held
