@@ -424,16 +424,17 @@ def test_a_continuing_job_waits_for_the_lock_and_forked_workers_do_not_keep_it(t
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE,
                               text=True)
     worker = int(holder.stdout.readline())
+    killer = threading.Timer(1.0, holder.kill)
     try:  # writable by all: another user's --resume of a shared run opens it read-write (NFS's flock)
         assert (tmp_path / runlock.LOCK_NAME).stat().st_mode & 0o777 == 0o666
         assert "another job is training the run there now" in runlock.claim(tmp_path, None, wait_seconds=0)
-        killer = threading.Timer(1.0, holder.kill)
         killer.start()
         started = time.monotonic()
         assert runlock.claim(tmp_path, None, wait_seconds=120) is None  # while the worker still lives
         assert alive(worker) and time.monotonic() - started < 60
         runlock.release()
     finally:
+        killer.cancel()  # (a failed assert before it fired: no thread left to kill a reaped pid)
         holder.kill()
         holder.wait()
         os.kill(worker, signal.SIGKILL)
