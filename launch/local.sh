@@ -8,10 +8,8 @@
 # epoch per phase), so later flags win: e.g. --dataset cifar10 --device cuda --subnet-epochs 160.
 # A --preset or --config replaces the default (any flag given beats a preset's values).
 set -euo pipefail
-command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
-command -v dd-train >/dev/null ||  # (else: "exec: dd-train: not found", and no fix)
-    { echo "$0: error: dd-train is not on PATH: pip install -e . in a venv, or activate it" >&2; exit 2; }
-tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
-      --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
-for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "$0")/common.sh"  # the venv fallback, need_tools, tiny_default, check_flags
+need_tools "pip install -e . in a venv, or activate it" dd-train
+tiny_default "$@"
 exec dd-train --nproc 4 ${tiny[@]+"${tiny[@]}"} "$@"

@@ -10,11 +10,8 @@
 # epoch per phase), so later flags win: e.g. --dataset cifar10 --device cuda --subnet-epochs 160.
 # A --preset or --config replaces the default (any flag given beats a preset's values).
 set -euo pipefail
-command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
-for tool in dd-train srun; do  # (else: "exec: srun: not found", and no fix)
-    command -v "$tool" >/dev/null || { echo "$0: error: $tool is not on PATH: run it on a Slurm cluster, with dd_mpi installed (pip install -e '.[mpi]')" >&2; exit 2; }
-done
-tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
-      --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
-for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "$0")/common.sh"  # the venv fallback, need_tools, tiny_default, check_flags
+need_tools "run it on a Slurm cluster, with dd_mpi installed (pip install -e '.[mpi]')" dd-train srun
+tiny_default "$@"
 exec srun --ntasks="${SLURM_NTASKS:-4}" --mpi=pmi2 --kill-on-bad-exit=1 dd-train ${tiny[@]+"${tiny[@]}"} "$@"

@@ -10,14 +10,9 @@
 # epoch per phase), so later flags win: e.g. --dataset cifar10 --device cuda --subnet-epochs 160.
 # A --preset or --config replaces the default (any flag given beats a preset's values).
 set -euo pipefail
-command -v dd-train >/dev/null || PATH=$(dirname "$0")/../.venv/bin:$PATH  # the repository's venv
-for tool in dd-train torchrun; do  # (else: "exec: torchrun: not found", and no fix)
-    command -v "$tool" >/dev/null || { echo "$0: error: $tool is not on PATH: pip install -e . in a venv, or activate it" >&2; exit 2; }
-done
-tiny=(--device cpu --dataset synthetic --arch resnet20 --width 2 --subnets 2 --strategy dd
-      --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0 --train-samples 512 --test-samples 256)
-for arg in "$@"; do case $arg in --preset | --preset=* | --config | --config=*) tiny=() ;; esac; done
-# checked once first: torchrun stops every rank when one exits, so each would say a bad flag's line,
-# under the launcher's own traceback and exit status
-dd-train ${tiny[@]+"${tiny[@]}"} "$@" --print-config >/dev/null || exit  # (it said why)
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "$0")/common.sh"  # the venv fallback, need_tools, tiny_default, check_flags
+need_tools "pip install -e . in a venv, or activate it" dd-train torchrun
+tiny_default "$@"
+check_flags ${tiny[@]+"${tiny[@]}"} "$@"  # torchrun stops every rank when one exits
 exec torchrun --standalone --nproc-per-node 4 -m dd_mpi ${tiny[@]+"${tiny[@]}"} "$@"

@@ -102,7 +102,8 @@ def test_help_under_a_launcher_is_printed_once(launcher):
 def test_a_launch_script_without_its_tools_says_how_to_install_them(tmp_path, script, missing):
     """Outside the repository (no .venv beside it) and with nothing installed on PATH, the
     scripts said "exec: torchrun: not found", and no fix."""
-    shutil.copy(REPO / "launch" / script, tmp_path / script)
+    for name in (script, "common.sh"):  # the script sources common.sh from beside itself
+        shutil.copy(REPO / "launch" / name, tmp_path / name)
     tools = tmp_path / "bin"
     tools.mkdir()
     if missing != "dd-train":  # dd-train is there, the launcher is not
