@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from harness import Parser, check_dd_train, out_dir, print_header, run_dd_train
+from harness import check_dd_train, out_dir, print_header, run_dd_train
 
 from dd_mpi import checkpoint as ckpt
+from dd_mpi.argtypes import OneLineParser, positive
 from dd_mpi.flat import checksum, checksum_state, flatten_state, unflatten_into, unflatten_state
 from dd_mpi.config import RunConfig
 from dd_mpi.decompose import compose, composed_spec, subnet_spec
 from dd_mpi.errors import EXIT_USAGE
 from dd_mpi.models import build_model
-from dd_mpi.scaling.cli import positive
 
 PAPER = ["--arch", "resnet32", "--width", "4", "--subnets", "4", "--batch-size", "32"]  # the wide preset's net
 QUICK = ["--train-samples", "512", "--test-samples", "256", "--subnet-epochs", "1", "--finetune-epochs", "1"]
@@ -79,8 +79,8 @@ def probe_memory(cfg: RunConfig) -> dict:
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="fewer samples and epochs")
     parser.add_argument("--out", type=Path, help="directory for the run (default runs/bench-comm-<time>)")

@@ -33,13 +33,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from harness import Parser  # noqa: E402
 
 from dd_mpi import data, decoded, formats  # noqa: E402
+from dd_mpi.argtypes import OneLineParser, positive  # noqa: E402
 from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.models import ModelSpec  # noqa: E402
 from dd_mpi.presets import PRESETS  # noqa: E402
-from dd_mpi.scaling.cli import positive  # noqa: E402
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -122,7 +121,7 @@ def training_rate(preset: str, size: int, batch: int = 32, steps: int = 5) -> fl
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 images (default 400)")
     parser.add_argument("--images", type=positive(int))
     parser.add_argument("--photos", action="store_true", help="JPEGs cut from real photos (needs scikit-learn)")

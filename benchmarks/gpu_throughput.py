@@ -26,13 +26,11 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from harness import Parser  # noqa: E402
-
+from dd_mpi.argtypes import OneLineParser, positive  # noqa: E402
 from dd_mpi.presets import PRESETS  # noqa: E402
 from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.errors import UsageError  # noqa: E402
 from dd_mpi.models import ModelSpec, build_model  # noqa: E402
-from dd_mpi.scaling.cli import positive  # noqa: E402
 from dd_mpi.train import member_losses  # noqa: E402
 
 CIFAR_TRAIN = 50_000
@@ -68,7 +66,7 @@ def images_per_second(spec: ModelSpec, batch: int, bf16: bool, steps: int, compi
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch-size", type=positive(int), default=128)
     parser.add_argument("--preset", default="cifar10-resnet32", choices=tuple(PRESETS))

@@ -2,8 +2,9 @@
 
 Every benchmark prints the exact command and the machine first (timings mean nothing
 without them) and its headline ratio last. Bad input ends a script before any work, as
-one line naming the flag and what fixes it, exit 2: ``Parser`` for the script's own flags
-(with the argparse types below), ``check_dd_train`` for the dd-train flags it passes on.
+one line naming the flag and what fixes it, exit 2: ``dd_mpi.argtypes.OneLineParser`` for the
+script's own flags (with the argparse types there), ``check_dd_train`` for the dd-train flags
+it passes on.
 """
 
 from __future__ import annotations
@@ -27,45 +28,6 @@ from dd_mpi.plan import checked_layouts
 REPO = Path(__file__).resolve().parent.parent
 # an --eval-every / --subnet-eval-every beyond any run's epochs: evaluate after the last only
 AFTER_THE_LAST_EPOCH = "1000000"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose bad input is one line, ``SCRIPT: error: MESSAGE``, exit 2 (not the usage
-    block first: the message names the flag, --help shows them all)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def distinct_list(kind=int, choices: tuple | None = None):
-    """An argparse type: a comma-separated list of ``kind`` values (of ``choices``), each once:
-    a value given twice would be a second run into the first one's directory."""
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {kind.__name__} "
-                                             "values") from None
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text!r}: {bad[0]!r} is not one of {', '.join(map(str, choices))}")
-        twice = [v for v in dict.fromkeys(values) if values.count(v) > 1]
-        if twice:
-            raise argparse.ArgumentTypeError(f"{text!r}: {twice[0]!r} given twice: give each value once")
-        return values
-    parse.__name__ = "list"  # (argparse names the type in its messages)
-    return parse
-
-
-def percent(text: str) -> float:
-    """An argparse type: a percentage, 0 to 100."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-    if not 0 <= value <= 100:  # (nan too)
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage from 0 to 100")
-    return value
 
 
 def check_dd_train(parser: argparse.ArgumentParser, dd_args: list[str], nproc: int | None = None) -> RunConfig:

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from harness import Parser, check_dd_train, print_header
+from harness import check_dd_train, print_header
 
+from dd_mpi.argtypes import OneLineParser, positive
 from dd_mpi.comm import init_world
 from dd_mpi.config import parse_config
 from dd_mpi.data import DataPlan
@@ -35,7 +36,6 @@ from dd_mpi.datasets import load_for_run, split_size
 from dd_mpi.launch import LaunchInfo, free_port
 from dd_mpi.models import build_model
 from dd_mpi.rendezvous import pick_device, pick_precision
-from dd_mpi.scaling.cli import positive
 from dd_mpi.train import PRECISIONS, Recipe, make_optimizer, make_scheduler, train_epoch
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--train-samples", "512", "--batch-size", "64"]
@@ -140,8 +140,8 @@ def worker(rank: int, nproc: int, port: int, dd_args: list[str], reps: int, tune
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=positive(int), default=4, help="processes (ranks)")
     parser.add_argument("--quick", action="store_true", help="small model and data")
     parser.add_argument("--reps", type=positive(int), default=10, help="timed epochs per loop (default 10)")

@@ -21,11 +21,11 @@ import argparse
 import statistics
 from pathlib import Path
 
-from harness import AFTER_THE_LAST_EPOCH, Parser, check_dd_train, digits_args, out_dir, print_header, run_dd_train
+from harness import AFTER_THE_LAST_EPOCH, check_dd_train, digits_args, out_dir, print_header, run_dd_train
 
+from dd_mpi.argtypes import OneLineParser, positive
 from dd_mpi.decompose import subnet_spec
 from dd_mpi.inspection import model_sizes
-from dd_mpi.scaling.cli import positive
 
 QUICK = ["--arch", "resnet20", "--width", "2", "--subnets", "2", "--train-samples", "2048",
          "--test-samples", "256", "--batch-size", "32"]
@@ -54,8 +54,8 @@ def describe(epochs: range) -> str:
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run")
     parser.add_argument("--digits", action="store_true", help="scikit-learn's digits as an ImageFolder "

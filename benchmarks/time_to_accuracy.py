@@ -28,12 +28,11 @@ from pathlib import Path
 
 import statistics
 
-from harness import (AFTER_THE_LAST_EPOCH, Parser, check_dd_train, digits_args, distinct_list, out_dir, percent,
-                     print_header, run_dd_train)
+from harness import AFTER_THE_LAST_EPOCH, check_dd_train, digits_args, out_dir, print_header, run_dd_train
 
+from dd_mpi.argtypes import OneLineParser, distinct_list, percent, positive
 from dd_mpi.reporting import baseline_curve, dd_timeline
 from dd_mpi.scaling import time_to_target
-from dd_mpi.scaling.cli import positive
 
 # --quick: the synthetic task at a size that takes a few minutes on 2 cores. Epoch split
 # from the search in BENCHMARKS.md: most epochs in phase 1 (cheap), one fine-tune epoch;
@@ -75,8 +74,8 @@ def time_to_target_dd(report: dict, metrics: list[dict], target: float) -> tuple
 
 
 def main() -> None:
-    parser = Parser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, allow_abbrev=False,  # dd-train's flags pass through whole
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=positive(int), default=4, help="local ranks (P)")
     parser.add_argument("--quick", action="store_true", help="small synthetic run (minutes on 2 cores)")
     parser.add_argument("--paper-split", action="store_true", help="the paper's split (standard ResNet32, "

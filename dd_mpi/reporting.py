@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from . import paper
+from .argtypes import OneLineParser
 from .errors import UsageError
 from .report import NET_KEYS, PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
@@ -405,8 +406,8 @@ def write_all(runs: list[RunFiles], out: Path, *, with_paper: bool = False) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dd-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="dd-report", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="dd-train --out directories")
     parser.add_argument("--out", type=Path, help="where to write (default: the run directory, or the "
                                                   "runs' common parent)")

@@ -73,7 +73,8 @@ def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
 def test_bad_model_numbers_are_refused(tmp_path, capsys, flags, says):
     with pytest.raises(SystemExit) as exit_:
         scaling.main(["--model", str(fake_run(tmp_path)), *flags])
-    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"dd-scaling: error: {says}")
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no usage block first
+    assert exit_.value.code == 2 and line.startswith(f"dd-scaling: error: {says}"), line
 
 
 def test_bad_sweep_flags_are_refused(tmp_path, capsys):
@@ -82,7 +83,7 @@ def test_bad_sweep_flags_are_refused(tmp_path, capsys):
                          "--sbatch \"-p 'gpu\": No closing quotation (quote it as a shell would)")):
         with pytest.raises(SystemExit) as exit_:
             scaling.main([*flags, "--out", str(tmp_path / "study")])
-        assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"dd-scaling: error: {says}"
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"dd-scaling: error: {says}\n"
     assert not (tmp_path / "study").exists()
 
 
@@ -98,7 +99,8 @@ def test_a_flag_the_mode_does_not_read_is_refused(tmp_path, capsys, argv, says):
     run = str(fake_run(tmp_path))
     with pytest.raises(SystemExit) as exit_:
         scaling.main([run if arg == "RUN" else arg for arg in argv] + ["--out", str(tmp_path / "study")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"dd-scaling: error: {says}")
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no usage block first
+    assert exit_.value.code == 2 and line.startswith(f"dd-scaling: error: {says}"), line
     assert not (tmp_path / "study").exists()
 
 

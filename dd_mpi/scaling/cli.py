@@ -51,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..argtypes import OneLineParser, int_list, positive
 from ..errors import UsageError
 from ..reporting import NO_MATPLOTLIB, plots_available
 from .collect import collect, collect_table, find_runs, rows_csv
@@ -60,31 +61,6 @@ from .perfmodel import (DEFAULT_ALPHA, DEFAULT_BETA, Network, build_workloads, c
                         measurements, project, projectable, validation_rows)
 from .plots import plot_model, plot_scaling
 from .sweep import find_study_script, local_sweep, slurm_command, valid_pairs
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", ",").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
-    return list(dict.fromkeys(values))  # a value given twice is one run, not two
-
-
-def positive(kind, *, or_zero: bool = False):
-    """An argparse type: a finite number above 0 (or 0 too): a time, a rate, a count."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not or_zero):
-            bound = "of 0 or more" if or_zero else "above 0"
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number {bound}")
-        return value
-    parse.__name__ = kind.__name__  # (argparse names the type in its messages)
-    return parse
 
 
 def gpu_list(text: str) -> list[int]:
@@ -176,8 +152,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         own, passthrough = argv[:cut], argv[cut + 1:]
     else:
         own, passthrough = argv, []
-    parser = argparse.ArgumentParser(prog="dd-scaling", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="dd-scaling", description=__doc__, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--local", action="store_true", help="run the sweep here, one dd-train after another")
     mode.add_argument("--slurm", action="store_true", help="submit the sweep: bash slurm/scaling_study.sh "
