@@ -71,6 +71,8 @@ class RunFiles:
 
     @property
     def label(self) -> str:
+        if (self.report.get("config") or {}).get("strategy") == "baseline":  # (no sub-nets: N is the flag's)
+            return f"{self.path.name} (P={self.world_size}, conventional)"
         return f"{self.path.name} (P={self.world_size}, N={self.subnets})"
 
 

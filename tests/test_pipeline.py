@@ -8,6 +8,7 @@ import torch
 from dd_mpi.checkpoint import checkpoint_path, load
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model
+from dd_mpi.reporting import RunFiles
 from dd_mpi.synthetic import make_synthetic
 
 from helpers import REPORT_KEYS, TINY, explain, read_metrics, read_report, run_dd
@@ -150,3 +151,4 @@ def test_baseline_alone(tmp_path):
     assert 0 <= report["random_T"]["top1"] <= 100 and not report.get("sub_nets")
     rows = read_metrics(out)
     assert rows and {r["phase"] for r in rows} == {"baseline"}
+    assert RunFiles(out).label == "run (P=4, conventional)"  # (a plot's legend: no sub-nets to count)
