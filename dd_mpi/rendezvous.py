@@ -10,6 +10,9 @@ import torch
 
 from .errors import UsageError
 from .launch import LaunchInfo, free_port
+from .models import ModelSpec, build_model, count_parameters
+
+TRAINING_BYTES_PER_WEIGHT = 12  # fp32 weight, gradient and SGD momentum: the least a net in training holds
 
 
 def mpi_world_for(launch: LaunchInfo):
@@ -88,3 +91,39 @@ def pick_precision(requested: str, device: torch.device, device_flag: str) -> st
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def check_the_net_fits(spec: ModelSpec, flag: str, device_flag: str, launch: LaunchInfo) -> None:
+    """Refuse a net (``flag``: what made it so large) whose weights alone cannot train in the
+    memory of the device this rank will use (``device_flag``: --device). On the CPU the kernel
+    overcommits: the build then filled memory for minutes until the OOM killer ended the job,
+    exit 137 and no word. Activations come on top: a net that passes may still not fit, but
+    one that fails here never would."""
+    with torch.device("meta"):
+        weights = count_parameters(build_model(spec))
+    need = TRAINING_BYTES_PER_WEIGHT * weights
+    if device_flag != "cpu" and torch.cuda.is_available():  # (as pick_device will choose)
+        index = launch.local_rank % max(1, torch.cuda.device_count())
+        have, whose = torch.cuda.get_device_properties(index).total_memory, f"GPU {index} has"
+    else:
+        ranks = max(1, launch.local_world_size)
+        have = node_memory() // ranks
+        whose = "this node's memory gives each rank" if ranks > 1 else "this node has"
+    if need > have:
+        raise UsageError(f"{flag} makes {spec.arch} {weights:.3g} weights, which take at least {need / 2**30:,.1f} "
+                         f"GiB to train (fp32 weights, gradients, momentum), and {whose} {have / 2**30:,.1f} GiB: "
+                         "choose a smaller width")
+
+
+def node_memory() -> int:
+    """Bytes this process may use: the machine's memory, or its cgroup's limit where lower
+    (Slurm's --mem confines a job's tasks to one)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit).read().strip()  # noqa: SIM115 -- a one-line kernel file
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total

@@ -400,6 +400,8 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     # keeps the last of each flag (the benchmarks) would miss it
     (["--subnet-epoch", "3"], "unrecognized arguments: --subnet-epoch 3"),
     (["--nproc", "100000"], "--nproc 100000 would start 100000 ranks on this machine's"),  # it started them
+    # the OOM killer ended it minutes later, exit 137 and no word
+    (["--width", "1000"], "--width 1000 makes resnet20 2.67e+11 weights, which take at least 2,986.9 GiB to train"),
 ])
 def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
