@@ -231,6 +231,11 @@ def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
     assert pixels.shape == (64, 64, 3) and np.array_equal(pixels[..., 0], (ramp // 257).astype(np.uint8))
     Image.fromarray(np.full((4, 4), 200, np.int32), "I").save(tmp_path / "eight_bit_values.tif")
     assert (np.asarray(CheckedLoader()(tmp_path / "eight_bit_values.tif")) == 200).all()  # kept as they are
+    # a 16-bit PGM opens as mode I: a dark one (all below 256) is still 16-bit, not 8
+    (tmp_path / "dark16.pgm").write_bytes(b"P5\n64 64\n65535\n" + (ramp // 512).astype(">u2").tobytes())
+    assert Image.open(tmp_path / "dark16.pgm").mode == "I"
+    pixels = np.asarray(CheckedLoader()(tmp_path / "dark16.pgm"))
+    assert np.array_equal(pixels[..., 0], (ramp // 512 // 257).astype(np.uint8))
 
 
 @pytest.mark.parametrize("recipe", ["large", "small"])
