@@ -67,15 +67,19 @@ class NetResult:
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
-def compile_mode(requested: str, ranks: int) -> str:
-    """torch.compile's mode for a phase whose group has ``ranks`` ranks. CUDA graphs take a
-    narrow net's kernel launches away (~3x per step on an H200, BENCHMARKS.md section 6), but
-    with gradient hooks firing between captured graphs (DDP, Horovod) torch's CUDA graphs are
-    not reliable (pytorch/pytorch#140395, #128218): a group of several ranks keeps the rest of
-    the mode without graphs."""
-    if ranks > 1 and requested in GRAPH_MODES:
-        return "max-autotune-no-cudagraphs" if requested == "max-autotune" else "default"
-    return requested
+def compile_mode(requested: str, ranks: int, device_type: str = "cuda") -> tuple[str, str | None]:
+    """torch.compile's mode for a phase whose group has ``ranks`` ranks on ``device_type``, and
+    why it is not the one requested (None: it is). CUDA graphs take a narrow net's kernel
+    launches away (~3x per step on an H200, BENCHMARKS.md section 6), but with gradient hooks
+    firing between captured graphs (DDP, Horovod) torch's CUDA graphs are not reliable
+    (pytorch/pytorch#140395, #128218): a group of several ranks keeps the rest of the mode
+    without graphs, and so does the CPU, which has none to capture."""
+    if requested not in GRAPH_MODES or (ranks == 1 and device_type == "cuda"):
+        return requested, None
+    why = (f"trained on {ranks} ranks" if device_type == "cuda" else "on the CPU, which has no CUDA graphs")
+    rest = "max-autotune-no-cudagraphs" if requested == "max-autotune" else "default"
+    return rest, (f"{why}, so compiled in mode {rest} (--compile-mode {requested} captures CUDA graphs only on "
+                  "a GPU, where a group is one rank)")
 
 
 def other_layouts_progress(level: Level, out: Path, nets: list[int], own: Path) -> list[Path]:
@@ -210,10 +214,9 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
             run.record(state.history)
     trained = comm.data_parallel(model)
     if cfg.compile:
-        mode = compile_mode(cfg.compile_mode, comm.size)
-        if mode != cfg.compile_mode:
-            log(f"{name}: trained on {comm.size} ranks, so compiled in mode {mode} (--compile-mode "
-                f"{cfg.compile_mode} captures CUDA graphs only where a group is one rank)", rank=comm.rank)
+        mode, why = compile_mode(cfg.compile_mode, comm.size, comm.device.type)
+        if why:
+            log(f"{name}: {why}", rank=comm.rank)
         # CUDA graphs want static shapes: a graph per batch size (an epoch's last batch may differ)
         trained = torch.compile(trained, mode=mode, dynamic=False if mode in GRAPH_MODES else None)
     optimizer = comm.wrap_optimizer(optimizer, model)

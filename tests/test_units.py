@@ -379,11 +379,16 @@ def test_config_validation_names_the_flag(argv, message):
 
 
 def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
-    assert compile_mode("reduce-overhead", 1) == "reduce-overhead"
-    assert compile_mode("max-autotune", 1) == "max-autotune"
-    assert compile_mode("reduce-overhead", 2) == "default"  # DDP's hooks between graphs
-    assert compile_mode("max-autotune", 4) == "max-autotune-no-cudagraphs"
-    assert compile_mode("default", 4) == "default"
+    assert compile_mode("reduce-overhead", 1) == ("reduce-overhead", None)
+    assert compile_mode("max-autotune", 1) == ("max-autotune", None)
+    assert compile_mode("reduce-overhead", 2)[0] == "default"  # DDP's hooks between graphs
+    assert compile_mode("max-autotune", 4) == (
+        "max-autotune-no-cudagraphs", "trained on 4 ranks, so compiled in mode max-autotune-no-cudagraphs "
+        "(--compile-mode max-autotune captures CUDA graphs only on a GPU, where a group is one rank)")
+    assert compile_mode("default", 4) == ("default", None)
+    assert compile_mode("reduce-overhead", 1, "cpu") == (
+        "default", "on the CPU, which has no CUDA graphs, so compiled in mode default (--compile-mode "
+        "reduce-overhead captures CUDA graphs only on a GPU, where a group is one rank)")
     assert parse_config(["--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
 
 
