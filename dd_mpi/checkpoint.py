@@ -99,6 +99,25 @@ def _reads_through(path: Path) -> bool:
         return False
 
 
+def settings_in_checkpoints(out: Path) -> tuple[dict, Path] | None:
+    """The run's settings as a checkpoint of it holds them (every one saves the run's config),
+    from the smallest that reads: what a resume is checked against when config.json is gone
+    (a refused resume then wrote its own settings there, and the run could not go on under
+    either set of flags)."""
+    try:
+        files = sorted((Path(out) / CHECKPOINT_DIR).glob("*.pt"), key=lambda p: p.stat().st_size)
+    except OSError:  # (one renamed over meanwhile)
+        return None
+    for path in files:
+        try:
+            saved = load(path)
+        except UsageError:  # damaged or unreadable: another may read
+            continue
+        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+            return saved["config"], path
+    return None
+
+
 def _size(value) -> str:
     if not isinstance(value, torch.Tensor):
         return f"a {type(value).__name__}"

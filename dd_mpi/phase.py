@@ -193,9 +193,10 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         ckpt.fitting(saved, last_path, ckpt.LAST_KEYS, model.state_dict(), cfg.checkpoint_differences)
         state = PhaseState.from_dict(saved)
         if state.ranks != comm.size:  # LR scaling, steps and data split would change
-            raise UsageError(f"{cfg.continuing_flag}: {name} was trained on {state.ranks} ranks and would resume on "
-                             f"{comm.size}: relaunch with the same number of ranks, or delete {last_path} "
-                             "to retrain this phase")
+            others = " and the other groups' -last checkpoints beside it" if level.layout.groups > 1 else ""
+            raise UsageError(f"{cfg.continuing_flag}: {name} was trained on {state.ranks} rank"
+                             f"{'s' if state.ranks > 1 else ''} and would resume on {comm.size}: relaunch with the "
+                             f"same number of ranks, or delete {last_path}{others} to retrain this phase")
         model.load_state_dict(state.model)
         if state.progress and state.rank_buffers:  # this rank's own BN statistics, mid-epoch
             model.load_state_dict(state.rank_buffers[comm.rank], strict=False)

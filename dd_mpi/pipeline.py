@@ -351,9 +351,10 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
     1), so that a resume may give or leave out --groups at that value."""
     config_file = out / "config.json"
     started_here = False  # (rank 0's) config.json is this run's own: removed if it cannot go on
+    recovered_from = None  # (rank 0's) the checkpoint whose settings stood for a missing config.json
 
     def check() -> str | None:
-        nonlocal started_here
+        nonlocal started_here, recovered_from
         if out.exists() and not out.is_dir():
             return f"--out {out} is a file, not a folder: choose a folder (a new one, or a run's)"
         try:
@@ -376,7 +377,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
                              should_stop=should_stop)
         if busy:
             return busy
-        written = cfg.to_dict()
+        written, saved, source = cfg.to_dict(), None, "config.json"
         if config_file.exists():
             if not joins:
                 return (f"--out {out} holds another run's files (config.json): pass --resume to "
@@ -384,13 +385,18 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             saved = read_saved_config(config_file)
             if saved is None:
                 return f"--out {out}: config.json is unreadable: remove it or choose a new --out"
+        elif (out / ckpt.CHECKPOINT_DIR).exists():
+            if not joins:
+                return f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out"
+            saved, source = ckpt.settings_in_checkpoints(out) or (None, None)
+            recovered_from = source
+        if saved is not None:
             differences = cfg.incompatible_with(saved, default_groups)
             if differences:
+                said = "" if source == "config.json" else f", as {source} holds them (config.json is gone)"
                 return (f"{cfg.continuing_flag}: the run in {out} was made with other settings "
-                        f"({'; '.join(differences)}): use the same flags or a new --out")
+                        f"({'; '.join(differences)}){said}: use the same flags or a new --out")
             written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
-        elif (out / ckpt.CHECKPOINT_DIR).exists() and not joins:
-            return (f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out")
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
         started_here = not config_file.exists()
@@ -410,7 +416,10 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             config_file.unlink(missing_ok=True)  # what the next --resume is checked against
         raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
                          "put --out on a file system that every rank shares")
-    if cfg.resume and started_here and not cfg.only_group_mode:  # a requeue before the first write, or a typo
+    if recovered_from is not None:
+        log(f"--resume: {out} had no config.json: the run's settings, read from {recovered_from}, are this "
+            "job's; config.json is written again")
+    elif cfg.resume and started_here and not cfg.only_group_mode:  # a requeue before the first write, or a typo
         log(f"--resume: {out} held no run (no config.json): a new one starts there")
 
 

@@ -821,6 +821,28 @@ def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, m
     assert (out / "config.json").exists()
 
 
+def test_a_resume_without_config_json_is_checked_against_its_checkpoints(tmp_path, capsys):
+    """config.json gone (removed, as its "unreadable" refusal advises): the run's settings are
+    read from a checkpoint, which holds them. A resume with another --lr wrote config.json with
+    it and was refused later by the checkpoints: then neither set of flags could continue."""
+    from dd_mpi import pipeline
+    one = Comm([0], 0, None, torch.device("cpu"))
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--subnets", "2", "--resume"]
+    made = ckpt.checkpoint_path(out, "subnet0", "final")
+    made.parent.mkdir(parents=True)
+    ckpt.save(made, {"model": {}, "config": parse_config(flags[:4]).to_dict()})
+    ckpt.checkpoint_path(out, "subnet1", "last").write_bytes(b"cut")  # damaged (and smallest): passed over
+    other = parse_config([*flags, "--lr", "0.5"])
+    with pytest.raises(UsageError, match=rf"^--resume: the run in {out} was made with other settings \(--lr: 0.1 -> "
+                                         rf"0.5\), as {made} holds them \(config.json is gone\)"):
+        pipeline.prepare_output(other, one, out, None)
+    assert not (out / "config.json").exists()
+    pipeline.prepare_output(parse_config(flags), one, out, None)
+    assert f"--resume: {out} had no config.json: the run's settings, read from {made}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.1
+
+
 def test_a_resume_checks_the_run_s_config_json(tmp_path):
     """What a resume reads of config.json: JSON that is no run's settings (a hand edit) is
     one line, not an AttributeError on rank 0; --groups at the G these ranks take anyway
