@@ -77,8 +77,8 @@ class RunFiles:
 
 
 def _damaged(where, what: str) -> UsageError:
-    return UsageError(f"{where}: {what}: not a finished dd-train run's file, or damaged (rerun the run, or "
-                      "leave it out)")
+    return UsageError(f"{where}: {what}: not a finished dd-train run's file, or damaged (dd-train --resume "
+                      "with the run's flags writes it again from its checkpoints; or leave the run out)")
 
 
 def _json(where, data: bytes):

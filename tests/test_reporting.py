@@ -221,7 +221,8 @@ def test_a_damaged_run_file_is_one_line_naming_it(tmp_path, capsys, file, edit, 
         assert main([*flags, "--out", str(tmp_path / "out")]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"{tool}: error: ") and f"{file}" in line and says in line, line
-        assert line.endswith("not a finished dd-train run's file, or damaged (rerun the run, or leave it out)")
+        assert line.endswith("not a finished dd-train run's file, or damaged (dd-train --resume with the run's "
+                             "flags writes it again from its checkpoints; or leave the run out)")
     assert not (tmp_path / "out").exists()
 
 
