@@ -115,15 +115,31 @@ def check_the_net_fits(spec: ModelSpec, flag: str, device_flag: str, launch: Lau
                          "choose a smaller width")
 
 
-def node_memory() -> int:
-    """Bytes this process may use: the machine's memory, or its cgroup's limit where lower
-    (Slurm's --mem confines a job's tasks to one)."""
+def node_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
+    """Bytes this process may use: the machine's memory, or the least limit of its memory
+    cgroup and the cgroups above it where lower (Slurm's --mem confines a job's tasks to one;
+    v2's memory.max, v1's memory.limit_in_bytes)."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(limit).read().strip()  # noqa: SIM115 -- a one-line kernel file
-        except OSError:
+    try:
+        with open(proc_cgroup) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return total
+    for line in lines:  # "0::/path" (v2), "4:memory:/path" (v1)
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, limit_file = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, limit_file = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
             continue
-        if text.isdigit():
-            total = min(total, int(text))
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(base, *parts[:depth], limit_file)) as handle:
+                    text = handle.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():  # ("max": none)
+                total = min(total, int(text))
     return total

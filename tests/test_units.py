@@ -910,3 +910,24 @@ def test_a_run_lock_that_cannot_be_taken_claims_nothing_and_says_why(tmp_path, m
     monkeypatch.setattr(runlock.fcntl, "flock", flock)
     assert runlock.claim(tmp_path, None, wait_seconds=0) is None
     assert why in capsys.readouterr().out and not runlock._held
+
+
+def test_a_rank_s_memory_is_its_cgroup_s_limit_where_lower(tmp_path):
+    """Slurm's --mem puts a job's tasks in a memory cgroup (the job's, or a step's below it):
+    --width is checked against its limit, not the machine's memory."""
+    from dd_mpi.rendezvous import node_memory
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    job = v2 / "slurm" / "job_7"
+    (job / "step_0").mkdir(parents=True)
+    (v2 / "slurm" / "memory.max").write_text("max\n")
+    (job / "memory.max").write_text(f"{2 << 30}\n")
+    (job / "step_0" / "memory.max").write_text("max\n")
+    (v1 / "memory" / "slurm" / "job_7").mkdir(parents=True)
+    (v1 / "memory" / "slurm" / "job_7" / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    (tmp_path / "cgroup-v2").write_text("0::/slurm/job_7/step_0\n")
+    (tmp_path / "cgroup-v1").write_text("5:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/job_7\n0::/\n")
+    assert node_memory(str(tmp_path / "cgroup-v2"), str(v2)) == min(machine, 2 << 30)
+    assert node_memory(str(tmp_path / "cgroup-v1"), str(v1)) == min(machine, 3 << 30)
+    (tmp_path / "none").write_text("0::/\n")
+    assert node_memory(str(tmp_path / "none"), str(tmp_path / "empty")) == machine
