@@ -124,12 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         # Everything that needs no communication is checked first, identically on every rank
         # (of a node: its memory too).
         layouts = checked_layouts(cfg, launch.world_size)
-        widest = cfg.model_spec(10)  # (an array task trains one sub-net; the final job builds the whole net)
-        if cfg.only_group_mode:
-            check_the_net_fits(subnet_spec(widest, cfg.subnets), f"--width {cfg.width:g} / --subnets {cfg.subnets}",
-                               cfg.device, launch)
-        else:
-            check_the_net_fits(widest, f"--width {cfg.width:g}", cfg.device, launch)
+        spec, flag = cfg.model_spec(10), f"--width {cfg.width:g}"
+        if cfg.only_group_mode:  # an array task trains one sub-net; the final job builds the whole net
+            spec, flag = subnet_spec(spec, cfg.subnets), f"{flag} / --subnets {cfg.subnets}"
+        check_the_net_fits(spec, flag, cfg.device, launch)
     except UsageError as error:
         # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
         # torch then (no handler for its SIGTERM yet): there, every rank says the same line

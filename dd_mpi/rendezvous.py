@@ -126,6 +126,8 @@ def node_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgr
     except OSError:
         return total
     for line in lines:  # "0::/path" (v2), "4:memory:/path" (v1)
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             base, limit_file = root, "memory.max"
