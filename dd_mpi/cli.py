@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _how_to_continue(cfg) -> str:
-    """--out as the run resolved it (rank 0's time stamp when none was given)."""
+    """--out as the run resolved it (rank 0's time stamp when none was given). An array task
+    is run again as it was: with --resume instead it became the whole job."""
+    if cfg.only_group_mode:
+        return f"run the task again (--only-group {cfg.only_group} --out {cfg.out}; no --resume)"
     return "run again with --resume" + (f" --out {cfg.out}" if cfg.out is not None else "")
 
 

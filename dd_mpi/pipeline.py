@@ -106,7 +106,7 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
     if cfg.only_group_mode:  # one sub-network on all ranks of this job (job-array mode)
         nets = [cfg.only_group]
         log(f"phase 1: sub-network {nets[0]} of {first.nets} ({first.spec.arch} width {first.spec.width:g}) "
-            f"on all {world.size} ranks", rank=world.rank)
+            f"on {'all ' if world.size > 1 else ''}{world.size} rank{'s' if world.size > 1 else ''}", rank=world.rank)
         train_group(job, first, world.comm, nets, streams_of(job, first, nets))
         log(f"sub-network {nets[0]} finished: run `dd-train --resume --out {job.out}` with all ranks "
             "to compose and fine-tune", rank=world.rank)
@@ -380,14 +380,14 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
         written, saved, source = cfg.to_dict(), None, "config.json"
         if config_file.exists():
             if not joins:
-                return (f"--out {out} holds another run's files (config.json): pass --resume to "
-                        "continue it, or choose a new --out")
+                return (f"--out {out} holds a run already (config.json): pass --resume to continue it, or "
+                        "choose a new --out")
             saved = read_saved_config(config_file)
             if saved is None:
                 return f"--out {out}: config.json is unreadable: remove it or choose a new --out"
         elif (out / ckpt.CHECKPOINT_DIR).exists():
             if not joins:
-                return f"--out {out} holds another run's checkpoints: pass --resume or choose a new --out"
+                return f"--out {out} holds a run's checkpoints already: pass --resume or choose a new --out"
             saved, source = ckpt.settings_in_checkpoints(out) or (None, None)
             recovered_from = source
         if saved is not None:

@@ -621,7 +621,7 @@ def test_an_unusable_out_is_refused(tmp_path, reference, case):
         (tmp_path / "tb" / "tensorboard").write_text("x")
         out, extra, needle = tmp_path / "tb", ["--tensorboard"], "--tensorboard: "
     elif case == "another-run":
-        out, extra, needle = reference, [], "holds another run's files"
+        out, extra, needle = reference, [], "holds a run already (config.json): pass --resume"
     else:
         out, extra, needle = reference, ["--resume", "--width", "2"], "--width: 1.0 -> 2.0"
     before = snapshot(reference)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dd_mpi import checkpoint as ckpt, runlock
-from dd_mpi.cli import _without_nproc, main
+from dd_mpi.cli import _how_to_continue, _without_nproc, main
 from dd_mpi.comm import Comm
 from dd_mpi.errors import Outcome, deciding, peer_lost as exit_quietly_if_peer_lost
 from dd_mpi.flat import flatten_state, unflatten_into
@@ -549,6 +549,14 @@ def test_a_batch_larger_than_the_data_trains_at_the_lr_of_the_batch_it_takes(tmp
 
 def test_nproc_is_not_passed_on_to_the_ranks():
     assert _without_nproc(["--nproc", "4", "--out", "x", "--nproc=2", "--lr", "0.1"]) == ["--out", "x", "--lr", "0.1"]
+
+
+def test_a_stopped_array_task_is_told_to_run_as_a_task_again():
+    """The stop's advice: --resume made a task the whole job (the other sub-nets, composition,
+    fine-tune, all in one task)."""
+    assert _how_to_continue(parse_config(["--subnets", "2", "--only-group", "1", "--out", "x"])) == \
+        "run the task again (--only-group 1 --out x; no --resume)"
+    assert _how_to_continue(parse_config(["--out", "x"])) == "run again with --resume --out x"
 
 
 # --- checkpoint files ---------------------------------------------------------------------
