@@ -213,7 +213,9 @@ class PhaseState:
 
 
 def final_state(*, model: dict, history: list[dict], test: dict, seconds: float, config: dict,
-                phase: str) -> dict:
-    """One net's finished training (``<name>-final.pt``): its presence is the proof."""
+                phase: str, ranks: int, step_batch: int) -> dict:
+    """One net's finished training (``<name>-final.pt``): its presence is the proof. ``ranks``
+    and ``step_batch``: its group's size and the batch a step took over it (an array task's
+    may differ from the final job's layout)."""
     return {"model": model, "history": history, "test": test, "seconds": seconds, "config": config,
-            "phase": phase}
+            "phase": phase, "ranks": ranks, "step_batch": step_batch}

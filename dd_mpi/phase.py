@@ -139,8 +139,12 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
         if together:  # stopped between their final checkpoints: its -last holds them all
             done = [j for j in nets if j not in together]
     for j in done:
-        log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}",
-            rank=comm.rank)
+        trained_on = finished[j].get("ranks", comm.size)  # (an older dd_mpi's final has none)
+        other = (f" (trained on {trained_on} rank{'s' if trained_on > 1 else ''} at a batch of "
+                 f"{finished[j].get('step_batch')} a step: its group here has {comm.size})") \
+            if trained_on != comm.size else ""
+        log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}"
+            f"{other}", rank=comm.rank)
     todo = [j for j in nets if j not in done]
     results = {j: NetResult(j, finished[j]["model"], finished[j]["history"], finished[j]["test"],
                             finished[j]["seconds"], (initial or [{}] * len(nets))[nets.index(j)]) for j in done}
@@ -302,7 +306,8 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         for result in results:
             ckpt.save(ckpt.checkpoint_path(run.out, level.net_name(result.net), "final"),
                       ckpt.final_state(model=result.state, history=result.history, test=result.test,
-                                       seconds=result.seconds, config=cfg.to_dict(), phase=level.net_name(result.net)))
+                                       seconds=result.seconds, config=cfg.to_dict(), phase=level.net_name(result.net),
+                                       ranks=comm.size, step_batch=taken * comm.size))
     comm.slow.barrier()  # the final checkpoints exist before anyone moves on
     return results
 

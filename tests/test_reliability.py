@@ -340,8 +340,12 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     again = run_ok([*args, "--only-group", "1"], nproc=1)
     assert "subnet1: finished earlier" in again.stdout, explain(again)
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1
+    assert "trained on" not in again.stdout  # (the same size of group)
     resumed = run_ok([*args, "--resume"], nproc=4)
     assert "subnet1: finished earlier" in resumed.stdout, explain(resumed)
+    # the report's layout gives it 2 ranks: the log says how it really trained
+    assert re.search(r"subnet1: finished earlier, loaded \S+ \(trained on 1 rank at a batch of \d+ a step: its group "
+                     r"here has 2\)", resumed.stdout), explain(resumed)
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1  # loaded, not retrained
     report = read_report(out)
     assert [s["index"] for s in report["sub_nets"]] == [0, 1] and report["transfer_T"]["top1"] >= 0
