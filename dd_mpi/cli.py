@@ -122,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         from .plan import checked_layouts
         from .rendezvous import check_the_net_fits, pick_device, pick_precision
         # Everything that needs no communication is checked first, identically on every rank
-        # (of a node: its memory too).
+        # (its node's memory: on every rank of a node).
         layouts = checked_layouts(cfg, launch.world_size)
         spec, flag = cfg.model_spec(10), f"--width {cfg.width:g}"
         if cfg.only_group_mode:  # an array task trains one sub-net; the final job builds the whole net
             spec, flag = subnet_spec(spec, cfg.subnets), f"{flag} / --subnets {cfg.subnets}"
-        check_the_net_fits(spec, flag, cfg.device, launch)
+        check_the_net_fits(spec, flag, cfg.momentum, cfg.device, launch)
     except UsageError as error:
         # torchrun stops every rank as soon as one exits, and rank 0 may still be importing
         # torch then (no handler for its SIGTERM yet): there, every rank says the same line
-        if launch.rank == 0 or launch.launcher == "torchrun":
+        if launch.rank == 0 or launch.launcher == "torchrun" or not error.everywhere:
             say(f"dd-train: error: {error}", sys.stderr)
         return EXIT_USAGE
 

@@ -250,8 +250,10 @@ def _rgb(image: Image.Image) -> Image.Image:
     clips them, and a 16-bit PNG became white). PIL opens some 16-bit files as 32-bit mode I
     (PGM): their depth is the file's, read before the pixels, not guessed from their values
     (a dark one, all below 256, came out as bright as an 8-bit image)."""
-    raw = image.tile[0][3] if image.tile else ""  # the decoder's sample format, e.g. I;16B
-    sixteen_bits = "16" in (raw if isinstance(raw, str) else str(raw[0]) if raw else "")
+    if image.mode == "I":
+        raw = image.tile[0][3] if image.tile else ""  # the decoder's sample format, e.g. I;16B
+        # (a PGM of any maxval above 255, P2 or P5, is decoded to 0..65535)
+        sixteen_bits = image.format == "PPM" or "16" in (raw if isinstance(raw, str) else str(raw[0]) if raw else "")
     if image.mode.startswith("I;16") or (image.mode == "I" and (sixteen_bits or image.getextrema()[1] > 255)):
         grey = np.asarray(image).astype(np.int64).clip(0, 65535) // 257  # 65535 -> 255
         return Image.fromarray(grey.astype(np.uint8)).convert("RGB")

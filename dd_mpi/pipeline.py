@@ -391,12 +391,16 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
             saved, source = ckpt.settings_in_checkpoints(out) or (None, None)
             recovered_from = source
         if saved is not None:
-            differences = cfg.incompatible_with(saved, default_groups)
+            # a checkpoint holds the --groups of the job that wrote it (a resume may have spelled
+            # out the default G): the layout is checked at each group's -last checkpoint
+            recovered = source != "config.json"
+            differences = cfg.incompatible_with(saved, default_groups, layout_free=recovered)
             if differences:
-                said = "" if source == "config.json" else f", as {source} holds them (config.json is gone)"
+                said = f", as {source} holds them (config.json is gone)" if recovered else ""
                 return (f"{cfg.continuing_flag}: the run in {out} was made with other settings "
                         f"({'; '.join(differences)}){said}: use the same flags or a new --out")
-            written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
+            if not recovered:
+                written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
         started_here = not config_file.exists()

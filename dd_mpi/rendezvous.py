@@ -12,7 +12,7 @@ from .errors import UsageError
 from .launch import LaunchInfo, free_port
 from .models import ModelSpec, build_model, count_parameters
 
-TRAINING_BYTES_PER_WEIGHT = 12  # fp32 weight, gradient and SGD momentum: the least a net in training holds
+BYTES_PER_FP32 = 4
 
 
 def mpi_world_for(launch: LaunchInfo):
@@ -93,15 +93,17 @@ def pick_precision(requested: str, device: torch.device, device_flag: str) -> st
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
-def check_the_net_fits(spec: ModelSpec, flag: str, device_flag: str, launch: LaunchInfo) -> None:
+def check_the_net_fits(spec: ModelSpec, flag: str, momentum: float, device_flag: str, launch: LaunchInfo) -> None:
     """Refuse a net (``flag``: what made it so large) whose weights alone cannot train in the
     memory of the device this rank will use (``device_flag``: --device). On the CPU the kernel
     overcommits: the build then filled memory for minutes until the OOM killer ended the job,
     exit 137 and no word. Activations come on top: a net that passes may still not fit, but
-    one that fails here never would."""
+    one that fails here never would. It depends on the node (its memory, its ranks): the first
+    rank of each node says it (ranks elsewhere may pass and wait at the rendezvous)."""
     with torch.device("meta"):
         weights = count_parameters(build_model(spec))
-    need = TRAINING_BYTES_PER_WEIGHT * weights
+    held = ["weights", "gradients"] + (["momentum"] if momentum else [])  # (SGD keeps none at 0)
+    need = BYTES_PER_FP32 * len(held) * weights
     if device_flag != "cpu" and torch.cuda.is_available():  # (as pick_device will choose)
         index = launch.local_rank % max(1, torch.cuda.device_count())
         have, whose = torch.cuda.get_device_properties(index).total_memory, f"GPU {index} has"
@@ -111,8 +113,8 @@ def check_the_net_fits(spec: ModelSpec, flag: str, device_flag: str, launch: Lau
         whose = "this node's memory gives each rank" if ranks > 1 else "this node has"
     if need > have:
         raise UsageError(f"{flag} makes {spec.arch} {weights:.3g} weights, which take at least {need / 2**30:,.1f} "
-                         f"GiB to train (fp32 weights, gradients, momentum), and {whose} {have / 2**30:,.1f} GiB: "
-                         "choose a smaller width")
+                         f"GiB to train (fp32 {', '.join(held)}), and {whose} {have / 2**30:,.1f} GiB: choose a "
+                         "smaller width", everywhere=launch.local_rank != 0)
 
 
 def node_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:

@@ -236,6 +236,11 @@ def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
     assert Image.open(tmp_path / "dark16.pgm").mode == "I"
     pixels = np.asarray(CheckedLoader()(tmp_path / "dark16.pgm"))
     assert np.array_equal(pixels[..., 0], (ramp // 512 // 257).astype(np.uint8))
+    # plain (P2) and other depths: PIL decodes any maxval above 255 to 0..65535
+    (tmp_path / "plain.pgm").write_text("P2\n2 2\n65535\n100 200\n50 30000\n")
+    (tmp_path / "ten_bits.pgm").write_bytes(b"P5\n2 2\n1023\n" + np.array([3, 2, 1, 1023], ">u2").tobytes())
+    assert np.asarray(CheckedLoader()(tmp_path / "plain.pgm"))[..., 0].tolist() == [[0, 0], [0, 30000 // 257]]
+    assert np.asarray(CheckedLoader()(tmp_path / "ten_bits.pgm"))[..., 0].tolist() == [[0, 0], [0, 255]]
 
 
 @pytest.mark.parametrize("recipe", ["large", "small"])

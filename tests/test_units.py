@@ -406,7 +406,7 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--subnet-epoch", "3"], "unrecognized arguments: --subnet-epoch 3"),
     (["--nproc", "100000"], "--nproc 100000 would start 100000 ranks on this machine's"),  # it started them
     # the OOM killer ended it minutes later, exit 137 and no word
-    (["--width", "1000"], "--width 1000 makes resnet20 2.67e+11 weights, which take at least 2,986.9 GiB to train"),
+    (["--width", "10000"], "--width 10000 makes resnet20 2.67e+13 weights, which take at least"),
 ])
 def test_dd_train_refuses_bad_flags_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -849,6 +849,11 @@ def test_a_resume_without_config_json_is_checked_against_its_checkpoints(tmp_pat
     pipeline.prepare_output(parse_config(flags), one, out, None)
     assert f"--resume: {out} had no config.json: the run's settings, read from {made}" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["lr"] == 0.1
+    # a checkpoint holds the --groups its job spelled out (the default G there): not the run's layout
+    (out / "config.json").unlink()
+    ckpt.save(made, {"model": {}, "config": parse_config([*flags[:4], "--groups", "2"]).to_dict()})
+    pipeline.prepare_output(parse_config(flags), one, out, 1)
+    assert json.loads((out / "config.json").read_text())["groups"] is None  # this job's
 
 
 def test_a_resume_checks_the_run_s_config_json(tmp_path):
