@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from torch import nn
 from .errors import UsageError
 from .launch import LaunchInfo
 from .rendezvous import agreed_address, mpi_world_for
+
+MPI_ABORT_GRACE_SECONDS = 1.0  # for mpiexec to forward a dying rank's last lines before it kills the job
 
 
 @dataclass
@@ -188,9 +192,17 @@ class BaseComm:
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (MPI: Abort; otherwise this process, and the
-        launcher or the collective timeout ends the others)."""
+        launcher or the collective timeout ends the others).
+
+        MPI_Abort has mpiexec kill every rank at once, and what this rank had just said (its
+        traceback, written and flushed) was sometimes lost on the way through the launcher's
+        proxy: a CI run ended exit 1 with nothing on stderr. The launcher gets a moment to
+        forward it first."""
         if self.mpi is not None:
             from mpi4py import MPI
+            sys.stdout.flush()
+            sys.stderr.flush()
+            time.sleep(MPI_ABORT_GRACE_SECONDS)
             MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
