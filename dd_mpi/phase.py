@@ -62,6 +62,8 @@ class NetResult:
     test: dict  # final evaluation
     seconds: float  # training and evaluation, over all its runs
     initial: dict = field(default_factory=dict)  # the evaluation it started from (a composed net)
+    trained_on: dict = field(default_factory=dict)  # {"ranks", "step_batch"} of a final loaded from a group
+    # of another size (an array task's): the report's layout is this job's
 
 
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
@@ -138,16 +140,20 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
                                      ckpt.checkpoint_path(out, level.group_name(nets), "last"))
         if together:  # stopped between their final checkpoints: its -last holds them all
             done = [j for j in nets if j not in together]
+    elsewhere = {}
     for j in done:
         trained_on = finished[j].get("ranks", comm.size)  # (an older dd_mpi's final has none)
+        if trained_on != comm.size:
+            elsewhere[j] = {"ranks": trained_on, "step_batch": finished[j].get("step_batch")}
         other = (f" (trained on {trained_on} rank{'s' if trained_on > 1 else ''} at a batch of "
                  f"{finished[j].get('step_batch')} a step: its group here has {comm.size})") \
-            if trained_on != comm.size else ""
+            if j in elsewhere else ""
         log(f"{level.net_name(j)}: finished earlier, loaded {ckpt.checkpoint_path(out, level.net_name(j), 'final')}"
             f"{other}", rank=comm.rank)
     todo = [j for j in nets if j not in done]
     results = {j: NetResult(j, finished[j]["model"], finished[j]["history"], finished[j]["test"],
-                            finished[j]["seconds"], (initial or [{}] * len(nets))[nets.index(j)]) for j in done}
+                            finished[j]["seconds"], (initial or [{}] * len(nets))[nets.index(j)],
+                            elsewhere.get(j, {})) for j in done}
     if level.world_wide and done:
         run.record(results[nets[0]].history)
     if todo:

@@ -169,7 +169,8 @@ def fused_view(results: list[NetResult]) -> dict:
 
 def net_report(info: dict, level: Level) -> dict:
     ranks = level.layout.ranks(level.layout.group_of_net(info["net"]))
-    return {"index": info["net"], "ranks": ranks, **public(info["test"]), "seconds": info["seconds"]}
+    elsewhere = {"trained_on": info["trained_on"]} if info.get("trained_on") else {}  # by an array task
+    return {"index": info["net"], "ranks": ranks, **elsewhere, **public(info["test"]), "seconds": info["seconds"]}
 
 
 def train_level(job: Run, world: BaseWorld, level: Level, phase_sync: BaseComm,
@@ -277,7 +278,8 @@ def gather_and_compose(job: Run, world: BaseWorld, before: Level, level: Level,
         flat = torch.cat([flatten_state(r.state) for r in trained])
         stacked = leaders.gather_flat(flat)  # [groups, k*|net|] on rank 0
         gathered = leaders.gather_object([{"net": r.net, "history": r.history, "test": r.test,
-                                           "seconds": r.seconds, "initial": r.initial} for r in trained])
+                                           "seconds": r.seconds, "initial": r.initial, "trained_on": r.trained_on}
+                                          for r in trained])
         if world.rank == 0:
             size = flat.numel() // len(trained)
             states = [unflatten_state(row[m * size:(m + 1) * size], like)

@@ -343,12 +343,15 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     assert "trained on" not in again.stdout  # (the same size of group)
     resumed = run_ok([*args, "--resume"], nproc=4)
     assert "subnet1: finished earlier" in resumed.stdout, explain(resumed)
-    # the report's layout gives it 2 ranks: the log says how it really trained
+    # the layout gives it 2 ranks: the log and the report say how it really trained
     assert re.search(r"subnet1: finished earlier, loaded \S+ \(trained on 1 rank at a batch of \d+ a step: its group "
                      r"here has 2\)", resumed.stdout), explain(resumed)
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1  # loaded, not retrained
     report = read_report(out)
     assert [s["index"] for s in report["sub_nets"]] == [0, 1] and report["transfer_T"]["top1"] >= 0
+    subnet0, subnet1 = report["sub_nets"]
+    assert "trained_on" not in subnet0 and subnet1["ranks"] == [2, 3]
+    assert subnet1["trained_on"]["ranks"] == 1 and subnet1["trained_on"]["step_batch"] > 0
     assert checkpoint_path(out, "finetune", "final").exists()
 
 
