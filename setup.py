@@ -1,10 +1,16 @@
 """dd_mpi: domain-decomposition training of wide CNNs on HPC clusters."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version, in dd_mpi/__init__.py (what --version and report.json say)
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "dd_mpi" / "__init__.py").read_text())[1]
 
 setup(
     name="dd_mpi",
-    version="0.1.0",
+    version=VERSION,
     description="Domain-decomposition training of wide CNNs: split into narrow sub-networks, "
                 "train them in rank groups, compose exactly, fine-tune globally",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",

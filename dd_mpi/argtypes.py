@@ -2,6 +2,7 @@
 
 Shared by dd-report, dd-inspect, dd-scaling and the benchmark scripts: a bad flag or value
 is ``PROG: error: MESSAGE``, exit 2, the message naming the flag (``--help`` shows them all).
+``add_version`` gives the tools and dd-train their ``--version``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,21 @@ import argparse
 import math
 
 from .errors import EXIT_USAGE
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: this package's and torch's (read from its metadata: importing torch would
+    cost a command that only reports seconds), what a cluster user quotes with a figure."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    parser.add_argument("--version", action="version", help="print the versions and exit",
+                        version=f"%(prog)s {__version__} (torch {torch}, Python {platform.python_version()})")
 
 
 class OneLineParser(argparse.ArgumentParser):

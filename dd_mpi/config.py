@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import DATASETS, parse_depth
+from .argtypes import add_version
 from .errors import UsageError
 from .presets import PRESETS
 
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"presets (--preset NAME; later flags override):\n{presets}\n\n"
                "launch: dd-train --nproc 4 | torchrun --nproc-per-node 4 -m dd_mpi | "
                "mpiexec -n 4 dd-train | srun dd-train | horovodrun -np 4 dd-train --backend horovod")
+    add_version(parser)
     comments, sections = _field_comments()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):

@@ -17,7 +17,7 @@ import sys
 import torch
 from torch import nn
 
-from .argtypes import OneLineParser
+from .argtypes import OneLineParser, add_version
 from .decompose import compose, composed_spec, subnet_spec
 from .errors import EXIT_FAILURE, EXIT_USAGE, UsageError
 from .models import ModelSpec, build_model, count_flops, count_parameters
@@ -112,6 +112,7 @@ def format_table(info: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="dd-inspect", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     parser.add_argument("--preset", help="a dd-train preset: its net, width, shortcut, N and classes "
                                          "(the flags below override)")
     parser.add_argument("--arch", default=None, help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101 "

@@ -1,13 +1,17 @@
 """dd_mpi.argtypes: the shared argparse types, and dd-report, dd-inspect and dd-scaling
-answering a bad flag or value with one line naming it, exit 2 (no usage block first)."""
+answering a bad flag or value with one line naming it, exit 2 (no usage block first), and
+every tool's --version."""
 
 from __future__ import annotations
 
 import argparse
+import platform
+from importlib.metadata import version
 
 import pytest
 
-from dd_mpi import inspection, reporting, scaling
+import dd_mpi
+from dd_mpi import cli, inspection, reporting, scaling
 from dd_mpi.argtypes import OneLineParser, distinct_list, int_list, percent, positive
 
 
@@ -49,3 +53,14 @@ def test_a_bad_flag_or_value_is_one_line_naming_it(tmp_path, capsys, main, argv,
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path) if arg == "RUN" else arg for arg in argv])
     assert exit_.value.code == 2 and capsys.readouterr().err == says + "\n"
+
+
+@pytest.mark.parametrize("main, prog", [(cli.main, "dd-train"), (reporting.main, "dd-report"),
+                                        (inspection.main, "dd-inspect"), (scaling.main, "dd-scaling")],
+                         ids=lambda v: v if isinstance(v, str) else v.__module__)
+def test_every_tool_says_its_version_and_torch_s(capsys, main, prog):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    torch, python = version("torch"), platform.python_version()
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"{prog} {dd_mpi.__version__} (torch {torch}, Python {python})\n"

@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import OneLineParser, int_list, positive
+from ..argtypes import OneLineParser, add_version, int_list, positive
 from ..errors import UsageError
 from ..reporting import NO_MATPLOTLIB, plots_available
 from .collect import collect, collect_table, find_runs, rows_csv
@@ -154,6 +154,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         own, passthrough = argv, []
     parser = OneLineParser(prog="dd-scaling", description=__doc__, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--local", action="store_true", help="run the sweep here, one dd-train after another")
     mode.add_argument("--slurm", action="store_true", help="submit the sweep: bash slurm/scaling_study.sh "
