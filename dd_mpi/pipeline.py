@@ -33,6 +33,7 @@ from .layout import Layout
 from .phase import NetResult, Run, model_of, train_group
 from .plan import Level, build_plan, default_groups, pools, refuse_empty_epochs
 from .progress import Reporter, log
+from .rendezvous import processor_name
 from .report import build_report, public, write_report
 from .train import evaluate
 
@@ -89,7 +90,8 @@ def place_of(world: BaseWorld) -> dict:
     launch = world.launch
     node = os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID")  # torchrun's, Slurm's node rank
     return {"rank": launch.rank, "local_rank": launch.local_rank, "local_world_size": launch.local_world_size,
-            "host": socket.gethostname(), "node": node if node is not None else launch.rank - launch.local_rank}
+            "host": socket.gethostname(), "node": node if node is not None else launch.rank - launch.local_rank,
+            "processor": processor_name(world.comm.device)}
 
 
 # ---------------------------------------------------------------------------------------

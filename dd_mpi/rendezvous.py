@@ -4,6 +4,7 @@ every rank meets at, and the device and precision of this rank."""
 from __future__ import annotations
 
 import os
+import platform
 import socket
 
 import torch
@@ -147,3 +148,18 @@ def node_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgr
             if text.isdigit():  # ("max": none)
                 total = min(total, int(text))
     return total
+
+
+def processor_name(device: torch.device) -> str:
+    """The chip this rank computes on (its GPU's name, else its CPU's model): a scaling
+    study's times are comparable only on the same one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("model name", "Processor", "cpu model")):  # x86, arm, others
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -57,6 +57,24 @@ def write_metrics(out: Path, rows: list[dict]) -> None:
     atomic_write_bytes(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in rows).encode())
 
 
+def software_versions() -> dict:
+    """What produced the numbers, as loaded by this run (MPI and Horovod only where used):
+    dd-scaling refuses to set runs of another stack side by side."""
+    import platform
+    import sys
+
+    import torch
+
+    from . import __version__
+    found = {"dd_mpi": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+             "python": platform.python_version()}
+    if "mpi4py.MPI" in sys.modules:
+        found["mpi"] = " ".join(sys.modules["mpi4py.MPI"].Get_library_version().splitlines()[0].split())
+    if "horovod" in sys.modules:
+        found["horovod"] = getattr(sys.modules["horovod"], "__version__", None)
+    return found
+
+
 def build_report(cfg, world, results: dict) -> dict:
     timing = dict(results.get("timing", {}))
     timing["baseline_total"] = results["random_T"]["seconds"] if "random_T" in results else None
@@ -82,6 +100,7 @@ def build_report(cfg, world, results: dict) -> dict:
         "device": str(world.comm.device),
         "precision": results.get("precision"),
         "launcher": world.launch.launcher,
+        "software": software_versions(),
         "config": cfg.to_dict(),
     }
 

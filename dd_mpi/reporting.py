@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from . import paper
-from .argtypes import OneLineParser
+from .argtypes import OneLineParser, add_version
 from .errors import UsageError
 from .report import NET_KEYS, PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
@@ -223,12 +223,28 @@ def paper_differences(result: paper.PaperResult, config: dict) -> list[str]:
             if config.get(key) != theirs]
 
 
+def run_stack(report: dict) -> dict:
+    """What a run ran on, from its report: ``software`` (versions) and ``processors`` (its
+    ranks' chips, joined). A report of an older dd_mpi has neither: {}."""
+    software = report.get("software")
+    chips = sorted({p.get("processor") for p in report.get("ranks") or [] if isinstance(p, dict) and p.get("processor")})
+    return {**(software if isinstance(software, dict) else {}), **({"processors": " + ".join(chips)} if chips else {})}
+
+
+def software_line(report: dict) -> list[str]:
+    """dd-report's line on what a run ran on (none for a report without it)."""
+    stack = run_stack(report)
+    parts = [f"{name} {stack[name]}" for name in ("dd_mpi", "torch", "mpi", "horovod") if stack.get(name)]
+    parts += [f"on {stack['processors']}"] if "processors" in stack else []
+    return [", ".join(parts)] if parts else []
+
+
 def markdown_block(run: RunFiles, *, with_paper: bool = False) -> str:
     report = run.report
     lines = [f"## {run.path}", "",
              f"P = {run.world_size} ranks, N = {run.subnets} sub-networks, groups {report.get('groups')}, "
              f"backend {report.get('backend')}, device {report.get('device')}, "
-             f"launcher {report.get('launcher')}", ""]
+             f"launcher {report.get('launcher')}", *software_line(report), ""]
     result, numbers = paper_numbers(run) if with_paper else (None, None)
     if with_paper and result is None:
         preset = (report.get("config") or {}).get("preset")
@@ -410,6 +426,7 @@ def write_all(runs: list[RunFiles], out: Path, *, with_paper: bool = False) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="dd-report", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="dd-train --out directories")
     parser.add_argument("--out", type=Path, help="where to write (default: the run directory, or the "
                                                   "runs' common parent)")

@@ -120,6 +120,7 @@ def check_report(out: Path, *, subnets: int, backend: str, launcher: str, baseli
     report = read_report(out)
     assert REPORT_KEYS <= set(report)
     assert report["world_size"] == NPROC and report["backend"] == backend and report["launcher"] == launcher
+    assert bool(report["software"].get("horovod")) == (backend == "horovod")  # its version, where it ran
     size = NPROC // subnets
     assert report["groups"] == [list(range(k * size, (k + 1) * size)) for k in range(subnets)]
     assert [s["index"] for s in report["sub_nets"]] == list(range(subnets))

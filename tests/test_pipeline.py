@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dd_mpi
 from dd_mpi.checkpoint import checkpoint_path, load
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model
@@ -20,6 +21,8 @@ def check_report(out, *, world_size: int, subnets: int, strategy: str = "both") 
     report = read_report(out)
     assert REPORT_KEYS <= set(report)
     assert report["world_size"] == world_size and report["backend"] == "torch"
+    assert report["software"]["torch"] == torch.__version__ and report["software"]["dd_mpi"] == dd_mpi.__version__
+    assert len(report["ranks"]) == world_size and all(place["processor"] for place in report["ranks"])
     size = world_size // subnets
     assert report["groups"] == [list(range(k * size, (k + 1) * size)) for k in range(subnets)]
     assert [s["index"] for s in report["sub_nets"]] == list(range(subnets))
@@ -61,6 +64,7 @@ def test_whole_pipeline_under_each_launcher(tmp_path, launcher, subnets, data):
     assert result.returncode == 0, explain(result)
     report = check_report(out, world_size=4, subnets=subnets)
     assert report["launcher"] == {"local": "local", "torchrun": "torchrun", "mpiexec": "mpi"}[launcher]
+    assert ("mpi" in report["software"]) == (launcher == "mpiexec")  # the MPI library, where one is loaded
     assert "| transfer_T |" in result.stdout  # rank 0 prints the table
 
 

@@ -100,7 +100,7 @@ def test_table_rows_carry_the_report_numbers(tmp_path):
 
 def test_markdown_without_top5_has_no_top5_column(tmp_path):
     text = reporting.markdown([reporting.RunFiles(fake_run(tmp_path))])
-    assert "top-5" not in text
+    assert "top-5" not in text and "dd_mpi 0" not in text  # (a report without its software: no such line)
     assert "| random_T | 55.00 | 1.1000 | 30.0 |" in text
 
 
@@ -280,6 +280,8 @@ def test_report_on_a_real_run(real_run, tmp_path):
     assert f"| transfer_T | {report['transfer_T']['top1']:.2f} |" in md
     assert f"| DD total | {report['timing']['dd_total']:.1f} |" in md
     assert md in result.stdout
+    chip = report["ranks"][0]["processor"]
+    assert f"dd_mpi {report['software']['dd_mpi']}, torch {report['software']['torch']}, on {chip}\n" in md
 
     # The curves end where the report says the phases end, at the report's accuracies.
     timeline = reporting.dd_timeline(report, metrics)

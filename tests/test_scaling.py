@@ -327,6 +327,23 @@ def test_collect_refuses_runs_of_another_workload_and_counts_a_run_once(tmp_path
     (other / "report.json").write_text(json.dumps(report))
     assert scaling.main(["--collect", str(study), str(study / "P2-N2"), str(tmp_path / "study" / ".." / "study" / "P4-N2")]) == 0
     assert len(read_csv(study / "scaling.csv")) == 2 * 6  # each run once, however it was named
+    # the same flags on another torch or other chips: another workload's times
+    stack = {"software": {"dd_mpi": "0.1.0", "torch": "2.14.1", "python": "3.11.7"},
+             "ranks": [{"rank": r, "processor": "AMD EPYC"} for r in range(2)]}
+    first = json.loads((study / "P2-N2" / "report.json").read_text())
+    (study / "P2-N2" / "report.json").write_text(json.dumps({**first, **stack}))
+    for change, says in (({"torch": "2.13.0"}, "torch '2.14.1' vs '2.13.0'"),
+                         ({"python": "3.12.1"}, None),  # the interpreter's version is no workload
+                         ({"processor": "Intel Xeon"}, "processors 'AMD EPYC' vs 'Intel Xeon'")):
+        software = {**stack["software"], **{k: v for k, v in change.items() if k != "processor"}}
+        chip = change.get("processor", "AMD EPYC")
+        (other / "report.json").write_text(json.dumps({**report, "software": software, "ranks": [
+            {"rank": r, "processor": chip} for r in range(4)]}))
+        assert scaling.main(["--collect", str(study)]) == (2 if says else 0)
+        err = capsys.readouterr().err
+        assert (says in err and "different workloads" in err) if says else err == "", err
+    (other / "report.json").write_text(json.dumps(report))  # an older dd_mpi's report: nothing to compare
+    assert scaling.main(["--collect", str(study)]) == 0
 
 
 def test_collect_without_matplotlib_writes_the_table(tmp_path, monkeypatch, capsys):

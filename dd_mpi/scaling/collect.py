@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 from ..config import RunConfig
-from ..reporting import RunFiles, baseline_curve, dd_timeline, subnet_rows_by_epoch
+from ..reporting import RunFiles, baseline_curve, dd_timeline, run_stack, subnet_rows_by_epoch
 from .errors import ScalingError
 
 SCALING_FIELDS = ("run", "P", "N", "strategy", "phase", "epochs", "images_per_s", "images_per_s_per_rank",
@@ -46,16 +46,22 @@ WORKLOAD = tuple(k for k in RunConfig.SHAPING if k not in STUDY_AXES) + (
 def refuse_mixed_workloads(runs: list[RunFiles]) -> None:
     """Efficiencies compare each run with the smallest P's: one study's runs must differ only
     in P, N and the seed. Runs of another workload (a sweep rerun with other flags, a second
-    study collected with the first) would pass its times off as this one's."""
+    study collected with the first, or one run on other chips or another torch) would pass
+    its times off as this one's."""
     defaults = RunConfig().to_dict()
 
     def workload(run: RunFiles) -> dict:
         config = run.report.get("config") or {}
         return {k: config.get(k, defaults[k]) for k in WORKLOAD}
 
-    first = workload(runs[0])
+    def stack(run: RunFiles) -> dict:  # (the interpreter's patch level moves no time that torch spends)
+        return {k: v for k, v in run_stack(run.report).items() if k != "python"}
+
+    first, first_stack = workload(runs[0]), stack(runs[0])
     for run in runs[1:]:
         differ = [f"--{k.replace('_', '-')} {first[k]!r} vs {v!r}" for k, v in workload(run).items() if v != first[k]]
+        differ += [f"{k} {first_stack[k]!r} vs {v!r}" for k, v in stack(run).items()
+                   if k in first_stack and v != first_stack[k]]
         if differ:
             raise ScalingError(f"{runs[0].path} and {run.path} are runs of different workloads "
                                f"({'; '.join(differ)}): collect each study on its own")
