@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .catalog import DATASETS, parse_depth
 from .argtypes import add_version
+from .catalog import DATASETS, parse_depth
 from .errors import UsageError
 from .presets import PRESETS
 

@@ -227,8 +227,10 @@ def run_stack(report: dict) -> dict:
     """What a run ran on, from its report: ``software`` (versions) and ``processors`` (its
     ranks' chips, joined). A report of an older dd_mpi has neither: {}."""
     software = report.get("software")
-    chips = sorted({p.get("processor") for p in report.get("ranks") or [] if isinstance(p, dict) and p.get("processor")})
-    return {**(software if isinstance(software, dict) else {}), **({"processors": " + ".join(chips)} if chips else {})}
+    chips = sorted({place.get("processor") for place in report.get("ranks") or []
+                    if isinstance(place, dict) and place.get("processor")})
+    return {**(software if isinstance(software, dict) else {}),
+            **({"processors": " + ".join(chips)} if chips else {})}
 
 
 def software_line(report: dict) -> list[str]:
