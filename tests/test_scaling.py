@@ -9,14 +9,17 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from test_reporting import assert_png, fake_run
 
 from dd_mpi import scaling
+from dd_mpi.checkpoint import checkpoint_path
 from dd_mpi.reporting import RunFiles
 from dd_mpi.scaling import Network, Workload
 from dd_mpi.scaling.perfmodel import measurements
@@ -449,6 +452,50 @@ def test_subnet_has_about_a_quarter_of_the_parameters():
     g, s, g_macs, s_macs = scaling.model_params({"arch": "resnet20", "width": 1.0, "dataset": "synthetic"}, 2)
     assert g == 269_722  # ResNet20 with option A (akamaster's table)
     assert s == pytest.approx(g / 4, rel=0.02) and s_macs == pytest.approx(g_macs / 4, rel=0.02)
+
+
+def processes_naming(text: str) -> list[int]:
+    """The pids whose command line names ``text`` (a run's directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # (gone meanwhile)
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_sigterm_stops_a_local_sweep_and_its_run(tmp_path):
+    """A sweep stopped by SIGTERM (a job's end, `timeout`) left its dd-train training on, orphaned:
+    each run has a process group of its own, which no signal to dd-scaling reached."""
+    out = tmp_path / "study"
+    run_dir = out / "P2-N2"
+    flags = [*TINY, "--subnet-epochs", "200"]  # far longer than the test waits
+    sweep = subprocess.Popen([sys.executable, "-m", "dd_mpi.scaling", "--local", "--nprocs", "2", "--subnets", "2",
+                              "--out", str(out), "--", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 1/200" not in ((run_dir / "dd-train.log").read_text() if (run_dir / "dd-train.log").exists()
+                                    else ""):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the run never trained an epoch"
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGTERM)
+        stdout, stderr = sweep.communicate(timeout=180)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip() == ("dd-scaling: stopped by SIGTERM; the run in progress (if any) checkpointed: run the "
+                              "same command again to go on"), stderr
+    assert checkpoint_path(run_dir, "subnet0", "last").exists()  # the run checkpointed as it stopped
+    deadline = time.monotonic() + 30
+    while processes_naming(str(run_dir)):  # nothing of the run is left running
+        assert time.monotonic() < deadline, f"still running: {processes_naming(str(run_dir))}"
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from ..argtypes import OneLineParser, add_version, int_list, positive
-from ..errors import UsageError
+from ..errors import EXIT_PREEMPTED, UsageError
 from ..reporting import NO_MATPLOTLIB, plots_available
 from .collect import collect, collect_table, find_runs, rows_csv
 from .errors import ScalingError
@@ -60,7 +60,7 @@ from .netbench import measure_network
 from .perfmodel import (DEFAULT_ALPHA, DEFAULT_BETA, Network, build_workloads, calibrate, ips_overrides,
                         measurements, project, projectable, validation_rows)
 from .plots import plot_model, plot_scaling
-from .sweep import find_study_script, local_sweep, slurm_command, valid_pairs
+from .sweep import SweepStopped, find_study_script, local_sweep, slurm_command, valid_pairs
 
 
 def gpu_list(text: str) -> list[int]:
@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             return run_collect(args, args.collect)
         return run_model(args, args.model)
+    except (SweepStopped, KeyboardInterrupt) as stop:
+        print(f"dd-scaling: stopped by {str(stop) or 'SIGINT'}; the run in progress (if any) checkpointed: run the same command "
+              "again to go on", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ScalingError, UsageError) as error:
         print(f"dd-scaling: error: {error}", file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ it), so the study script is named by --study-script, or found in ./slurm or $DD_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -94,35 +96,59 @@ def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONUNBUFFERED"] = "1"
     done, failed = [], []
-    for p, n in pairs:
-        run_dir = out / f"P{p}-N{n}"
-        if (run_dir / "report.json").is_file():
-            print(f"[P={p} N={n}] {run_dir}: finished earlier, kept", flush=True)
-            done.append(run_dir)
-            continue
-        resume = ["--resume"] if (run_dir / "config.json").is_file() else []
-        cmd = [sys.executable, "-m", "dd_mpi", *run_argv(p, n, dd_args, run_dir), *resume]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[P={p} N={n}] $ {shlex.join(['dd-train', *cmd[3:]])}", flush=True)
-        start = time.monotonic()
-        with open(run_dir / "dd-train.log", "a") as log:
-            rc = run_with_timeout(cmd, log, env, timeout)
-        if rc == 0 and (run_dir / "report.json").is_file():
-            print(f"[P={p} N={n}] done in {time.monotonic() - start:.0f} s", flush=True)
-            done.append(run_dir)
-        else:
-            tail = (run_dir / "dd-train.log").read_text()[-1500:]
-            print(f"[P={p} N={n}] FAILED (exit {rc}); {run_dir / 'dd-train.log'} ends:\n{tail}", flush=True)
-            failed.append(run_dir)
+    with stop_signals_raise():
+        for p, n in pairs:
+            run_dir = out / f"P{p}-N{n}"
+            (done if run_pair(p, n, run_dir, dd_args, env, timeout) else failed).append(run_dir)
     if failed:
         print(f"{len(failed)} of {len(pairs)} runs failed: {', '.join(map(str, failed))}", flush=True)
     return done  # the caller compares with the number of pairs
 
 
+def run_pair(p: int, n: int, run_dir: Path, dd_args: list[str], env: dict, timeout: float) -> bool:
+    """The (P, N) run, kept if finished, else run (or resumed): whether it finished."""
+    if (run_dir / "report.json").is_file():
+        print(f"[P={p} N={n}] {run_dir}: finished earlier, kept", flush=True)
+        return True
+    resume = ["--resume"] if (run_dir / "config.json").is_file() else []
+    cmd = [sys.executable, "-m", "dd_mpi", *run_argv(p, n, dd_args, run_dir), *resume]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[P={p} N={n}] $ {shlex.join(['dd-train', *cmd[3:]])}", flush=True)
+    start = time.monotonic()
+    with open(run_dir / "dd-train.log", "a") as log:
+        rc = run_with_timeout(cmd, log, env, timeout)
+    if (run_dir / "report.json").is_file():  # (also when the timeout struck as it closed: the report
+        # is written whole, and last)
+        print(f"[P={p} N={n}] done in {time.monotonic() - start:.0f} s", flush=True)
+        return True
+    tail = (run_dir / "dd-train.log").read_text()[-1500:]
+    print(f"[P={p} N={n}] FAILED (exit {rc}); {run_dir / 'dd-train.log'} ends:\n{tail}", flush=True)
+    return False
+
+
+class SweepStopped(Exception):
+    """A stop signal reached dd-scaling: the run in progress was stopped (checkpointed)."""
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """SIGTERM and SIGHUP (a job's end, a closed terminal, `timeout`) stop a sweep as Ctrl-C
+    does: each run has its own process group (so that a timeout can stop it whole), which no
+    signal sent to dd-scaling reaches, and a dd-scaling killed outright left it training on."""
+    def stop(signum, frame):
+        raise SweepStopped(signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_with_timeout(cmd: list[str], log, env: dict, timeout: float) -> int | str:
     """Run one dd-train job in its own process group; past the timeout, stop the whole group
-    (the launcher and its ranks): SIGTERM first (ranks checkpoint), SIGKILL 30 s later."""
-    import signal
+    (the launcher and its ranks): SIGTERM first (ranks checkpoint), SIGKILL 30 s later. A stop
+    signal to dd-scaling is passed on to the group, which is waited for (a second one kills it)."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
@@ -134,10 +160,14 @@ def run_with_timeout(cmd: list[str], log, env: dict, timeout: float) -> int | st
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         return f"timeout after {timeout:g} s"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SweepStopped) as stop:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        raise
+        try:
+            proc.wait()
+        except (KeyboardInterrupt, SweepStopped):  # asked twice: now
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise SweepStopped(str(stop) or "SIGINT") from None
 
 
 def find_study_script(given: Path | None) -> Path:
