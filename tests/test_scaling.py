@@ -378,10 +378,45 @@ def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path,
     kept = scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
                          "--train-samples", "256", "--groups", "1"])
     assert kept == 0 and "finished earlier, kept" in capsys.readouterr().out
+    # a setting that moves only the speed: the kept run would be timed at another one
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "256", "--precision", "bf16"]) == 2
+    assert "--precision 'auto' vs 'bf16'" in capsys.readouterr().err
+    # a finished run the sweep does not name, of another workload: its collect would refuse it
+    # after training the new runs, so the sweep is refused before it trains anything
+    other = fake_run(out, "P2-N2", world=2, subnets=2)
+    report = json.loads((other / "report.json").read_text())
+    report["config"] = parse_config(run_argv(2, 2, ["--train-samples", "512"], other)).to_dict()
+    (other / "report.json").write_text(json.dumps(report))
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1,4", "--out", str(out), "--",
+                         "--train-samples", "256"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} holds a run of another workload (--train-samples 256 vs 512)" in err, err
+    assert not (out / "P1-N4").exists()
+    shutil.rmtree(other)
     (run_dir / "config.json").write_text("[]")  # valid JSON, no run's settings: was an AttributeError
     assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
                          "--train-samples", "256"]) == 2
     assert "(config.json is missing or unreadable): sweep into a new --out" in capsys.readouterr().err
+
+
+def test_a_sweep_that_extends_a_study_reports_all_of_it(tmp_path, capsys):
+    """dd_report.* of a sweep into a study's --out covered only the runs it named."""
+    from dd_mpi.config import parse_config
+    from dd_mpi.scaling.sweep import run_argv
+    out = tmp_path / "study"
+    for p, n in ((1, 1), (2, 2)):
+        run_dir = fake_run(out, f"P{p}-N{n}", world=p, subnets=n)
+        config = parse_config(run_argv(p, n, ["--train-samples", "256"], run_dir)).to_dict()
+        (run_dir / "config.json").write_text(json.dumps(config))
+        report = json.loads((run_dir / "report.json").read_text())
+        (run_dir / "report.json").write_text(json.dumps({**report, "config": config}))
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "256"]) == 0
+    assert "finished earlier, kept" in capsys.readouterr().out
+    md = (out / "dd_report.md").read_text()
+    assert f"## {out / 'P1-N1'}" in md and f"## {out / 'P2-N2'}" in md
+    assert {Path(r["run"]).name for r in read_csv(out / "scaling.csv")} == {"P1-N1", "P2-N2"}
 
 
 def test_the_default_target_skips_a_net_without_a_score():

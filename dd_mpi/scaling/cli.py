@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             subnets = args.subnets or [1, 2]
             done = local_sweep(args.nprocs, subnets, out, dd_args, timeout=args.run_timeout)
             expected = len(valid_pairs(args.nprocs, subnets))
-            if done:
-                from ..reporting import load_runs, write_all
-                written = write_all(load_runs(done), out)
+            if done:  # the report covers the study: this sweep's runs and those kept from earlier ones
+                from ..reporting import write_all
+                written = write_all(find_runs([out]), out)
                 print(f"wrote {', '.join(str(path) for path in written.values())}")
                 run_collect(args, [out])
             return 0 if len(done) == expected else 1

@@ -40,7 +40,16 @@ def find_runs(dirs: list[Path]) -> list[RunFiles]:
 # shapes the run, or its speed, makes another workload, whose times are no reference.
 STUDY_AXES = ("subnets", "seed", "strategy")
 WORKLOAD = tuple(k for k in RunConfig.SHAPING if k not in STUDY_AXES) + (
-    "levels", "device", "precision", "compile", "compile_mode", "backend")
+    "levels", "device", "precision", "compile", "compile_mode", "backend",  # what runs it, and how fast
+    "threads", "workers", "eval_every", "subnet_eval_every", "deterministic")
+
+
+def workload_differences(first: dict, config: dict, keys: tuple[str, ...] = WORKLOAD) -> list[str]:
+    """'--flag first vs other' for each workload setting (of ``keys``) two runs' configs differ
+    in (a setting a config predates counts as its default)."""
+    defaults = RunConfig().to_dict()
+    return [f"--{k.replace('_', '-')} {first.get(k, defaults[k])!r} vs {config.get(k, defaults[k])!r}"
+            for k in keys if first.get(k, defaults[k]) != config.get(k, defaults[k])]
 
 
 def refuse_mixed_workloads(runs: list[RunFiles]) -> None:
@@ -48,18 +57,12 @@ def refuse_mixed_workloads(runs: list[RunFiles]) -> None:
     in P, N and the seed. Runs of another workload (a sweep rerun with other flags, a second
     study collected with the first, or one run on other chips or another torch) would pass
     its times off as this one's."""
-    defaults = RunConfig().to_dict()
-
-    def workload(run: RunFiles) -> dict:
-        config = run.report.get("config") or {}
-        return {k: config.get(k, defaults[k]) for k in WORKLOAD}
-
     def stack(run: RunFiles) -> dict:  # (the interpreter's patch level moves no time that torch spends)
         return {k: v for k, v in run_stack(run.report).items() if k != "python"}
 
-    first, first_stack = workload(runs[0]), stack(runs[0])
+    first, first_stack = runs[0].report.get("config") or {}, stack(runs[0])
     for run in runs[1:]:
-        differ = [f"--{k.replace('_', '-')} {first[k]!r} vs {v!r}" for k, v in workload(run).items() if v != first[k]]
+        differ = workload_differences(first, run.report.get("config") or {})
         differ += [f"{k} {first_stack[k]!r} vs {v!r}" for k, v in stack(run).items()
                    if k in first_stack and v != first_stack[k]]
         if differ:

@@ -16,12 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import build_parser, parse_config, read_saved_config
+from ..config import RunConfig, build_parser, parse_config, read_saved_config
 from ..plan import checked_layouts, default_groups
 from ..errors import UsageError
+from ..reporting import RunFiles
+from .collect import WORKLOAD, workload_differences
 from .errors import ScalingError
 
 STUDY_SCRIPT_NAME = "scaling_study.sh"
+# what a kept run must share with the sweep beyond what dd-train's --resume compares: its speed
+SPEED_ONLY = tuple(k for k in WORKLOAD if k not in RunConfig.SHAPING and k != "levels")
 SLURM_DIR_ENV = "DD_MPI_SLURM_DIR"  # a slurm/ directory holding scaling_study.sh
 
 
@@ -67,23 +71,36 @@ def run_argv(p: int, n: int, dd_args: list[str], run_dir: Path) -> list[str]:
 
 def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list[str]) -> None:
     """A finished run is kept only if it was made with the settings asked for now (dd-train's
-    own --resume check): a sweep rerun with other flags into the same --out would otherwise
-    report the old runs as the new study, and mix them into its efficiencies."""
+    own --resume check, and the settings that move its speed): a sweep rerun with other flags
+    into the same --out would otherwise report the old runs as the new study, and mix them
+    into its efficiencies. The finished runs under --out that this sweep does not name are
+    collected with it at the end: they are checked too, before anything runs."""
+    wanted = {}
     for p, n in pairs:
         run_dir = out / f"P{p}-N{n}"
-        if not (run_dir / "report.json").is_file():
-            continue  # an unfinished run is resumed by dd-train, which checks its settings itself
         try:
-            cfg = parse_config(run_argv(p, n, dd_args, run_dir))
+            cfg = wanted[run_dir] = parse_config(run_argv(p, n, dd_args, run_dir))
         except UsageError as error:
             raise ScalingError(f"the dd-train arguments: {error}") from None
+        if not (run_dir / "report.json").is_file():
+            continue  # an unfinished run is resumed by dd-train, which checks its settings itself
         saved = read_saved_config(run_dir / "config.json")
         differences = (["config.json is missing or unreadable"] if saved is None
-                       else cfg.incompatible_with(saved, default_groups(cfg, p)))
+                       else cfg.incompatible_with(saved, default_groups(cfg, p))
+                       + workload_differences(saved, cfg.to_dict(), SPEED_ONLY))
         if differences:
             raise ScalingError(f"{run_dir} holds a finished run made with other settings "
                                f"({'; '.join(differences)}): sweep into a new --out, or remove that run "
                                "to run it again")
+    for report in sorted(out.glob("*/report.json")) if wanted else []:
+        if report.parent in wanted:
+            continue
+        differences = workload_differences(next(iter(wanted.values())).to_dict(),
+                                           RunFiles(report.parent).report.get("config") or {})
+        if differences:
+            raise ScalingError(f"{report.parent} holds a run of another workload ({'; '.join(differences)}), "
+                               "which this sweep's collect would refuse after its runs: sweep into a new --out, "
+                               "or move that run")
 
 
 def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[str], *,
