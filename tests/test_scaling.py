@@ -260,6 +260,24 @@ def test_run_rows_on_a_known_run(tmp_path):
     assert scaling.run_rows(run, target=99.0)[-1]["time_to_target"] is None
 
 
+def test_a_phase_is_timed_by_its_images_over_its_time_after_its_first_epoch(tmp_path):
+    """images_per_s was the mean of the epochs' rates, first epoch included: a first epoch of
+    79 img/s (the process's warm-up) and a second of 1511 made 795, where the phase ran at
+    ~140; the model calibrated on the warm-up too."""
+    out = fake_run(tmp_path)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline = [r for r in rows if r["phase"] == "baseline"]
+    for row, (ips, seconds) in zip(baseline, ((10.0, 20.0), (50.0, 10.0), (100.0, 5.0))):
+        row.update(images_per_s=ips, seconds=seconds)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = {(r["strategy"], r["phase"]): r for r in scaling.run_rows(RunFiles(out))}[("baseline", "baseline")]
+    assert row["images_per_s"] == pytest.approx(2 / (1 / 50 + 1 / 100))  # not (10 + 50 + 100) / 3
+    assert row["seconds_per_epoch"] == pytest.approx(7.5) and row["epochs"] == 3
+    measured = {m.phase: m for m in measurements(RunFiles(out), samples=256)}["baseline"]
+    per_rank = measured.samples_per_rank * measured.ranks
+    assert measured.train_epoch_s == pytest.approx((per_rank / 50 + per_rank / 100) / 2)
+
+
 def test_the_model_calibrates_on_the_batch_each_phase_trained_with(tmp_path):
     """A preset's --global-batch-size 128 on 2 ranks: phase 1 trained 128 per rank (one rank
     per sub-net), the fine-tune and the baseline 64; the model once took --batch-size (32)
@@ -280,6 +298,42 @@ def test_the_model_calibrates_on_the_batch_each_phase_trained_with(tmp_path):
     assert batches({}) == {"subnet": 128, "finetune": 64, "baseline": 64}  # a report from before they were recorded
 
 
+def test_a_run_with_levels_shows_its_levels_between(tmp_path, capsys):
+    """--levels: the levels between had no row (subnet + compose + finetune fell short of the DD
+    total), and the model left them out without a word."""
+    run = fake_run(tmp_path, "P2-N2")
+    report = json.loads((run / "report.json").read_text())
+    report["intermediate"] = [{"level": 1, "nets": [
+        {"index": 0, "ranks": [0], "composed": {"top1": 45.0}, "finetuned": {"top1": 47.0, "seconds": 3.0}},
+        {"index": 1, "ranks": [1], "composed": {"top1": 46.0}, "finetuned": {"top1": 49.0, "seconds": 3.0}}]}]
+    report["timing"].update(intermediate=3.0, dd_total=24.0)
+    (run / "report.json").write_text(json.dumps(report))
+    rows = {(r["strategy"], r["phase"]): r for r in scaling.run_rows(RunFiles(run))}
+    between = rows[("dd", "intermediate")]
+    assert between["seconds"] == 3.0 and between["final_top1"] == 48.0
+    dd = [r for r in rows.values() if r["strategy"] == "dd" and r["phase"] != "total"]
+    assert sum(r["seconds"] for r in dd) == rows[("dd", "total")]["seconds"] == 24.0
+    assert scaling.main(["--model", str(run), "--gpus", "8", "--out", str(tmp_path / "model")]) == 0
+    assert "the projection has no term for the levels between" in capsys.readouterr().out
+
+
+def test_the_model_counts_phase_2_s_messages_once(tmp_path):
+    """A run's measured phase 2 holds its gather and broadcast; the projection adds them for
+    each P, so what it keeps of the measurement is the rest: rank 0's compose compute."""
+    from dd_mpi.scaling.cli import parse_args
+    from dd_mpi.scaling.perfmodel import (build_workloads, calibrate, compose_comm_seconds, compose_seconds,
+                                          model_params)
+    run = fake_run(tmp_path, "P2-N2")  # phase 2 took 1.0 s
+    net = Network(1e-3, 1e7)  # a slow network: ~0.1 s of the second is messages
+    args, _ = parse_args(["--model", str(run), "--alpha", "1e-3", "--beta", "1e7"])
+    runs = [RunFiles(run)]
+    workload = build_workloads(runs, calibrate([m for r in runs for m in measurements(r)], net), args, net)[0][0]
+    g, sub, _, _ = model_params(runs[0].report["config"], 2)
+    messages = compose_comm_seconds(g, sub, 2, 2, net)
+    assert 0.05 < messages < 0.5 and workload.compose_s == pytest.approx(1.0 - messages)
+    assert compose_seconds(workload, 2, net) == pytest.approx(1.0)  # at the run's P: what it measured
+
+
 def test_the_model_measures_an_imagefolder_run_with_samples(tmp_path, capsys):
     """An imagefolder run's config doesn't say its training-set size: --samples does. The model
     once used --samples only to project, found no measurement, and asked for --global-ips."""
@@ -293,6 +347,8 @@ def test_the_model_measures_an_imagefolder_run_with_samples(tmp_path, capsys):
     out = tmp_path / "model"
     assert scaling.main(["--model", str(run), "--samples", "256", "--classes", "10", "--gpus", "8-16",
                          "--out", str(out)]) == 0
+    # c_G is the mean of the fine-tune's and the baseline's: the note names both (it named the first)
+    assert "(measured: the mean of 2, P2-N2 finetune, P2-N2 baseline on 2 rank(s))" in capsys.readouterr().out
     checks = read_csv(out / "model_validation.csv")
     assert [r["phase"] for r in checks] == ["subnet", "finetune", "baseline"]
     baseline = checks[-1]  # 128 samples per rank at 50 images/s on 2 ranks
@@ -566,8 +622,9 @@ def test_local_sweep_end_to_end(sweep):
         assert num(by[(name, "dd", "total")]["final_top1"]) == pytest.approx(report["transfer_T"]["top1"])
         metrics = metrics_of(out / name)
         base = [m for m in metrics if m["phase"] == "baseline"]
+        timed = base[1:]  # (2 epochs: the first, the process's warm-up, is left out)
         assert num(by[(name, "baseline", "baseline")]["images_per_s"]) == pytest.approx(
-            sum(m["images_per_s"] for m in base) / len(base))
+            len(timed) / sum(1 / m["images_per_s"] for m in timed))
         for strategy in ("dd", "baseline"):
             tta = num(by[(name, strategy, "total")]["time_to_target"])
             assert tta is not None and 0 < tta <= num(by[(name, strategy, "total")]["seconds"]) + 1e-9
@@ -610,7 +667,8 @@ def test_model_validates_and_projects_on_the_sweep(sweep, tmp_path):
     assert len(checks) == 12  # 4 runs x (phase 1, fine-tune, baseline)
 
     # Recompute one prediction by hand: the global net's c from the P=1 runs (no communication:
-    # the mean of their global-net phases' seconds per sample), then the 2-rank baseline epoch.
+    # the mean of their global-net phases' seconds per sample, over each phase's epochs after
+    # its first where it has more: the baseline's second), then the 2-rank baseline epoch.
     net = Network(alpha=1e-4, beta=1e9)
     g_params = 269_722
     per_phase = []
@@ -618,12 +676,13 @@ def test_model_validates_and_projects_on_the_sweep(sweep, tmp_path):
         p1 = metrics_of(study / run)
         for phase in phases:
             rows = [m for m in p1 if m["phase"] == phase]
+            rows = rows[1:] if len(rows) > 1 else rows
             per_phase.append(sum(256 / m["images_per_s"] for m in rows) / len(rows) / 256)
     c_g = sum(per_phase) / len(per_phase)
     expected = 128 * c_g + 4 * scaling.gradient_allreduce_seconds(4 * g_params, 2, net)
     row = next(r for r in checks if Path(r["run"]).name == "P2-N1" and r["phase"] == "baseline")
     assert num(row["predicted_s"]) == pytest.approx(expected, rel=1e-9)
-    measured = [m for m in metrics_of(study / "P2-N1") if m["phase"] == "baseline"]
+    measured = [m for m in metrics_of(study / "P2-N1") if m["phase"] == "baseline"][1:]
     assert num(row["measured_s"]) == pytest.approx(sum(256 / m["images_per_s"] for m in measured) / len(measured))
     assert num(row["relative_error"]) == pytest.approx((expected - num(row["measured_s"])) / num(row["measured_s"]))
     # phase 1 of P1-N2 (2 sub-nets fused on 1 rank) and P2-N2 (1 per rank) calibrate the sub-net's c

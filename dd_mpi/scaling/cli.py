@@ -20,9 +20,12 @@ STUDY`. STUDY_SCRIPT is --study-script, default slurm/scaling_study.sh under the
 directory, else in $DD_MPI_SLURM_DIR (the package does not know where the repository is).
 
 --collect writes OUT/scaling.csv (one row per run, strategy and phase) and OUT/scaling.png:
-  images_per_s            images/s of the phase, all its ranks together (phase 1: all groups)
+  images_per_s            images/s of the phase, all its ranks together (phase 1: all groups):
+                          its images over its training time
   seconds_per_epoch       dd-train's seconds per epoch (training + evaluation; phase 1: the
                           slowest group's)
+                          (both over the epochs after the first where there are more: the
+                          first carries the process's warm-up; the model calibrates on them too)
   strong_efficiency       t_ref * P_ref / (P * t_P): the same global problem (the same data
                           per epoch) on more ranks; t = seconds per epoch (seconds for totals)
   weak_efficiency         (images/s at P / P) / (images/s at P_ref / P_ref): per-rank
@@ -32,7 +35,8 @@ directory, else in $DD_MPI_SLURM_DIR (the package does not know where the reposi
                           target: the lower of transfer_T and random_T of that run)
   tta_speedup             baseline's time_to_target / DD's; speedup = baseline / DD total time
 P_ref is the smallest P measured for the same strategy and phase (and the same N for the
-phases whose work depends on N: sub-nets, compose, DD total); normally P_ref = 1. The runs
+phases whose work depends on N: sub-nets, intermediate levels, compose, DD total); normally
+P_ref = 1. A run with --levels has an "intermediate" row: the levels between, their total. The runs
 collected together may differ only in P, N and the seed (collect.WORKLOAD).
 
 The performance model's formulas: dd_mpi/scaling/perfmodel.py.
@@ -103,13 +107,16 @@ def run_model(args, dirs: list[Path]) -> int:
               f"(max {max(others):.1%})")
 
     calibration = calibrate([m for run in runs for m in measurements(run, args.classes, args.samples)], net)
-    workloads = build_workloads(runs, calibration, args)
+    workloads = build_workloads(runs, calibration, args, net)
     projections = []
     print(f"\nprojection ({workloads[0][0].samples} samples/epoch, batch {workloads[0][0].batch} per rank, "
           f"epochs sub-net/fine-tune/baseline {workloads[0][0].subnet_epochs}/{workloads[0][0].finetune_epochs}/"
           f"{workloads[0][0].baseline_epochs}):")
     for w, note in workloads:
         print("  " + note)
+    if any(run.report.get("intermediate") for run in runs):
+        print("  note: the runs compose in stages (--levels); the projection has no term for the levels between "
+              "(phase 1, one composition and the fine-tune), so it leaves their time out of DD's")
     global_batch = (runs[0].report.get("config") or {}).get("global_batch_size")
     if global_batch and not args.per_rank_batch:
         print(f"  note: the runs set --global-batch-size {global_batch} (a batch per rank that shrinks as P "

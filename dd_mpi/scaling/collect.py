@@ -76,6 +76,20 @@ def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def steady(epochs: list) -> list:
+    """The epochs that time a phase: all but the first when there are more. The first carries
+    the process's warm-up (kernels chosen, memory first touched, a compile): on CPU it took
+    several times a later epoch of a small net, which no more ranks would scale away."""
+    return epochs[1:] if len(epochs) > 1 else epochs
+
+
+def rate_of(epochs: list[dict]) -> float | None:
+    """Images/s over the epochs: their harmonic mean, which is all the images over all the
+    training time when every epoch trains the same images (the mean of the rates is not)."""
+    rates = [e["images_per_s"] for e in epochs if e.get("images_per_s")]
+    return len(rates) / sum(1.0 / r for r in rates) if rates else None
+
+
 def phase1_epochs(metrics: list[dict]) -> list[dict]:
     """Phase 1 per epoch over all groups: images/s summed (all ranks), seconds of the slowest."""
     return [{"epoch": e, "images_per_s": sum(r["images_per_s"] for r in rows),
@@ -110,10 +124,11 @@ def run_rows(run: RunFiles, target: float | None = None) -> list[dict]:
     rows = []
 
     def add(strategy: str, phase: str, seconds, result: dict | None, epochs: list[dict] | None = None, **extra):
-        ips = mean_or_none([e["images_per_s"] for e in epochs]) if epochs else None
+        timed = steady(epochs or [])
+        ips = rate_of(timed)
         rows.append({**base, "strategy": strategy, "phase": phase, "epochs": len(epochs) if epochs else None,
                      "images_per_s": ips, "images_per_s_per_rank": ips / P if ips else None,
-                     "seconds_per_epoch": mean_or_none([e["seconds"] for e in epochs]) if epochs else None,
+                     "seconds_per_epoch": mean_or_none([e["seconds"] for e in timed]) if timed else None,
                      "seconds": seconds, "final_top1": (result or {}).get("top1"),
                      "final_top5": (result or {}).get("top5"), **extra})
 
@@ -125,6 +140,11 @@ def run_rows(run: RunFiles, target: float | None = None) -> list[dict]:
         subs = report.get("sub_nets") or []
         sub_mean = {"top1": mean_or_none([s.get("top1") for s in subs]), "top5": mean_or_none([s.get("top5") for s in subs])}
         add("dd", "subnet", timing.get("subnets"), sub_mean, phase1_epochs(metrics))
+        levels = report.get("intermediate") or []
+        if levels:  # --levels: the nets between, composed and trained in stages (the compose row's
+            # time holds every composition; their epochs are per level, so none is per epoch here)
+            last = [(net.get("finetuned") or {}).get("top1") for net in levels[-1].get("nets") or []]
+            add("dd", "intermediate", timing.get("intermediate"), {"top1": mean_or_none(last)})
         add("dd", "compose", timing.get("compose"), report["transfer"])
         add("dd", "finetune", timing.get("finetune"), report.get("transfer_T"),
             [r for r in metrics if r.get("phase") == "finetune"])
@@ -153,7 +173,7 @@ def weak_efficiency(ips_ref: float, p_ref: int, ips: float, p: int) -> float:
 
 
 def _reference_key(row: dict) -> tuple:
-    depends_on_n = row["strategy"] == "dd" and row["phase"] in ("subnet", "compose", "total")
+    depends_on_n = row["strategy"] == "dd" and row["phase"] in ("subnet", "intermediate", "compose", "total")
     return (row["strategy"], row["phase"], row["N"] if depends_on_n else None)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from ..errors import UsageError
 from ..layout import layout_for
 from ..reporting import RunFiles
-from .collect import mean_or_none
+from .collect import mean_or_none, steady
 from .errors import ScalingError
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024  # DistributedDataParallel's default bucket_cap_mb=25
@@ -122,11 +122,18 @@ def global_epoch_seconds(w: Workload, P: int, net: Network) -> float:
     return epoch_seconds(w.samples, P, w.batch, w.global_sample_s, w.global_params * w.bytes_per_param, net)
 
 
+STATE_BYTES = 4  # a weight in the messages of phase 2 (fp32)
+
+
+def compose_comm_seconds(global_params: int, subnet_params: int, N: int, P: int, net: Network) -> float:
+    """Phase 2's messages: the N leaders send |S| to rank 0, which broadcasts |G|."""
+    return (gather_seconds(subnet_params * STATE_BYTES, N, net)
+            + broadcast_seconds(global_params * STATE_BYTES, P, net))
+
+
 def compose_seconds(w: Workload, P: int, net: Network) -> float:
-    """Phase 2: the N leaders send |S| to rank 0, which composes |G| and broadcasts it."""
-    state = 4  # fp32 weights
-    return (gather_seconds(w.subnet_params * state, w.subnets, net) + w.compose_s
-            + broadcast_seconds(w.global_params * state, P, net))
+    """Phase 2: the messages, and rank 0 composing |G| between them."""
+    return compose_comm_seconds(w.global_params, w.subnet_params, w.subnets, P, net) + w.compose_s
 
 
 def projectable(w: Workload, P: int) -> bool:
@@ -211,8 +218,9 @@ def measurements(run: RunFiles, num_classes: int | None = None, samples: int | N
         for r in sub_rows:  # the slowest group per epoch, as the phase waits for it
             by_epoch[r["epoch"]] = max(by_epoch.get(r["epoch"], 0.0), per_rank * ranks / r["images_per_s"])
         batch = layout.get("batch_size") or _batch_of_an_older_report(cfg, ranks, cfg.get("subnet_batch_size"))
+        epochs = steady([by_epoch[e] for e in sorted(by_epoch)])
         out.append(Measurement(run, "subnet", "global" if N == 1 else f"subnet {N}", ranks, per_rank,
-                               batch, k * s_params * BYTES_PER_PARAM, mean_or_none(list(by_epoch.values())), k))
+                               batch, k * s_params * BYTES_PER_PARAM, mean_or_none(epochs), k))
     trained = {"finetune": (run.report.get("layout") or [{}])[-1].get("batch_size"),
                "baseline": run.report.get("baseline_batch_size")}
     for phase in ("finetune", "baseline"):
@@ -221,7 +229,7 @@ def measurements(run: RunFiles, num_classes: int | None = None, samples: int | N
             per_rank = D // P
             out.append(Measurement(run, phase, "global", P, per_rank,
                                    trained[phase] or _batch_of_an_older_report(cfg, P), g_params * BYTES_PER_PARAM,
-                                   mean_or_none([per_rank * P / r["images_per_s"] for r in rows])))
+                                   mean_or_none([per_rank * P / r["images_per_s"] for r in steady(rows)])))
     return out
 
 
@@ -274,7 +282,14 @@ def ips_overrides(text: str | None) -> dict[int | None, float]:
     return result
 
 
-def build_workloads(runs: list[RunFiles], calibration: dict, args) -> list[tuple[Workload, str]]:
+def measured_note(sources: list[Measurement], per: str) -> str:
+    """Where a calibrated per-sample time came from: one measurement, or the mean of several."""
+    what = ", ".join(f"{m.run.path.name} {'phase 1' if m.phase == 'subnet' else m.phase}" for m in sources)
+    mean = f"the mean of {len(sources)}, " if len(sources) > 1 else ""
+    return f"measured: {mean}{what} on {sources[0].ranks} rank(s){per}"
+
+
+def build_workloads(runs: list[RunFiles], calibration: dict, args, net: Network) -> list[tuple[Workload, str]]:
     """One workload per N to project, with a note on where each per-sample time came from."""
     cfg = runs[0].report.get("config") or {}
     D = args.samples or train_size(cfg)
@@ -288,10 +303,15 @@ def build_workloads(runs: list[RunFiles], calibration: dict, args) -> list[tuple
         c_g, g_note = 1.0 / global_override, f"--global-ips {global_override:g}"
     elif "global" in calibration:
         c_g, sources = calibration["global"]
-        g_note = f"measured: {sources[0].run.path.name} {sources[0].phase} on {sources[0].ranks} rank(s)"
+        g_note = measured_note(sources, "")
     else:
         raise ScalingError("no global-net measurement in the runs (finetune or baseline): pass --global-ips")
-    composes = [r.report["timing"]["compose"] for r in runs if (r.report.get("timing") or {}).get("compose")]
+    # rank 0's compose compute: a run's measured phase 2 less the messages the projection adds back
+    # (model_params: |G|, |S| first)
+    composes = [max(r.report["timing"]["compose"] - compose_comm_seconds(
+                    *model_params(r.report.get("config") or cfg, r.subnets, args.classes)[:2], r.subnets,
+                    r.world_size, net), 0.0)
+                for r in runs if (r.report.get("timing") or {}).get("compose")]
     compose_s = min(composes) if composes else 0.0
     out = []
     for n in subnet_ns:
@@ -306,7 +326,7 @@ def build_workloads(runs: list[RunFiles], calibration: dict, args) -> list[tuple
             c_s, s_note = c_g, "N=1: the global net"
         elif f"subnet {n}" in calibration and not global_override:
             c_s, sources = calibration[f"subnet {n}"]
-            s_note = f"measured: {sources[0].run.path.name} phase 1 on {sources[0].ranks} rank(s) per group"
+            s_note = measured_note(sources, " per group")
         else:
             c_s, s_note = c_g * s_flops / g_flops, "scaled from the global net by MACs (not measured)"
         w = Workload(samples=D, batch=args.per_rank_batch or cfg.get("batch_size", 64), global_params=g_params,
