@@ -66,7 +66,7 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     except Exception as raised:  # this rank's copy would not parse: files, formats, and what
         # torchvision or pickle raise (RuntimeError 'Dataset not found', UnpicklingError, ...)
         error = f"--data-dir {cfg.data_dir}: {type(raised).__name__}: {raised}"
-    seen = None if data is None else (data.class_names, split_size(data.train), split_size(data.test))
+    seen = None if data is None else data_view(data)
     views = comm.slow.allgather_object((error, seen))
     _raise_for_views(views, cfg.data_dir, comm.size)
     for note in data.notes:
@@ -93,16 +93,28 @@ def _raise_for_views(views: list, data_dir: str | None, size: int) -> None:
         raise UsageError(f"rank {rank}{others}: {message}")
     differ = [rank for rank, (_, view) in enumerate(views) if view != views[0][1]]
     if differ:
-        (classes, train, test), (root_classes, root_train, root_test) = views[differ[0]][1], views[0][1]
-        odd = sorted(set(classes) ^ set(root_classes))
-        if odd:
-            what = f"class {odd[0]!r} on one and not the other"
-        elif classes != root_classes:
-            what = "the same classes in another order"
-        else:
-            what = f"{train} train / {test} test samples, rank 0 {root_train} / {root_test}"
+        what = data_difference(views[differ[0]][1], views[0][1], "rank 0")
         raise UsageError(f"--data-dir {data_dir}: rank {differ[0]} reads other data than rank 0 ({what}; "
                          f"another copy on its node?): give every rank the same data")
+
+
+def data_view(data: DatasetBundle) -> tuple[list[str], int, int]:
+    """What identifies a dataset to a run: its classes in label order, its split sizes."""
+    return list(data.class_names), split_size(data.train), split_size(data.test)
+
+
+def data_difference(view, reference, reference_name: str) -> str | None:
+    """How a view of the data (``data_view``) differs from ``reference``'s, said in a few
+    words; None when they agree (the same labels on the same number of images)."""
+    (classes, train, test), (their_classes, their_train, their_test) = view, reference
+    odd = sorted(set(classes) ^ set(their_classes))
+    if odd:
+        return f"class {odd[0]!r} on one and not the other"
+    if list(classes) != list(their_classes):
+        return "the same classes in another order: other labels"
+    if (train, test) != (their_train, their_test):
+        return f"{train} train / {test} test samples, {reference_name} {their_train} / {their_test}"
+    return None
 
 
 def split_size(split) -> int:

@@ -24,7 +24,7 @@ from . import runlock
 from .comm import BaseComm, BaseWorld
 from .config import RunConfig, read_saved_config
 from .data import DataPlan, Stream
-from .datasets import load_for_run, split_size
+from .datasets import data_difference, data_view, load_for_run, split_size
 from .decompose import compose
 from .errors import (Outcome, PeerFailed, Preempted, UsageError, deciding, is_outcome, outcome_of, peer_lost,
                      raise_outcome)
@@ -61,7 +61,7 @@ def _run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], p
     plan = build_plan(cfg, layouts, world.size, data.num_classes)
     refuse_empty_epochs(plan, split_size(data.train), cfg, data.image_size)
     should_stop.arm()
-    prepare_output(cfg, world.comm, out, default_groups(cfg, world.size), should_stop)
+    prepare_output(cfg, world.comm, out, default_groups(cfg, world.size), should_stop, data_view(data))
     reporter = Reporter(out, world_rank=world.rank, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
     plan_data = DataPlan(data, world.comm.device, seed=cfg.seed, batch_size=cfg.batch_size, workers=workers)
     token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
@@ -348,12 +348,17 @@ def run_baseline(job: Run, world: BaseWorld) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+DATA_FILE = "data.json"  # the classes and split sizes the run started with (datasets.data_view)
+
+
 def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: int | None,
-                   should_stop=lambda: False) -> None:
+                   should_stop=lambda: False, data: tuple | None = None) -> None:
     """Check --out on rank 0 (one verdict for all ranks), then write config.json there.
     ``default_groups``: the G phase 1 takes without --groups on these ranks (None: no phase
-    1), so that a resume may give or leave out --groups at that value."""
-    config_file = out / "config.json"
+    1), so that a resume may give or leave out --groups at that value. ``data``: the data this
+    job loaded (``data_view``), which a job that continues the run must share with it: the
+    flags cannot tell that a --data-dir's folders were renamed, added or filled since."""
+    config_file, data_file = out / "config.json", out / DATA_FILE
     started_here = False  # (rank 0's) config.json is this run's own: removed if it cannot go on
     recovered_from = None  # (rank 0's) the checkpoint whose settings stood for a missing config.json
 
@@ -405,10 +410,23 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
                         f"({'; '.join(differences)}){said}: use the same flags or a new --out")
             if not recovered:
                 written = {**written, "groups": saved.get("groups")}  # (equal in effect: the next resume too)
+        if data is not None and joins and data_file.exists():  # (a run of an older dd_mpi has none)
+            try:
+                started = json.loads(data_file.read_text())
+                change = data_difference(data, (started["classes"], started["train"], started["test"]),
+                                         "the run's")
+            except (OSError, ValueError, KeyError, TypeError):
+                return (f"--out {out}: {DATA_FILE} is unreadable: remove it (nothing then checks the data) or "
+                        "choose a new --out")
+            if change:
+                return (f"{cfg.continuing_flag}: --data-dir {cfg.data_dir} does not hold the data the run in {out} "
+                        f"started with ({change}): continue it with that data, or start a new run (a new --out)")
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
         started_here = not config_file.exists()
         ckpt.atomic_write_bytes(config_file, json.dumps(written, indent=2).encode())
+        if data is not None:
+            ckpt.atomic_write_bytes(data_file, json.dumps(dict(zip(("classes", "train", "test"), data))).encode())
         return None
 
     verdict = world.verdict_of_root(check)
@@ -422,6 +440,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
     if blind:
         if started_here:  # no run was started here; a resumed run's config.json stays: it is
             config_file.unlink(missing_ok=True)  # what the next --resume is checked against
+            data_file.unlink(missing_ok=True)
         raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
                          "put --out on a file system that every rank shares")
     if recovered_from is not None:

@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -944,3 +945,31 @@ def test_a_rank_s_memory_is_its_cgroup_s_limit_where_lower(tmp_path):
     assert node_memory(str(tmp_path / "cgroup-v1"), str(v1)) == min(machine, 3 << 30)
     (tmp_path / "none").write_text("0::/\n")
     assert node_memory(str(tmp_path / "none"), str(tmp_path / "empty")) == machine
+
+
+def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
+    """The flags were checked on --resume, the data not: a run stopped, its --data-dir's class
+    folders swapped (a and b), resumed on the other labels and finished, exit 0."""
+    from dd_mpi import pipeline
+    one = Comm([0], 0, None, torch.device("cpu"))
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    started = (["a", "b", "c"], 120, 30)
+    pipeline.prepare_output(parse_config(flags), one, out, None, data=started)
+    resume = parse_config([*flags, "--resume"])
+    pipeline.prepare_output(resume, one, out, None, data=started)  # the same data: it goes on
+    for data, says in (((["b", "a", "c"], 120, 30), "the same classes in another order"),
+                       ((["a", "b", "c", "d"], 120, 30), "class 'd' on one and not the other"),
+                       ((["a", "b", "c"], 160, 30), "160 train / 30 test samples, the run's 120 / 30")):
+        with pytest.raises(UsageError, match=rf"^--resume: --data-dir \S+ does not hold the data the run in \S+ "
+                                             rf"started with \({re.escape(says)}.*\): continue it with that data"):
+            pipeline.prepare_output(resume, one, out, None, data=data)
+    task = parse_config([*flags, "--only-group", "1"])  # an array task joins the run too
+    with pytest.raises(UsageError, match=r"^--only-group 1: --data-dir"):
+        pipeline.prepare_output(task, one, out, None, data=(["a", "b"], 120, 30))
+    (out / "data.json").write_text("{")
+    with pytest.raises(UsageError, match=r"data.json is unreadable"):
+        pipeline.prepare_output(resume, one, out, None, data=started)
+    (out / "data.json").unlink()  # a run of an older dd_mpi: nothing to check, and now it is recorded
+    pipeline.prepare_output(resume, one, out, None, data=started)
+    assert json.loads((out / "data.json").read_text()) == {"classes": ["a", "b", "c"], "train": 120, "test": 30}
