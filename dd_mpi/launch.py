@@ -233,6 +233,18 @@ def _stop_when_parent_dies(launcher_pid: int) -> Callable[[], None] | None:
     return arm
 
 
+KILL_HINTS = {signal.SIGKILL: " (out of memory? the kernel's OOM killer sends it, as does kill -9)",
+              signal.SIGSEGV: " (a crash in native code)", signal.SIGBUS: " (a crash in native code, or a "
+                                                                          "memory-mapped file cut short)"}
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signals: set[int] = frozenset()) -> int:
     """The job's exit code once every rank has ended. A rank killed by a stop signal the job
     was sent (``stop_signals``: it came before the rank could catch it, while it started up)
@@ -245,6 +257,10 @@ def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signa
         codes = [EXIT_PREEMPTED if c is not None and -c in stop_signals else c for c in codes]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
+            for rank, c in enumerate(codes):
+                if c is not None and c < 0:  # no word of its own: the launcher says it for it
+                    print(f"dd-train: rank {rank} was killed by {_signal_name(-c)}"
+                          f"{KILL_HINTS.get(-c, '')}: the other ranks stop", file=sys.stderr, flush=True)
             code = failed[0] if failed[0] > 0 else EXIT_FAILURE
             # ranks that stop in order (usage error, preemption) get time to write their
             # checkpoint; after a crash the others are only waiting on the dead rank

@@ -476,6 +476,8 @@ def test_a_killed_rank_ends_the_job(tmp_path, jobs, launcher, phase):
     assert not wait_gone(ranks.values()), "ranks outlived the job"
     assert f"dd_mpi{os.sep}cli.py\", line" not in job.output()  # the others: one line each, no traceback
     assert not (out / "report.json").exists()
+    if launcher == "local":  # (torchrun and mpiexec say it their own way)
+        assert job.output().count("dd-train: rank 2 was killed by SIGKILL (out of memory?") == 1, job.output()
 
 
 @pytest.mark.timing
