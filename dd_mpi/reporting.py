@@ -70,10 +70,27 @@ class RunFiles:
         return int((self.report.get("config") or {}).get("subnets") or len(self.report.get("groups") or [1]))
 
     @property
+    def baseline_only(self) -> bool:
+        """A --strategy baseline run: no sub-nets (its N is only the flag's default)."""
+        return (self.report.get("config") or {}).get("strategy") == "baseline"
+
+    @property
     def label(self) -> str:
-        if (self.report.get("config") or {}).get("strategy") == "baseline":  # (no sub-nets: N is the flag's)
-            return f"{self.path.name} (P={self.world_size}, conventional)"
-        return f"{self.path.name} (P={self.world_size}, N={self.subnets})"
+        return self.label_as(self.path.name)
+
+    def label_as(self, name: str) -> str:
+        return f"{name} (P={self.world_size}, {'conventional' if self.baseline_only else f'N={self.subnets}'})"
+
+
+def short_names(runs: list[RunFiles]) -> list[str]:
+    """Each run's directory, with as many of its parents as it takes to tell the runs apart
+    (two studies' P2-N2 are study1/P2-N2 and study2/P2-N2 in a plot's legend, not twice P2-N2)."""
+    paths = [run.path.resolve() for run in runs]
+    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def _damaged(where, what: str) -> UsageError:
@@ -195,7 +212,7 @@ def baseline_curve(metrics: list[dict]) -> list[tuple[float, float]]:
 def table_rows(run: RunFiles) -> list[dict]:
     """Rows of dd_report.csv for one run: every net, then every phase's seconds and the speedup."""
     report = run.report
-    base = {"run": str(run.path), "P": run.world_size, "N": run.subnets}
+    base = {"run": str(run.path), "P": run.world_size, "N": None if run.baseline_only else run.subnets}
     rows = [{**base, "section": "net", "name": name, "top1": r.get("top1"), "top5": r.get("top5"),
              "loss": r.get("loss"), "seconds": r.get("seconds"), "ratio": None} for name, r in net_rows(report)]
     timing = report.get("timing") or {}
@@ -244,8 +261,10 @@ def software_line(report: dict) -> list[str]:
 def markdown_block(run: RunFiles, *, with_paper: bool = False) -> str:
     report = run.report
     lines = [f"## {run.path}", "",
-             f"P = {run.world_size} ranks, N = {run.subnets} sub-networks, groups {report.get('groups')}, "
-             f"backend {report.get('backend')}, device {report.get('device')}, "
+             f"P = {run.world_size} ranks, "
+             + ("conventional training (no sub-networks), " if run.baseline_only else
+                f"N = {run.subnets} sub-networks, groups {report.get('groups')}, ")
+             + f"backend {report.get('backend')}, device {report.get('device')}, "
              f"launcher {report.get('launcher')}", *software_line(report), ""]
     result, numbers = paper_numbers(run) if with_paper else (None, None)
     if with_paper and result is None:
@@ -347,8 +366,8 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
                Line2D([], [], color=colors[1] if single else dd_key, marker="s", linestyle="--",
                       label="baseline (random_T)")]
     if not single:
-        handles += [Line2D([], [], color=colors[i % len(colors)], linewidth=4, label=run.label)
-                    for i, run in enumerate(runs)]
+        handles += [Line2D([], [], color=colors[i % len(colors)], linewidth=4, label=run.label_as(name))
+                    for i, (run, name) in enumerate(zip(runs, short_names(runs)))]
     ax.set_xlim(left=0)
     ax.set_xlabel("wall-clock seconds (training + evaluation)")
     ax.set_ylabel("test top-1 (%)")
@@ -370,9 +389,8 @@ def plot_phase_times(runs: list[RunFiles], path: Path) -> None:
     colors = {"subnets": "#4c72b0", "intermediate": "#8172b3", "compose": "#dd8452", "finetune": "#55a868",
               "baseline": "#8c8c8c"}
     used = set()
-    for run in runs:
+    for run, name in zip(runs, short_names(runs) if len(runs) > 1 else [""] * len(runs)):
         timing = run.report.get("timing") or {}
-        name = run.path.name if len(runs) > 1 else ""
         if timing.get("dd_total") is not None:
             bottom = 0.0
             for key, text in PHASES:

@@ -120,6 +120,16 @@ def test_several_runs_one_block_each_and_plots(tmp_path):
     assert reporting.default_out([a]) == a
 
 
+def test_runs_of_the_same_name_are_told_apart_in_the_plots(tmp_path):
+    """Two studies' P2-N2 were both 'P2-N2 (P=2, N=2)' in the legend and the bars' ticks."""
+    one, two = fake_run(tmp_path / "study1", "P2-N2"), fake_run(tmp_path / "study2", "P2-N2")
+    runs = reporting.load_runs([one, two])
+    assert reporting.short_names(runs) == ["study1/P2-N2", "study2/P2-N2"]
+    assert reporting.short_names([runs[0], reporting.RunFiles(fake_run(tmp_path, "P4-N2"))]) == ["P2-N2", "P4-N2"]
+    assert runs[0].label_as("study1/P2-N2") == "study1/P2-N2 (P=2, N=2)"
+    assert reporting.main([str(one), str(two), "--out", str(tmp_path / "out")]) == 0
+
+
 def test_runs_on_two_file_systems_ask_for_out(tmp_path, capsys):
     """Runs that share no directory but / had their report written into / (or failed there)."""
     import tempfile
@@ -163,11 +173,18 @@ def test_dd_only_and_baseline_only_runs(tmp_path):
     report.update(sub_nets=[], transfer=None, transfer_T=None,
                   timing={"subnets": None, "compose": None, "finetune": None, "dd_total": None,
                           "baseline_total": 30.0}, speedup=None)
+    report["config"]["strategy"] = "baseline"
     (base_only / "report.json").write_text(json.dumps(report))
     out = tmp_path / "out"
     assert reporting.main([str(dd_only), str(base_only), "--out", str(out)]) == 0
-    names = [r["name"] for r in csv.DictReader(io.StringIO((out / "dd_report.csv").read_text()))]
+    rows = list(csv.DictReader(io.StringIO((out / "dd_report.csv").read_text())))
+    names = [r["name"] for r in rows]
     assert "random_T" in names and "transfer_T" in names and "speedup" not in names
+    # a conventional run has no sub-networks: not the --subnets default's 2
+    assert {r["N"] for r in rows if r["run"] == str(base_only)} == {""}
+    md = (out / "dd_report.md").read_text()
+    assert "P = 2 ranks, conventional training (no sub-networks), backend" in md
+    assert md.count("N = 2 sub-networks") == 1  # the DD run's
     assert_png(out / "phase_times.png")
 
 
