@@ -67,6 +67,8 @@ def _run(cfg: RunConfig, world: BaseWorld, should_stop, layouts: list[Layout], p
     token = world.comm.broadcast_object(uuid.uuid4().hex[:12])  # rank 0's
     job = Run(cfg, plan, plan_data, data.num_classes, out, should_stop, reporter, precision, world.rank, token)
     results: dict = {"world_size": world.size, "precision": precision, "test_samples": split_size(data.test),
+                     "threads": torch.get_num_threads(), "workers": workers,  # per rank, as resolved (the config
+                     # keeps the flags, None where left to the machine)
                      "ranks": world.comm.allgather_object(place_of(world))}
     try:
         if plan.levels:

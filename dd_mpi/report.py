@@ -99,6 +99,8 @@ def build_report(cfg, world, results: dict) -> dict:
         "backend": world.backend_name,
         "device": str(world.comm.device),
         "precision": results.get("precision"),
+        "threads": results.get("threads"),  # torch threads per rank
+        "workers": results.get("workers"),  # DataLoader workers per rank
         "launcher": world.launch.launcher,
         "software": software_versions(),
         "config": cfg.to_dict(),
