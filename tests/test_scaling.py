@@ -307,6 +307,7 @@ def test_a_run_with_levels_shows_its_levels_between(tmp_path, capsys):
         {"index": 0, "ranks": [0], "composed": {"top1": 45.0}, "finetuned": {"top1": 47.0, "seconds": 3.0}},
         {"index": 1, "ranks": [1], "composed": {"top1": 46.0}, "finetuned": {"top1": 49.0, "seconds": 3.0}}]}]
     report["timing"].update(intermediate=3.0, dd_total=24.0)
+    report["config"]["groups"] = 1  # (a layout the projection does not take: said too)
     (run / "report.json").write_text(json.dumps(report))
     rows = {(r["strategy"], r["phase"]): r for r in scaling.run_rows(RunFiles(run))}
     between = rows[("dd", "intermediate")]
@@ -314,7 +315,12 @@ def test_a_run_with_levels_shows_its_levels_between(tmp_path, capsys):
     dd = [r for r in rows.values() if r["strategy"] == "dd" and r["phase"] != "total"]
     assert sum(r["seconds"] for r in dd) == rows[("dd", "total")]["seconds"] == 24.0
     assert scaling.main(["--model", str(run), "--gpus", "8", "--out", str(tmp_path / "model")]) == 0
-    assert "the projection has no term for the levels between" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "the projection has no term for the levels between" in said and "the runs set --groups" in said
+    # an N the model does not project, given its own rate: said, not passed over
+    assert scaling.main(["--model", str(run), "--gpus", "8", "--subnet-ips", "3=100",
+                         "--out", str(tmp_path / "model")]) == 2
+    assert "--subnet-ips 3=100: N=3 is not projected (N = 2)" in capsys.readouterr().err
 
 
 def test_the_model_counts_phase_2_s_messages_once(tmp_path):
@@ -454,6 +460,23 @@ def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path,
     assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",
                          "--train-samples", "256"]) == 2
     assert "(config.json is missing or unreadable): sweep into a new --out" in capsys.readouterr().err
+
+
+def test_a_sweep_refuses_an_unfinished_run_of_other_settings_before_it_starts(tmp_path, capsys):
+    """An interrupted point rerun with other flags was refused by its own --resume, but only in
+    its turn, after the points before it had trained."""
+    from dd_mpi.config import parse_config
+    from dd_mpi.scaling.sweep import run_argv
+    out = tmp_path / "study"
+    stopped = out / "P2-N1"
+    stopped.mkdir(parents=True)
+    (stopped / "config.json").write_text(json.dumps(parse_config(run_argv(2, 1, ["--train-samples", "256"],
+                                                                          stopped)).to_dict()))
+    assert scaling.main(["--local", "--nprocs", "1,2", "--subnets", "1", "--out", str(out), "--",
+                         "--train-samples", "512"]) == 2
+    err = capsys.readouterr().err
+    assert f"{stopped} holds an unfinished run made with other settings (--train-samples: 256 -> 512)" in err, err
+    assert not (out / "P1-N1").exists()  # refused before the first point
 
 
 def test_a_sweep_that_extends_a_study_reports_all_of_it(tmp_path, capsys):

@@ -114,6 +114,9 @@ def run_model(args, dirs: list[Path]) -> int:
           f"{workloads[0][0].baseline_epochs}):")
     for w, note in workloads:
         print("  " + note)
+    if any((run.report.get("config") or {}).get("groups") for run in runs):
+        print("  note: the runs set --groups; the projection lays phase 1 out as dd-train does without it "
+              "(G = gcd(N, P) groups)")
     if any(run.report.get("intermediate") for run in runs):
         print("  note: the runs compose in stages (--levels); the projection has no term for the levels between "
               "(phase 1, one composition and the fine-tune), so it leaves their time out of DD's")

@@ -299,6 +299,10 @@ def build_workloads(runs: list[RunFiles], calibration: dict, args, net: Network)
     subnet_ns = args.model_subnets or sorted({r.subnets for r in runs if r.subnets > 1}) or [4]
     global_override = ips_overrides(args.global_ips).get(None)
     subnet_override = ips_overrides(args.subnet_ips)
+    unused = sorted(n for n in subnet_override if n is not None and n not in subnet_ns)
+    if unused:
+        raise ScalingError(f"--subnet-ips {args.subnet_ips}: N={unused[0]} is not projected (N = "
+                           f"{', '.join(map(str, subnet_ns))}): --model-subnets sets the N to project")
     if global_override:
         c_g, g_note = 1.0 / global_override, f"--global-ips {global_override:g}"
     elif "global" in calibration:

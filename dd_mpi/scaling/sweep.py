@@ -82,15 +82,16 @@ def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list
             cfg = wanted[run_dir] = parse_config(run_argv(p, n, dd_args, run_dir))
         except UsageError as error:
             raise ScalingError(f"the dd-train arguments: {error}") from None
-        if not (run_dir / "report.json").is_file():
-            continue  # an unfinished run is resumed by dd-train, which checks its settings itself
+        finished = (run_dir / "report.json").is_file()
+        if not finished and not (run_dir / "config.json").is_file():
+            continue  # nothing of it yet (or a run stopped before its start was written: dd-train checks)
         saved = read_saved_config(run_dir / "config.json")
         differences = (["config.json is missing or unreadable"] if saved is None
                        else cfg.incompatible_with(saved, default_groups(cfg, p))
                        + workload_differences(saved, cfg.to_dict(), SPEED_ONLY))
-        if differences:
-            raise ScalingError(f"{run_dir} holds a finished run made with other settings "
-                               f"({'; '.join(differences)}): sweep into a new --out, or remove that run "
+        if differences:  # (an unfinished one would be refused by its own --resume, but only in its turn)
+            raise ScalingError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run made with other "
+                               f"settings ({'; '.join(differences)}): sweep into a new --out, or remove that run "
                                "to run it again")
     for report in sorted(out.glob("*/report.json")) if wanted else []:
         if report.parent in wanted:
