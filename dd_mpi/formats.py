@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,55 +202,105 @@ def load_cifar(name: str, root: str, download: bool, verify_once: Verifier) -> D
 
 # ---------------------------------------------------------------------------- image files
 
+FOOD101_LISTS = "Food-101: meta/train.json and meta/test.json"
+
+
 class CheckedLoader:
     """torchvision's image loader, but a file PIL cannot read becomes a UsageError naming it
     (it would otherwise surface as a bare PIL error from inside a DataLoader worker).
+    ``lists``: the files that list the images (Food-101's), named when one is missing; None
+    for a folder that was scanned (an ImageFolder, and the decoders of ``decoded``).
     A class, not a closure, so that datasets pickle into spawned workers."""
 
+    def __init__(self, lists: str | None = None):
+        self.lists = lists
+
     def __call__(self, path) -> Image.Image:
-        return _read_image(path, _rgb)
+        return _read_image(path, _rgb, self.lists)
 
 
-def _read_image(path, read: Callable[[Image.Image], object]):
-    """``read`` of the image at ``path``; a file PIL cannot read is a UsageError naming it."""
+def _read_image(path, read: Callable[[Image.Image], object], lists: str | None = None):
+    """``read`` of the image at ``path``; a file PIL cannot read is a UsageError naming it.
+    A missing one was listed (``lists``) or scanned, then went; a broken symbolic link is
+    named with its target, which is what to restore (an ImageFolder has no lists to edit)."""
     try:
         with open(path, "rb") as handle, Image.open(handle) as image:
             return read(image)
-    except FileNotFoundError:  # listed (Food-101's meta files, or an ImageFolder scanned), then gone
-        raise UsageError(f"image {path} is missing: restore it, or leave it out of the dataset's lists "
-                         "(Food-101: meta/train.json and meta/test.json)", everywhere=False) from None
+    except FileNotFoundError:
+        leave_out = f"leave it out of the dataset's lists ({lists})" if lists else "remove the link"
+        if os.path.islink(path):
+            raise UsageError(f"image {path} is a broken symbolic link to {os.readlink(path)}: restore its "
+                             f"target, or {leave_out}", everywhere=False) from None
+        if lists:
+            raise UsageError(f"image {path} is missing: restore it, or {leave_out}", everywhere=False) from None
+        raise UsageError(f"image {path} is missing (it was there when the dataset was read): restore it, "
+                         "or run again without it", everywhere=False) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
                          f"replace or delete the file", everywhere=False) from None
 
 
-def _small_images(samples: list[tuple[str, int]]) -> bool:
-    """Whether an ImageFolder holds small images (the CIFAR recipe, decoded into memory) or large
-    ones, by the median longer side of up to SIZE_SAMPLE training images spread over the list
-    (headers only). The first image alone decided: a thumbnail first among photos sent a
-    Food-101-sized set into memory, and one photo first among thumbnails the reverse."""
+def _median_side(samples: list[tuple[str, int]]) -> int:
+    """The median longer side of up to SIZE_SAMPLE training images spread over the list
+    (headers only): it decides whether an ImageFolder holds small images (the CIFAR recipe,
+    decoded into memory) or large ones. The first image alone decided: a thumbnail first
+    among photos sent a Food-101-sized set into memory, and one photo first among thumbnails
+    the reverse."""
     step = max(1, len(samples) // SIZE_SAMPLE)
     sides = sorted(_read_image(path, lambda image: max(image.size)) for path, _ in samples[::step][:SIZE_SAMPLE])
-    return sides[len(sides) // 2] <= SMALL_IMAGE_PX
+    return sides[len(sides) // 2]
 
 
-def _symlink_loop(samples: list[tuple[str, int]]) -> str | None:
-    """A folder that a link leads back into (os.walk follows links: `ln -s . again` listed
-    every image ~40 times over, one class swamping the rest): the deeper path, or None."""
+def _folder_read_twice(samples: list[tuple[str, int]], split_root: str) -> str | None:
+    """A folder of images reached by two paths, through a symbolic link (os.walk follows
+    links), or None. A link back into an ancestor (`ln -s . again`) listed every image ~40
+    times over, one class swamping the rest; a link to a folder already read (`ln -s
+    ../b a/more`, or one folder linked into two classes) counted its images twice, under two
+    classes. Folders, not files, are compared: a realpath per folder is cheap on any file system."""
     first_path_of: dict[str, str] = {}
-    for folder in sorted({os.path.dirname(path) for path, _ in samples}, key=len):
-        real = os.path.realpath(folder)
-        earlier = first_path_of.setdefault(real, folder)
-        if earlier != folder and folder.startswith(earlier + os.sep):
-            return f"{folder} is {earlier} again, through a symbolic link"
+    for folder in sorted({os.path.dirname(path) for path, _ in samples}, key=lambda f: (len(f), f)):
+        earlier = first_path_of.setdefault(os.path.realpath(folder), folder)
+        if earlier == folder:
+            continue
+        if folder.startswith(earlier + os.sep):
+            return (f"{folder} is {earlier} again, through a symbolic link: remove the link (its images would "
+                    "count many times)")
+        classes = {_class_of(path, split_root) for path in (folder, earlier)}
+        counted = f"as {' and as '.join(sorted(classes))}" if len(classes) > 1 else f"in class {classes.pop()}"
+        linked, other = (folder, earlier) if _first_link(folder, split_root) else (earlier, folder)
+        link = _first_link(linked, split_root)
+        if link is None:  # (a bind mount, say)
+            return (f"{folder} is {earlier} again, by another path: read it once (its images would count twice, "
+                    f"{counted})")
+        again = (f"which is read already ({other})" if linked == link else
+                 f"through which {linked} is {other} again")
+        return (f"{link} is a symbolic link to {os.readlink(link)}, {again}: remove the link "
+                f"(its images would count twice, {counted})")
     return None
 
 
+def _first_link(path: str, split_root: str) -> str | None:
+    """The first symbolic link on ``path`` below ``split_root``, or None."""
+    current = split_root
+    for part in os.path.relpath(path, split_root).split(os.sep):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            return current
+    return None
+
+
+def _class_of(path: str, split_root: str) -> str:
+    return os.path.relpath(path, split_root).split(os.sep)[0]
+
+
 def _rgb(image: Image.Image) -> Image.Image:
-    """An image as 8-bit RGB (torchvision's loader, but 16-bit greys scaled: PIL's convert
-    clips them, and a 16-bit PNG became white). PIL opens some 16-bit files as 32-bit mode I
-    (PGM): their depth is the file's, read before the pixels, not guessed from their values
-    (a dark one, all below 256, came out as bright as an 8-bit image)."""
+    """An image as 8-bit RGB (torchvision's loader, but 16-bit greys and float images scaled:
+    PIL's convert clips them, and a 16-bit PNG became white, a 0..1 float TIFF black). PIL
+    opens some 16-bit files as 32-bit mode I (PGM): their depth is the file's, read before
+    the pixels, not guessed from their values (a dark one, all below 256, came out as bright
+    as an 8-bit image)."""
+    if image.mode == "F":
+        return Image.fromarray(_float_to_8_bits(np.asarray(image))).convert("RGB")
     if image.mode == "I":
         raw = image.tile[0][3] if image.tile else ""  # the decoder's sample format, e.g. I;16B
         # (a PGM of any maxval above 255, P2 or P5, is decoded to 0..65535)
@@ -258,6 +309,24 @@ def _rgb(image: Image.Image) -> Image.Image:
         grey = np.asarray(image).astype(np.int64).clip(0, 65535) // 257  # 65535 -> 255
         return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def _float_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """A float image (PIL mode F) as uint8, by the first rule that its values fit: within
+    [0, 1], the float convention (NumPy, scikit-image, ToTensor), times 255; within [0, 255],
+    8-bit values saved as floats, as they are; otherwise (negative, HDR, depth, counts) no
+    convention applies, and clipping would leave it black or white, so its own range is
+    stretched to 0..255: per image, so such images' brightness is not comparable between them.
+    NaN (no data) is the darkest value, an infinity the extreme it is on."""
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    if low >= 0 and high <= 1:
+        values = values * 255
+    elif low < 0 or high > 255:
+        values = (values - low) * (255 / (high - low) if high > low else 0)
+    return values.round().clip(0, 255).astype(np.uint8)
 
 
 def _large_transforms(size: int) -> tuple[T.Compose, T.Compose]:
@@ -284,12 +353,33 @@ def _empty_classes(labels: list[int], classes: list[str]) -> list[str]:
 
 
 def _class_mismatch(train: list[str], test: list[str], where: str) -> str | None:
+    """Which classes one split has and the other lacks. Names that print alike but differ in
+    their code points (café as NFC in one split and NFD in the other, as macOS writes it; a
+    zero-width or trailing space) are shown escaped, with their Unicode form: printed plainly,
+    the line read 'only in training: café; only in test: café'."""
     if train == test:
         return None
     only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-    return (f"{where}: the training and test class lists differ (only in training: "
-            f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}): "
-            f"give both splits the same classes")
+    alike = {_looks(name) for name in only_train} & {_looks(name) for name in only_test}
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(f"{ascii(name)} ({_unicode_form(name)})" if _looks(name) in alike else name
+                         for name in names) or "-"
+
+    why = (" (the names shown escaped look alike but are other characters: Unicode normalisation NFC vs NFD, "
+           "or invisible ones)" if alike else "")
+    return (f"{where}: the training and test class lists differ (only in training: {shown(only_train)}; "
+            f"only in test: {shown(only_test)}){why}: give both splits the same classes"
+            f"{', spelt alike (e.g. NFC)' if alike else ''}")
+
+
+def _looks(name: str) -> str:
+    """How a name prints: its NFC form without format characters (zero-width) or outer spaces."""
+    return unicodedata.normalize("NFC", "".join(c for c in name if unicodedata.category(c) != "Cf")).strip()
+
+
+def _unicode_form(name: str) -> str:
+    return next((form for form in ("NFC", "NFD") if unicodedata.is_normalized(form, name)), "neither NFC nor NFD")
 
 
 def _food101_check(root: str, download: bool) -> Callable[[], str | None]:
@@ -335,8 +425,8 @@ def load_food101(root: str, download: bool, image_size: int | None,
     raise_on(verify_once(_food101_check(root, download)))
     size = image_size or 224
     train_tf, test_tf = _large_transforms(size)
-    train = tv_datasets.Food101(root, split="train", transform=train_tf, loader=CheckedLoader())
-    test = tv_datasets.Food101(root, split="test", transform=test_tf, loader=CheckedLoader())
+    train = tv_datasets.Food101(root, split="train", transform=train_tf, loader=CheckedLoader(FOOD101_LISTS))
+    test = tv_datasets.Food101(root, split="test", transform=test_tf, loader=CheckedLoader(FOOD101_LISTS))
     raise_on(_class_mismatch(train.classes, test.classes, f"{root}/food-101/meta"))
     if len(train.classes) < 2:
         raise UsageError(f"{root}/food-101/meta/train.json lists {len(train.classes)} class: a classifier needs 2 "
@@ -386,27 +476,31 @@ def _imagefolder_check(root: str) -> Callable[[], str | None]:
 def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -> DatasetBundle:
     raise_on(verify_once(_imagefolder_check(root)))
     # Scan first without transforms: the image size decides which ones (every rank alike).
-    kinds = {split: _ImageFiles() for split in ("train", "val")}
+    kinds = {split: _ImageFiles(os.path.join(root, split)) for split in ("train", "val")}
     splits = {split: tv_datasets.ImageFolder(os.path.join(root, split), loader=CheckedLoader(),
                                              is_valid_file=kinds[split], allow_empty=True)
               for split in ("train", "val")}
     for split, folder in splits.items():
         empty = _empty_classes(folder.targets, folder.classes)
         if empty:
-            raise UsageError(f"{os.path.join(root, split, empty[0])} holds no image files "
-                             f"(empty: {', '.join(empty)}): add images or remove the class folder")
+            raise UsageError(kinds[split].empty_class_message(empty))
     raise_on(_class_mismatch(splits["train"].classes, splits["val"].classes, f"--data-dir {root}"))
-    for folder in splits.values():
-        loop = _symlink_loop(folder.samples)
-        if loop:
-            raise UsageError(f"--data-dir {root}: {loop}: remove the link (its images would count many times)")
-    small = _small_images(splits["train"].samples)
+    for split, folder in splits.items():
+        read_twice = _folder_read_twice(folder.samples, os.path.join(root, split))
+        if read_twice:
+            raise UsageError(f"--data-dir {root}: {read_twice}")
+    median_side = _median_side(splits["train"].samples)
+    small = median_side <= SMALL_IMAGE_PX
     size = image_size or (32 if small else 224)
     splits["train"].transform, splits["val"].transform = (_small_transforms if small else
                                                           _large_transforms)(size)
     classes = splits["train"].classes
     notes = tuple(f"{os.path.join(root, split)}: {kinds[split].skipped_note()}"
                   for split in ("train", "val") if kinds[split].skipped)
+    if image_size is None and median_side != size:  # resized by default: the log says so (rank 0)
+        notes += (f"{os.path.join(root, 'train')}: the images ({median_side} px, the median longer side) train at "
+                  f"{size}x{size} px, the default for {'small' if small else 'large'} images: "
+                  "--image-size N trains at N px instead",)
     return DatasetBundle(name="imagefolder", num_classes=len(classes), in_channels=3,
                          image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          train=splits["train"], test=splits["val"], class_names=tuple(classes),
@@ -416,20 +510,43 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
 class _ImageFiles:
     """torchvision's test of an image file (its extensions), counting the files it leaves out
     whose extension PIL reads as an image (.gif, .jfif, ...): 20 GIFs of a class were left
-    out without a word. Text, JSON and the like are left out silently, as before."""
+    out without a word. Text, JSON and the like are left out silently, as before, unless a
+    class holds nothing else: its error then says what it holds (it said 'no image files' of
+    a folder of GIFs). Hidden files (.DS_Store) are not counted."""
 
-    def __init__(self):
+    def __init__(self, split_root: str):
+        self.split_root = split_root
         self.skipped: dict[str, int] = {}
+        self.unread_in_class: dict[str, dict[str, int]] = {}  # class -> {extension: files}
         self.images = {ext for ext, kind in Image.registered_extensions().items()  # (stubs: no pixels to
                        if kind in Image.OPEN and "Stub" not in Image.OPEN[kind][0].__module__}  # read, e.g. .h5)
 
     def __call__(self, path: str) -> bool:
         if tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS):
             return True
+        if os.path.basename(path).startswith("."):
+            return False
         extension = os.path.splitext(path)[1].lower()
-        if extension in self.images and not os.path.basename(path).startswith("."):
+        if extension in self.images:
             self.skipped[extension] = self.skipped.get(extension, 0) + 1
+        unread = self.unread_in_class.setdefault(_class_of(path, self.split_root), {})
+        unread[extension] = unread.get(extension, 0) + 1
         return False
+
+    def empty_class_message(self, empty: list[str]) -> str:
+        """The error for classes with no image read: the first one's files, if it has any."""
+        folder = os.path.join(self.split_root, empty[0])
+        others = f" (nor do {', '.join(empty[1:])})" if len(empty) > 1 else ""
+        unread = self.unread_in_class.get(empty[0])
+        if not unread:
+            return f"{folder} holds no image files{others}: add images or remove the class folder"
+        counts = [f"{n} {ext or '(no extension)'}" for ext, n in sorted(unread.items())]
+        files = f"{', '.join(counts[:-1])} and {counts[-1]}" if len(counts) > 1 else counts[0]
+        plural = "s" if sum(unread.values()) > 1 else ""
+        them = "them" if set(unread) <= self.images else "the images among them"
+        return (f"{folder} holds no image files that dd_mpi reads, only {files} file{plural} (it reads "
+                f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}){others}: convert {them} to PNG or JPEG, "
+                "or remove the class folder")
 
     def skipped_note(self) -> str:
         counts = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,25 @@ def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
     assert np.asarray(CheckedLoader()(tmp_path / "ten_bits.pgm"))[..., 0].tolist() == [[0, 0], [0, 255]]
 
 
+def test_a_32_bit_float_image_keeps_its_shades(tmp_path):
+    """PIL's convert('RGB') clips a float image (mode F, e.g. a float TIFF of 0..1) to 0..255 as
+    it is: a 0..1 gradient trained as black."""
+    from dd_mpi.formats import CheckedLoader
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    pixels = np.asarray(CheckedLoader()(tmp_path / "unit.tif"))
+    assert pixels.shape == (64, 64, 3) and abs(pixels.mean() - 127.5) < 1
+    assert (pixels[0, 0, 0], pixels[-1, -1, 0]) == (0, 255)
+    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(tmp_path / "eight_bit_values.tif")
+    assert (np.asarray(CheckedLoader()(tmp_path / "eight_bit_values.tif")) == 200).all()  # kept as they are
+    depth = ramp * 5000 - 1000  # no convention: stretched from its own range, not clipped to white
+    depth[0, 1] = np.nan  # (no-data: the darkest)
+    Image.fromarray(depth).save(tmp_path / "depth.tif")
+    pixels = np.asarray(CheckedLoader()(tmp_path / "depth.tif"))[..., 0]
+    assert (pixels[0, 0], pixels[0, 1], pixels[-1, -1]) == (0, 0, 255) and abs(pixels.mean() - 127.5) < 1
+
+
 @pytest.mark.parametrize("recipe", ["large", "small"])
 def test_a_very_long_thin_image_is_not_blown_up(tmp_path, recipe):
     """Resizing the shorter side of a 6000×2 image to 256 made it 768000×256 (1.5 GB): the longer
@@ -277,6 +297,18 @@ def test_imagefolder_class_lists_that_differ_are_named(tmp_path):
                 "only in test: ferret")
 
 
+def test_class_names_that_differ_only_in_unicode_normalisation_are_told_apart(tmp_path):
+    """train/café (NFC, one code point é) and val/café (NFD, e + a combining accent) printed
+    'only in training: café; only in test: café'."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    write_imagefolder(tmp_path, classes=("cat", nfc, "emu"), per_class=2, val_per_class=1)
+    (tmp_path / "val" / nfc).rename(tmp_path / "val" / nfd)
+    (tmp_path / "val" / "emu").rename(tmp_path / "val" / "ferret")
+    usage_error(lambda: load("imagefolder", tmp_path), r"only in training: 'caf\xe9' (NFC), emu",
+                r"only in test: 'cafe\u0301' (NFD), ferret", "Unicode normalisation NFC vs NFD",
+                "give both splits the same classes, spelt alike (e.g. NFC)")
+
+
 def test_food101_class_lists_that_differ_are_named(tmp_path):
     write_food101(tmp_path, classes=("apple_pie", "churros"), per_class=1, test_per_class=1)
     meta = tmp_path / "food-101" / "meta" / "test.json"
@@ -290,6 +322,24 @@ def test_an_empty_class_is_named(tmp_path):
     (tmp_path / "val" / "gnu").mkdir()
     (tmp_path / "train" / "gnu" / "notes.txt").write_text("not an image")
     usage_error(lambda: load("imagefolder", tmp_path), str(tmp_path / "train" / "gnu"), "no image")
+
+
+def test_a_class_of_images_in_formats_not_read_says_so(tmp_path):
+    """A class of GIFs only read 'holds no image files (empty: d)': the note that .gif is not
+    read came after that check, never printed."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    for split in ("train", "val"):
+        (tmp_path / split / "d").mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8)).save(tmp_path / split / "d" / f"{i}.gif")
+    (tmp_path / "train" / "d" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "d" / ".DS_Store").write_bytes(b"")  # hidden: not counted
+    usage_error(lambda: load("imagefolder", tmp_path), f"{tmp_path / 'train' / 'd'} holds no image files that dd_mpi "
+                "reads, only 5 .gif and 1 .txt files (it reads .jpg .jpeg", "convert the images among them to PNG or JPEG")
+    (tmp_path / "train" / "d" / "notes.txt").unlink()
+    (tmp_path / "train" / "d" / "5.tiff").write_bytes(b"")  # read: the class is not empty
+    usage_error(lambda: load("imagefolder", tmp_path), f"{tmp_path / 'val' / 'd'} holds no image files that dd_mpi "
+                "reads, only 5 .gif files", "convert them to PNG or JPEG")
 
 
 def test_an_empty_food101_class_is_named(tmp_path):
@@ -328,6 +378,19 @@ def test_a_truncated_or_missing_food101_image_is_named_when_loaded(tmp_path):
     message = usage_error(lambda: data.test[0], str(gone), "is missing: restore it",
                           "meta/train.json and meta/test.json")
     assert "delete" not in message  # it is listed: deleting it cannot help
+
+
+def test_a_broken_symbolic_link_in_an_imagefolder_is_named_with_its_target(tmp_path):
+    """It read 'is missing: restore it, or leave it out of the dataset's lists (Food-101: ...)'
+    for an ImageFolder, which has no lists: the link and where it points are what to fix."""
+    from dd_mpi.decoded import _Decoded
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    link = tmp_path / "train" / "a" / "link.png"
+    link.symlink_to(tmp_path / "moved" / "a_0000.png")
+    needles = (f"image {link} is a broken symbolic link to {tmp_path / 'moved' / 'a_0000.png'}", "remove the link")
+    message = usage_error(lambda: load("imagefolder", tmp_path), *needles)  # the size check reads it
+    assert "Food-101" not in message
+    assert "Food-101" not in usage_error(lambda: _Decoded([(str(link), 0)], 32, 32)[0], *needles)  # decoding
 
 
 # ---------------------------------------------------------------------------- image files
@@ -386,12 +449,25 @@ def test_image_files_torchvision_does_not_read_are_noted(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "train" / "b" / name, format="GIF" if "gif" in name.lower() else "JPEG")
     (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "a" / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # PIL's stub: no image to read
-    data = load("imagefolder", tmp_path)
+    data = load("imagefolder", tmp_path, image_size=16)
     assert len(data.train) == 4 and data.notes == (
         f"{tmp_path / 'train'}: 3 files of image formats not read (2 .gif, 1 .jfif): torchvision reads .jpg .jpeg "
         ".png .ppm .bmp .pgm .tif .tiff .webp; convert the images among them to use them",)
     write_imagefolder(tmp_path / "plain", classes=("a", "b"), per_class=2, val_per_class=1)
-    assert load("imagefolder", tmp_path / "plain").notes == ()
+    assert load("imagefolder", tmp_path / "plain", image_size=16).notes == ()
+
+
+@pytest.mark.parametrize("side, trained", [(64, 32), (16, 32), (80, 224)])
+def test_the_size_chosen_for_an_imagefolder_is_noted(tmp_path, side, trained):
+    """64×64 images trained at 32 px unless --image-size was given, and the log did not say so."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1, size=side)
+    data = load("imagefolder", tmp_path)
+    assert data.image_size == trained and data.notes == (
+        f"{tmp_path / 'train'}: the images ({side} px, the median longer side) train at {trained}x{trained} px, "
+        f"the default for {'small' if trained == 32 else 'large'} images: --image-size N trains at N px instead",)
+    assert load("imagefolder", tmp_path, image_size=trained).notes == ()  # asked for: nothing to note
+    write_imagefolder(tmp_path / "cifar_sized", classes=("a", "b"), per_class=2, val_per_class=1, size=32)
+    assert load("imagefolder", tmp_path / "cifar_sized").notes == ()  # trained as they are
 
 
 def test_a_symbolic_link_loop_is_refused(tmp_path):
@@ -401,8 +477,25 @@ def test_a_symbolic_link_loop_is_refused(tmp_path):
     usage_error(lambda: load("imagefolder", tmp_path),
                 f"{tmp_path / 'train' / 'a' / 'again'} is {tmp_path / 'train' / 'a'} again, through a symbolic link")
     (tmp_path / "train" / "a" / "again").unlink()
-    (tmp_path / "train" / "b" / "a").symlink_to(tmp_path / "train" / "a")  # a linked folder, no loop: fine
-    assert load("imagefolder", tmp_path).num_classes == 2
+    write_imagefolder(tmp_path / "outside", classes=("b",), per_class=3, val_per_class=0)
+    (tmp_path / "train" / "b" / "more").symlink_to(tmp_path / "outside" / "train" / "b")  # a folder from outside: fine
+    assert len(load("imagefolder", tmp_path).train) == 7
+
+
+def test_a_symbolic_link_to_a_folder_already_read_is_refused(tmp_path):
+    """`ln -s DATA/train/b DATA/train/a/more` counted every image of b as class a too, silently."""
+    write_imagefolder(tmp_path, classes=("a", "b", "c"), per_class=2, val_per_class=1)
+    more = tmp_path / "train" / "a" / "more"
+    more.symlink_to(tmp_path / "train" / "b")
+    usage_error(lambda: load("imagefolder", tmp_path), f"{more} is a symbolic link to {tmp_path / 'train' / 'b'}, "
+                f"which is read already ({tmp_path / 'train' / 'b'}): remove the link", "twice, as a and as b")
+    more.unlink()
+    write_imagefolder(tmp_path / "outside", classes=("x",), per_class=2, val_per_class=0)
+    for name in ("a", "c"):  # one folder from outside, linked into two classes
+        (tmp_path / "train" / name / "x").symlink_to(tmp_path / "outside" / "train" / "x")
+    usage_error(lambda: load("imagefolder", tmp_path), f"{tmp_path / 'train' / 'c' / 'x'} is a symbolic link to "
+                f"{tmp_path / 'outside' / 'train' / 'x'}, which is read already ({tmp_path / 'train' / 'a' / 'x'})",
+                "as a and as c")
 
 
 def test_imagefolder_large_images_get_the_imagenet_recipe(tmp_path):
