@@ -50,7 +50,7 @@ class RunConfig:
     dataset: str = "synthetic"  # synthetic (built in, offline) | cifar10 | cifar100 | food101 | imagefolder
     data_dir: str | None = None  # where the dataset lies (torchvision's layout; imagefolder: train/ and val/)
     download: bool = False  # torchvision download (rank 0), for machines with internet
-    image_size: int | None = None  # pixels; None: the dataset's (32 CIFAR, 224 Food-101)
+    image_size: int | None = None  # pixels; None: 32 CIFAR, 224 Food-101; ImageFolder 32 (median side <= 64 px) or 224
     train_samples: int | None = None  # cap the training set (smoke runs)
     test_samples: int | None = None  # cap the test set
     workers: int | None = None  # DataLoader workers per rank (default: the rank's CPUs - 1, at most 8)
