@@ -443,7 +443,22 @@ def load_food101(root: str, download: bool, image_size: int | None,
 
 
 def _class_dirs(path: str) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not _tool_debris(entry.name))
+
+
+def _tool_debris(name: str) -> bool:
+    """A folder that tools leave among the class folders, which holds no class: hidden ones
+    (Jupyter's .ipynb_checkpoints, .git) and the __MACOSX of a zip made on a Mac. Each was a
+    class: empty, or one the other split lacked."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+class _ImageFolder(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder, whose classes leave tools' folders out (``_tool_debris``)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = _class_dirs(directory)
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def _absent(root: str) -> str:
@@ -477,8 +492,8 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
     raise_on(verify_once(_imagefolder_check(root)))
     # Scan first without transforms: the image size decides which ones (every rank alike).
     kinds = {split: _ImageFiles(os.path.join(root, split)) for split in ("train", "val")}
-    splits = {split: tv_datasets.ImageFolder(os.path.join(root, split), loader=CheckedLoader(),
-                                             is_valid_file=kinds[split], allow_empty=True)
+    splits = {split: _ImageFolder(os.path.join(root, split), loader=CheckedLoader(),
+                                  is_valid_file=kinds[split], allow_empty=True)
               for split in ("train", "val")}
     for split, folder in splits.items():
         empty = _empty_classes(folder.targets, folder.classes)
@@ -497,6 +512,11 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
     classes = splits["train"].classes
     notes = tuple(f"{os.path.join(root, split)}: {kinds[split].skipped_note()}"
                   for split in ("train", "val") if kinds[split].skipped)
+    for split in ("train", "val"):
+        debris = sorted(entry.name for entry in os.scandir(os.path.join(root, split))
+                        if entry.is_dir() and _tool_debris(entry.name))
+        if debris:
+            notes += (f"{os.path.join(root, split)}: {', '.join(debris)} left out: tools' folders, not classes",)
     if image_size is None and median_side != size:  # resized by default: the log says so (rank 0)
         notes += (f"{os.path.join(root, 'train')}: the images ({median_side} px, the median longer side) train at "
                   f"{size}x{size} px, the default for {'small' if small else 'large'} images: "
@@ -522,10 +542,10 @@ class _ImageFiles:
                        if kind in Image.OPEN and "Stub" not in Image.OPEN[kind][0].__module__}  # read, e.g. .h5)
 
     def __call__(self, path: str) -> bool:
+        if os.path.basename(path).startswith("."):  # (a Mac's ._photo.jpg is its metadata, no image)
+            return False
         if tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS):
             return True
-        if os.path.basename(path).startswith("."):
-            return False
         extension = os.path.splitext(path)[1].lower()
         if extension in self.images:
             self.skipped[extension] = self.skipped.get(extension, 0) + 1

@@ -565,3 +565,17 @@ def test_image_file_augmentation_is_the_same_with_any_workers_and_after_a_restar
     assert torch.equal(long_lived[2], epochs(0, [2])[0])  # resumed at epoch 2, no workers
     assert torch.equal(long_lived[1], epochs(2, [1])[0])  # resumed at epoch 1, fresh workers
     assert not torch.equal(long_lived[0], long_lived[1])  # and the epochs do differ
+
+
+def test_tools_folders_and_a_mac_s_metadata_files_are_no_classes_or_images(tmp_path):
+    """train/.ipynb_checkpoints and val/__MACOSX were classes (one split lacked them, or they were
+    empty), and a Mac's ._photo.png, metadata with an image's extension, an unreadable image."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "val" / "__MACOSX" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "__MACOSX" / "a" / "._a_0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "train" / "a" / "._a_0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = load("imagefolder", tmp_path, image_size=16)
+    assert data.class_names == ("a", "b") and len(data.train) == 4 and len(data.test) == 2
+    assert data.notes == (f"{tmp_path / 'train'}: .ipynb_checkpoints left out: tools' folders, not classes",
+                          f"{tmp_path / 'val'}: __MACOSX left out: tools' folders, not classes")
