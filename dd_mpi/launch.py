@@ -192,7 +192,7 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
                    **{LOCAL_LAUNCHER_ENV: "local"})
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
         children.append(subprocess.Popen([sys.executable, "-m", "dd_mpi", *argv], env=env,
-                                         preexec_fn=_stop_when_parent_dies(os.getpid())))
+                                         preexec_fn=stop_when_parent_dies(os.getpid())))
 
     stop_signals = set()
 
@@ -217,10 +217,11 @@ def run_local(nproc: int, argv: list[str], grace_seconds: float = 10.0) -> int:
     return code
 
 
-def _stop_when_parent_dies(launcher_pid: int) -> Callable[[], None] | None:
-    """For a rank, before it starts: SIGTERM when the launcher dies (Linux's parent-death
-    signal). A launcher killed outright (SIGKILL, the OOM killer) left its ranks training on
-    to the end, unseen; now they checkpoint and exit as on any stop signal."""
+def stop_when_parent_dies(launcher_pid: int) -> Callable[[], None] | None:
+    """For a rank (or dd-scaling's run), before it starts: SIGTERM when the launcher dies
+    (Linux's parent-death signal). A launcher killed outright (SIGKILL, the OOM killer) left
+    its ranks training on to the end, unseen; now they checkpoint and exit as on any stop
+    signal."""
     if not sys.platform.startswith("linux"):
         return None
 

@@ -582,9 +582,11 @@ def processes_naming(text: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timing
-def test_sigterm_stops_a_local_sweep_and_its_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_local_sweep_stops_its_run(tmp_path, stop):
     """A sweep stopped by SIGTERM (a job's end, `timeout`) left its dd-train training on, orphaned:
-    each run has a process group of its own, which no signal to dd-scaling reached."""
+    each run has a process group of its own, which no signal to dd-scaling reached. Killed
+    outright, it can pass nothing on: the run has the parent-death signal."""
     out = tmp_path / "study"
     run_dir = out / "P2-N2"
     flags = [*TINY, "--subnet-epochs", "200"]  # far longer than the test waits
@@ -597,19 +599,20 @@ def test_sigterm_stops_a_local_sweep_and_its_run(tmp_path):
                                     else ""):
             assert sweep.poll() is None and time.monotonic() < deadline, "the run never trained an epoch"
             time.sleep(0.5)
-        sweep.send_signal(signal.SIGTERM)
+        sweep.send_signal(stop)
         stdout, stderr = sweep.communicate(timeout=180)
     finally:
         if sweep.poll() is None:
             sweep.kill()
-    assert sweep.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    assert stderr.strip() == ("dd-scaling: stopped by SIGTERM; the run in progress (if any) checkpointed: run the "
-                              "same command again to go on"), stderr
-    assert checkpoint_path(run_dir, "subnet0", "last").exists()  # the run checkpointed as it stopped
-    deadline = time.monotonic() + 30
+    if stop == signal.SIGTERM:
+        assert sweep.returncode == 75, stdout[-2000:] + stderr[-2000:]
+        assert stderr.strip() == ("dd-scaling: stopped by SIGTERM; the run in progress (if any) checkpointed: run "
+                                  "the same command again to go on"), stderr
+    deadline = time.monotonic() + 60
     while processes_naming(str(run_dir)):  # nothing of the run is left running
         assert time.monotonic() < deadline, f"still running: {processes_naming(str(run_dir))}"
         time.sleep(0.5)
+    assert checkpoint_path(run_dir, "subnet0", "last").exists()  # the run checkpointed as it stopped
 
 
 # ---------------------------------------------------------------------------------------

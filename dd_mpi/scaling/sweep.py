@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import RunConfig, build_parser, parse_config, read_saved_config
 from ..plan import checked_layouts, default_groups
 from ..errors import UsageError
+from ..launch import stop_when_parent_dies
 from ..reporting import RunFiles
 from .collect import WORKLOAD, workload_differences
 from .errors import ScalingError
@@ -152,7 +153,9 @@ class SweepStopped(Exception):
 def stop_signals_raise():
     """SIGTERM and SIGHUP (a job's end, a closed terminal, `timeout`) stop a sweep as Ctrl-C
     does: each run has its own process group (so that a timeout can stop it whole), which no
-    signal sent to dd-scaling reaches, and a dd-scaling killed outright left it training on."""
+    signal sent to dd-scaling reaches, and a stopped dd-scaling left it training on, orphaned.
+    (Killed outright, dd-scaling cannot pass anything on: the run then has the parent-death
+    signal, as dd-train's ranks have it from their launcher.)"""
     def stop(signum, frame):
         raise SweepStopped(signal.Signals(signum).name)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -167,7 +170,8 @@ def run_with_timeout(cmd: list[str], log, env: dict, timeout: float) -> int | st
     """Run one dd-train job in its own process group; past the timeout, stop the whole group
     (the launcher and its ranks): SIGTERM first (ranks checkpoint), SIGKILL 30 s later. A stop
     signal to dd-scaling is passed on to the group, which is waited for (a second one kills it)."""
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=stop_when_parent_dies(os.getpid()))
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
