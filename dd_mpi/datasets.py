@@ -74,8 +74,8 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     if data.decode_size is not None:
         if cfg.cache_dir is not None:
             log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)
-        data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers),
-                       test=decode_in_memory(data.test, data.decode_size, comm, workers))
+        data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers, cfg.io_timeout),
+                       test=decode_in_memory(data.test, data.decode_size, comm, workers, cfg.io_timeout))
     elif cfg.cache_dir is not None:
         data = replace(data, **{split: cached_split(getattr(data, split), split_name=split, size=data.image_size,
                                                     cfg=cfg, comm=comm, workers=workers)

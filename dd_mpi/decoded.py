@@ -15,6 +15,10 @@ than a few workers decode JPEGs: BENCHMARKS.md §5).
 A cache is only ever whole: it is written under a temporary name and renamed, and its name
 hashes the exact samples it holds and a fingerprint of their files, so a changed dataset, image
 size or sample cap builds a new one instead of reusing a stale one.
+
+A build takes as long as it takes (hours for an ImageNet-sized folder), and the ranks that wait
+for it wait in collectives bounded by --io-timeout: so the ranks that decode send a heartbeat
+between batches (``build_while_others_wait``), and one that dies or hangs is still noticed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ import glob
 import hashlib
 import json
 import os
+import re
+import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +43,14 @@ from torchvision import transforms as T
 
 from .errors import UsageError
 from .formats import CheckedLoader, InMemorySplit, ShorterSideResize, stored_size, worker_ignores_stop_signals
+from .launch import STOP_SIGNALS
 from .progress import log
 
 CACHE_FORMAT = 1  # bump when the stored pixels change meaning
+DECODE_BATCH = 64  # images a DataLoader worker decodes per batch: a builder's heartbeat comes between batches
+HEARTBEATS_PER_IO_TIMEOUT = 4  # a builder is heard from this often within --io-timeout ...
+HEARTBEAT_SECONDS_MAX = 60.0  # ... and at least once a minute
+PROGRESS_LOG_SECONDS = 60.0  # a build's "N % decoded" line, at most this often
 
 
 def sample_list(split: Dataset) -> list[tuple[str, int]]:
@@ -72,7 +86,7 @@ def _decoded_batches(dataset: _Decoded, workers: int):
     exits; there multiprocessing stops them with SIGTERM, which they ignore
     (``worker_ignores_stop_signals``), and waits for them: the rank never ended."""
     offset = 0
-    batches = iter(DataLoader(dataset, batch_size=256, num_workers=workers,
+    batches = iter(DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
                               worker_init_fn=worker_ignores_stop_signals))
     try:
         for batch, targets in batches:
@@ -86,23 +100,108 @@ def _decoded_batches(dataset: _Decoded, workers: int):
             shutdown()
 
 
-def _decode_into(images: torch.Tensor, labels: torch.Tensor, dataset: _Decoded, workers: int) -> None:
-    for offset, batch, targets in _decoded_batches(dataset, workers):
-        images[offset:offset + len(batch)] = batch
-        labels[offset:offset + len(batch)] = targets
+def _decode_into(images: torch.Tensor, labels: torch.Tensor, dataset: _Decoded, workers: int,
+                 beat: Callable[[int], None]) -> None:
+    with closing(_decoded_batches(dataset, workers)) as batches:  # (its workers end here, on an error too)
+        for offset, batch, targets in batches:
+            images[offset:offset + len(batch)] = batch
+            labels[offset:offset + len(batch)] = targets
+            beat(offset + len(batch))
 
 
-def decode_in_memory(split: Dataset, size: int, comm, workers: int) -> InMemorySplit:
+# ---------------------------------------------------------------------------- waiting for a build
+
+WORKING, DONE, FAILED = "working", "done", "failed"  # what a rank says in each round
+
+
+class _Abandoned(Exception):
+    """Another builder failed: this build stops (its temporaries removed) and this rank raises
+    that failure with the others, instead of decoding on for an hour first."""
+
+
+class Heartbeat:
+    """A builder's ``beat(images decoded so far)``, called after every batch. At least every
+    --io-timeout / 4 (and every minute) it joins a round of ``build_while_others_wait``: the
+    waiting ranks hear that it lives. A builder that hangs (a stuck file system) beats no more,
+    and the others' wait ends within --io-timeout, as any wait does. Without ``io_timeout``
+    it beats after every batch (a round is a few small messages, a batch 64 decodes).
+    It also logs progress, at most once per PROGRESS_LOG_SECONDS."""
+
+    def __init__(self, comm, io_timeout: float | None, what: str, total: int):
+        self.comm, self.what, self.total = comm, what, total
+        self.every = 0.0 if io_timeout is None else min(io_timeout / HEARTBEATS_PER_IO_TIMEOUT, HEARTBEAT_SECONDS_MAX)
+        self.start = self.last_beat = self.last_log = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_LOG_SECONDS and done < self.total:
+            rate = done / max(now - self.start, 1e-9)
+            log(f"{self.what}: {100 * done // max(self.total, 1)} % decoded ({done:,} of {self.total:,} images, "
+                f"{rate:,.0f}/s)")
+            self.last_log = now
+        if self.comm.size > 1 and now - self.last_beat >= self.every:
+            _, failure = _round(self.comm, (WORKING, None))
+            self.last_beat = time.monotonic()
+            if failure is not None:
+                raise _Abandoned(failure)
+
+
+def _round(comm, state: tuple[str, str | None]) -> tuple[bool, str | None]:
+    """Every rank says its (state, failure); all learn (whether the builds are over, the first
+    failure). Every rank sees the same list, so every rank leaves at the same round."""
+    states = comm.slow.allgather_object(state)
+    failures = [message for kind, message in states if kind == FAILED]
+    return bool(failures) or all(kind != WORKING for kind, _ in states), (failures[0] if failures else None)
+
+
+def build_while_others_wait(comm, builds: bool, build: Callable[[Heartbeat], str | None],
+                            heartbeat: Heartbeat) -> str | None:
+    """Run ``build(heartbeat)`` (None, or a failure's one line) on the ranks where ``builds``
+    while every rank waits for all of them, however long they take; return the first failure,
+    the same on every rank.
+
+    The protocol: rounds of an allgather over ``comm.slow`` (each bounded by --io-timeout), in
+    which every rank says WORKING, DONE or FAILED. A builder joins a round at each heartbeat,
+    then at its end; the other ranks join round after round (each waits for the builders' next
+    beat). The rounds stop when no rank is WORKING, or at once when one FAILED (the builders
+    still working learn it at their next beat and stop). One builder (rank 0) or several (one
+    per host, for node-local folders) alike."""
+    state = (DONE, None)
+    if builds:
+        try:
+            failure = build(heartbeat)
+        except _Abandoned as abandoned:  # (that round was the last: every rank leaves with it)
+            return str(abandoned)
+        state = (FAILED, failure) if failure else (DONE, None)
+    while True:
+        finished, failure = _round(comm, state)
+        if finished:
+            return failure
+
+
+def decode_in_memory(split: Dataset, size: int, comm, workers: int, io_timeout: float | None = None) -> InMemorySplit:
     """A split of small image files decoded once, by rank 0 (its DataLoader workers), into
     uint8 tensors at ``size`` (the test transform without its normalisation), and broadcast
     to every rank. One rank reads the files, so a shared file system sees one pass, not one
-    per rank."""
+    per rank; the others wait for it however long it takes (``Heartbeat``: every batch, or
+    with ``io_timeout``, --io-timeout, every io_timeout / 4)."""
     samples = sample_list(split)
     images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(samples), dtype=torch.int64)
-    verdict = comm.verdict_of_root(lambda: _decode_into(images, labels, _Decoded(samples, size, size), workers))
-    if verdict is not None:  # an unreadable image: every rank raises rank 0's one line
-        raise UsageError(verdict)
+
+    def decode(beat: Heartbeat) -> str | None:
+        try:
+            _decode_into(images, labels, _Decoded(samples, size, size), workers, beat)
+        except UsageError as error:
+            return str(error)
+        except OSError as error:  # (as ``comm.verdict_of_root`` says it)
+            return f"{getattr(error, 'filename', None) or 'a file'}: {error.strerror or error}"
+        return None
+
+    heartbeat = Heartbeat(comm, io_timeout, "data", len(samples))
+    failure = build_while_others_wait(comm, comm.rank == 0, decode, heartbeat)
+    if failure is not None:  # an unreadable image: every rank raises rank 0's one line
+        raise UsageError(failure)
     for tensor in (images, labels):
         moved = tensor.to(comm.device)
         comm.slow.broadcast_(moved)
@@ -144,10 +243,12 @@ def cache_is_whole(stem: Path) -> bool:
     return all(path.exists() for path in _files(stem))
 
 
-def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: int) -> bool:
+def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: int,
+                beat: Callable[[int], None] = lambda done: None) -> bool:
     """Decode ``samples`` into the cache at ``stem`` unless it is there, whole. Returns True
-    if it was built. Written under temporary names and renamed, the index last: a build that
-    fails or is killed leaves no cache that a later run would take for whole."""
+    if it was built; ``beat(images so far)`` after each batch (``Heartbeat``). Written under
+    temporary names and renamed, the index last: a build that fails or is stopped leaves no
+    cache that a later run would take for whole, and no temporaries either unless killed outright."""
     images_path, labels_path, index_path = _files(stem)
     if cache_is_whole(stem):
         return False
@@ -156,28 +257,60 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
     writer = f"{socket.gethostname()}-{os.getpid()}"  # two jobs building at once (job arrays) write apart
     temporary = [path.with_name(f"{path.name}.tmp-{writer}") for path in (images_path, labels_path, index_path)]
     try:
-        # plain writes, not a memory map: a full disk is then an OSError, where a sparse
-        # memory-mapped file kills the process with SIGBUS on the first page it cannot place
-        shape = (len(samples), 3, stored, stored)
-        labels = np.empty(len(samples), dtype=np.int64)
-        with open(temporary[0], "wb") as file:
-            np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                        "fortran_order": False, "shape": shape})
-            for offset, batch, targets in _decoded_batches(_Decoded(samples, stored, stored), workers):
-                file.write(batch.contiguous().numpy().tobytes())
-                labels[offset:offset + len(batch)] = targets.numpy()
-            file.flush()
-            os.fsync(file.fileno())
-        with open(temporary[1], "wb") as file:
-            np.save(file, labels)
-        temporary[2].write_text(json.dumps({"format": CACHE_FORMAT, "samples": len(samples), "stored_px": stored,
-                                            "first": samples[0][0] if samples else None}))
-        for done, final in zip(temporary, (images_path, labels_path, index_path)):
-            os.replace(done, final)
+        with _removed_if_stopped(temporary):
+            # plain writes, not a memory map: a full disk is then an OSError, where a sparse
+            # memory-mapped file kills the process with SIGBUS on the first page it cannot place
+            shape = (len(samples), 3, stored, stored)
+            labels = np.empty(len(samples), dtype=np.int64)
+            with open(temporary[0], "wb") as file, \
+                    closing(_decoded_batches(_Decoded(samples, stored, stored), workers)) as batches:
+                np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                            "fortran_order": False, "shape": shape})
+                for offset, batch, targets in batches:
+                    file.write(batch.contiguous().numpy().tobytes())
+                    labels[offset:offset + len(batch)] = targets.numpy()
+                    beat(offset + len(batch))
+                file.flush()
+                os.fsync(file.fileno())
+            with open(temporary[1], "wb") as file:
+                np.save(file, labels)
+            temporary[2].write_text(json.dumps({"format": CACHE_FORMAT, "samples": len(samples), "stored_px": stored,
+                                                "first": samples[0][0] if samples else None}))
+            for done, final in zip(temporary, (images_path, labels_path, index_path)):
+                os.replace(done, final)
     finally:
         for path in temporary:
             path.unlink(missing_ok=True)
     return True
+
+
+@contextmanager
+def _removed_if_stopped(paths: list[Path]):
+    """While a build writes ``paths``, a stop signal that would end the process outright (at
+    start-up SIGTERM/SIGUSR1/SIGINT keep their default action: ``cli.StopSignal``) first deletes
+    them, then ends it as before, by that signal. ``remove_killed_builds`` deletes only a dead
+    writer's files on its own host; a job requeued onto another node left an image cache's
+    gigabytes in a shared folder for good. A handler already set (training's) is left alone."""
+    if threading.current_thread() is not threading.main_thread():  # (only it may set handlers)
+        yield
+        return
+
+    def remove_then_stop(signum, _frame):
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    replaced = {signum: signal.signal(signum, remove_then_stop)
+                for signum in STOP_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 def remove_killed_builds(stem: Path, host: str) -> list[Path]:
@@ -212,11 +345,46 @@ def _alive(pid: int) -> bool:
 
 
 def open_cache(stem: Path, size: int) -> InMemorySplit:
-    """The cache at ``stem`` memory-mapped (copy-on-write: nothing this rank does reaches the file)."""
-    images_path, labels_path, _ = _files(stem)
-    images = torch.from_numpy(np.load(images_path, mmap_mode="c"))
-    labels = torch.from_numpy(np.load(labels_path, mmap_mode="c"))
-    return InMemorySplit(images, labels, crop_to=size)
+    """The cache at ``stem`` memory-mapped (copy-on-write: nothing this rank does reaches the
+    file), once its files agree with its index: as many images as labels as samples, at the
+    size it was built for. A file cut short or swapped for another build's was read as it
+    came (half the test labels scored half a test set, silently); now it is a ValueError."""
+    images_path, labels_path, index_path = _files(stem)
+    index = json.loads(index_path.read_text())
+    images = np.load(images_path, mmap_mode="c")
+    labels = np.load(labels_path, mmap_mode="c")
+    rows, stored = index.get("samples"), stored_size(size)
+    if index.get("stored_px") != stored:
+        raise ValueError(f"{index_path.name} says {index.get('stored_px')} px, not {stored}")
+    if images.dtype != np.uint8 or images.shape != (rows, 3, stored, stored):
+        raise ValueError(f"{images_path.name} holds {images.dtype} {tuple(images.shape)}, not {rows} images "
+                         f"of 3x{stored}x{stored} uint8 as {index_path.name} says")
+    if labels.dtype != np.int64 or labels.shape != (rows,):
+        raise ValueError(f"{labels_path.name} holds {labels.dtype} {tuple(labels.shape)}, not {rows} labels "
+                         f"as {index_path.name} says")
+    return InMemorySplit(torch.from_numpy(images), torch.from_numpy(labels), crop_to=size)
+
+
+UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars expands, or leaves when unset
+
+
+def _folder_problem(flag_value: str, folder: str, rank: int) -> str | None:
+    """Why this rank cannot hold the cache in ``folder`` (--cache-dir expanded here), found
+    before anything is written: a variable unset on this rank (expandvars leaves "$NAME", and
+    the build made a folder of that name), or a file where a folder should be."""
+    named = dict.fromkeys(name.strip("{}") for name in UNSET_VARIABLE.findall(flag_value))
+    unset = [name for name in named if name not in os.environ]
+    if unset:
+        names = ", ".join(f"${name}" for name in unset)
+        return (f"--cache-dir {flag_value}: {names} {'is' if len(unset) == 1 else 'are'} not set on rank "
+                f"{rank} ({socket.gethostname()}): export {'it' if len(unset) == 1 else 'them'} or give another folder")
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "names a file" if existing == Path(folder) else f"runs through the file {existing}"
+        return f"--cache-dir {flag_value} {what}, not a folder: give a folder (it is made if missing)"
+    return None
 
 
 def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, workers: int) -> InMemorySplit:
@@ -225,10 +393,15 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
 
     Rank 0 builds first: in a folder every rank shares, that one build serves all. Ranks that
     still do not see it have node-local folders: then the first such rank of each host builds
-    its host's copy (every node decodes the files once). The other ranks wait, up to
-    --io-timeout. An unreadable image, an unwritable folder or a cache a rank cannot read
-    stops every rank with one line."""
+    its host's copy (every node decodes the files once). The other ranks wait as long as the
+    builds take, hearing from the builders at least every --io-timeout / 4
+    (``build_while_others_wait``). An unset variable, a file for a folder, an unreadable
+    image, an unwritable folder or a cache a rank cannot read stops every rank with one line."""
     folder = os.path.expandvars(os.path.expanduser(cfg.cache_dir))
+    problems = [problem for problem in comm.slow.allgather_object(_folder_problem(cfg.cache_dir, folder, comm.rank))
+                if problem]
+    if problems:  # (on each rank: a variable may be unset on one node only)
+        raise UsageError(problems[0])
     samples = sample_list(split)
     seen = None
     if comm.rank == 0:  # rank 0's files name the cache for all (one rank stats them, not every rank)
@@ -241,20 +414,24 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
         raise UsageError(error)
     stem = cache_stem(folder, cfg.dataset, split_name, samples, size, os.path.expanduser(cfg.data_dir), fingerprint)
     host, start, built = socket.gethostname(), time.perf_counter(), False
+
+    def build(beat: Heartbeat) -> str | None:
+        nonlocal built
+        try:
+            built = _build_logged(stem, samples, size, workers, split_name, host, beat) or built
+        except UsageError as raised:
+            return str(raised)
+        except OSError as raised:
+            return (f"--cache-dir {cfg.cache_dir}: cannot write the cache on {host} "
+                    f"({raised.strerror or raised}): give a writable folder with room for it")
+        return None
+
     builders = {0}  # then, for node-local folders, one rank per host that lacks it
     for _ in range(2):
-        error = None
-        if comm.rank in builders:
-            try:
-                built = _build_logged(stem, samples, size, workers, split_name, host) or built
-            except UsageError as raised:
-                error = str(raised)
-            except OSError as raised:
-                error = (f"--cache-dir {cfg.cache_dir}: cannot write the cache on {host} "
-                         f"({raised.strerror or raised}): give a writable folder with room for it")
-        failed = [message for message in comm.slow.allgather_object(error) if message]  # (the builds are done)
-        if failed:
-            raise UsageError(failed[0])
+        heartbeat = Heartbeat(comm, cfg.io_timeout, f"cache: {split_name} on {host}", len(samples))
+        failure = build_while_others_wait(comm, comm.rank in builders, build, heartbeat)
+        if failure is not None:
+            raise UsageError(failure)
         states = comm.slow.allgather_object((host, cache_is_whole(stem)))
         missing = [(rank, where) for rank, (where, whole) in enumerate(states) if not whole]
         if not missing:
@@ -267,6 +444,8 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     error = None
     try:
         opened = open_cache(stem, size)
+        if len(opened.labels) != len(samples):
+            raise ValueError(f"{stem.name}.json says {len(opened.labels)} samples, the split has {len(samples)}")
     except (OSError, ValueError, EOFError) as raised:  # (EOFError: numpy's word for an empty file)
         error = f"{type(raised).__name__}: {raised}"
     failed = [(rank, message) for rank, message in enumerate(comm.slow.allgather_object(error)) if message]
@@ -279,10 +458,10 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     return opened
 
 
-def _build_logged(stem: Path, samples, size: int, workers: int, split_name: str, host: str) -> bool:
+def _build_logged(stem: Path, samples, size: int, workers: int, split_name: str, host: str, beat: Heartbeat) -> bool:
     if not cache_is_whole(stem):
         for path in remove_killed_builds(stem, host):
             log(f"cache: removed {path}, left by a killed build on {host}")
         log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* on {host} with {workers} "
-            f"workers (once; the other ranks wait up to --io-timeout)")
-    return build_cache(stem, samples, size, workers)
+            f"workers (once; the other ranks wait for it)")
+    return build_cache(stem, samples, size, workers, beat)

@@ -4,15 +4,19 @@ and rebuilt when it should be, and that a failed build leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -215,12 +219,246 @@ def test_a_killed_builds_temporaries_on_this_host_are_removed_by_the_next_build(
         running.wait()
 
 
-def test_an_unwritable_cache_dir_is_one_line(tmp_path):
+def test_a_cache_dir_that_is_a_file_is_one_line_before_the_build(tmp_path, capsys):
+    """It said 'cannot write the cache (File exists)' after 'cache: decoding ... into FILE/...'."""
     data = food101(tmp_path)
     (tmp_path / "cache").write_text("a file, not a folder")
     with pytest.raises(UsageError) as caught:
         cache(tmp_path, data.train)
-    assert str(caught.value).startswith(f"--cache-dir {tmp_path / 'cache'}: cannot write")
+    assert str(caught.value) == (f"--cache-dir {tmp_path / 'cache'} names a file, not a folder: give a folder "
+                                 "(it is made if missing)")
+    assert "decoding" not in capsys.readouterr().out
+    cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache" / "sub"))
+    with pytest.raises(UsageError, match=f"runs through the file {tmp_path / 'cache'}, not a folder"):
+        cached_split(data.train, split_name="train", size=28, cfg=cfg, comm=Comm([0], 0, None, CPU), workers=0)
+
+
+def test_an_unset_variable_in_cache_dir_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """os.path.expandvars leaves an unset $NAME as it is: the cache went into a folder named
+    '$NOPE_UNSET', silently."""
+    data = food101(tmp_path)
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+    monkeypatch.setenv("DD_TEST_SET", "set")
+    capsys.readouterr()
+    for flag in (f"{tmp_path}/$NOPE_UNSET/dd-cache", f"{tmp_path}/${{NOPE_UNSET}}-$DD_TEST_SET"):
+        cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=flag)
+        with pytest.raises(UsageError) as caught:
+            cached_split(data.train, split_name="train", size=28, cfg=cfg, comm=Comm([0], 0, None, CPU), workers=0)
+        assert str(caught.value) == (f"--cache-dir {flag}: $NOPE_UNSET is not set on rank 0 ({socket.gethostname()}): "
+                                     "export it or give another folder")
+    assert sorted(os.listdir(tmp_path)) == ["data"] and capsys.readouterr().out == ""
+    cfg = RunConfig(dataset="food101", data_dir=str(tmp_path / "data"), cache_dir=f"{tmp_path}/${{DD_TEST_SET}}")
+    cached_split(data.train, split_name="train", size=28, cfg=cfg, comm=Comm([0], 0, None, CPU), workers=0)
+    assert len(list((tmp_path / "set").glob("*.images.npy"))) == 1
+
+
+def _cut_labels(images, labels, index):
+    return images, labels[:len(labels) // 2], index
+
+
+def _cut_images(images, labels, index):
+    return images[:-1], labels, index
+
+
+def _cut_all(images, labels, index):  # whole in itself, but not the split's samples
+    return images[:-1], labels[:-1], {**index, "samples": index["samples"] - 1}
+
+
+def _other_size(images, labels, index):
+    return images[:, :, :-4, :-4], labels, {**index, "stored_px": index["stored_px"] - 4}
+
+
+@pytest.mark.parametrize("damage, named", [(_cut_labels, "labels.npy"), (_cut_images, "images.npy"),
+                                           (_cut_all, ".json says 5 samples, the split has 6"),
+                                           (_other_size, ".json says 28 px, not 32")])
+def test_a_cache_whose_files_disagree_is_one_line(tmp_path, damage, named):
+    """A labels file cut to half its images was read as it came: half the test set scored, silently."""
+    data = food101(tmp_path)
+    cache(tmp_path, data.test)
+    (images_path,) = (tmp_path / "cache").glob("*.images.npy")
+    stem = str(images_path).removesuffix(".images.npy")
+    index = json.loads(Path(f"{stem}.json").read_text())
+    images, labels, index = damage(np.load(images_path), np.load(f"{stem}.labels.npy"), index)
+    np.save(images_path, np.ascontiguousarray(images))
+    np.save(f"{stem}.labels.npy", labels)
+    Path(f"{stem}.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError) as caught:
+        cache(tmp_path, data.test)
+    message = str(caught.value)
+    assert message.startswith(f"--cache-dir {tmp_path / 'cache'}: rank 0 cannot read the cache "), message
+    assert "\n" not in message
+    assert named in message and message.endswith("delete those files to have it rebuilt"), message
+
+
+STOPPED_BUILD = """\
+import sys, time
+from pathlib import Path
+import dd_mpi.decoded as decoded
+decoded.DECODE_BATCH = 1
+decode = decoded._Decoded.__getitem__
+def stuck(self, i):  # the build is under way, its temporaries written: the stop comes now
+    if i == 1:
+        Path(sys.argv[2]).write_text("decoding")
+        time.sleep(600)
+    return decode(self, i)
+decoded._Decoded.__getitem__ = stuck
+decoded.build_cache(Path(sys.argv[1]) / "c", SAMPLES, 28, 0)
+"""
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_build_stopped_by_a_signal_leaves_no_temporaries(tmp_path, signum):
+    """At start-up a stop signal ends the rank outright; its build's *.tmp-HOST-PID files stayed
+    (a requeue onto another node never removed them). It still ends by the signal."""
+    data = food101(tmp_path)
+    folder, marker = tmp_path / "cache", tmp_path / "decoding"
+    folder.mkdir()
+    script = STOPPED_BUILD.replace("SAMPLES", repr(sample_list(data.train)))
+    build = subprocess.Popen([sys.executable, "-c", script, str(folder), str(marker)],
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and build.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists() and any(".tmp-" in name for name in os.listdir(folder)), os.listdir(folder)
+        build.send_signal(signum)
+        assert build.wait(timeout=60) == -signum
+    finally:
+        build.kill()
+        build.wait()
+    assert os.listdir(folder) == []
+
+
+# ------------------------------------------------------- a build on several ranks: the others wait
+
+RANKS = """\
+import datetime, os, sys, time
+rank, world, root, run = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+node_local = bool(os.environ.get("DD_TEST_NODE_LOCAL"))
+if node_local and rank > 0:  # each rank past 0 plays a node of its own, with its own folder
+    import socket
+    socket.gethostname = lambda: f"node-{rank}"
+os.environ["DD_TEST_NODE"] = str(rank) if node_local else "shared"
+import torch
+import torch.distributed as dist
+import dd_mpi.decoded as decoded
+from dd_mpi.comm import Comm
+from dd_mpi.config import RunConfig
+from dd_mpi.datasets import load_dataset
+from dd_mpi.errors import UsageError, peer_lost
+
+decoded.DECODE_BATCH = 1  # a heartbeat may come after every image ...
+decoded.PROGRESS_LOG_SECONDS = 1.0
+decode = decoded._Decoded.__getitem__
+def slowly(self, i):  # ... each image takes DD_TEST_SLOW s: the build outlasts --io-timeout
+    if os.environ.get("DD_TEST_HANG") == f"{rank}:{i}":
+        open(os.path.join(root, "hanging"), "w").close()
+        time.sleep(600)
+    if os.environ.get("DD_TEST_FAIL") == f"{rank}:{i}":
+        raise UsageError(f"injected failure at image {i} on rank {rank}")
+    time.sleep(float(os.environ.get("DD_TEST_SLOW", "0")))
+    return decode(self, i)
+decoded._Decoded.__getitem__ = slowly
+
+data = load_dataset("food101", os.path.join(root, "data"), download=False, image_size=28, train_samples=None,
+                    test_samples=None, verify_once=lambda check: check())
+io_timeout = float(os.environ["DD_TEST_IO"])
+dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{run}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=300))
+dist.barrier()
+everyone, cpu = list(range(world)), torch.device("cpu")
+patient = Comm(everyone, rank, dist.new_group(everyone, timeout=datetime.timedelta(seconds=io_timeout)), cpu)
+comm = Comm(everyone, rank, dist.group.WORLD, cpu, None, patient)
+cfg = RunConfig(dataset="food101", data_dir=os.path.join(root, "data"),
+                cache_dir=os.path.join(root, "cache-$DD_TEST_NODE"), io_timeout=io_timeout)
+try:
+    if os.environ.get("DD_TEST_IN_MEMORY"):
+        memory = decoded.decode_in_memory(data.train, 32, comm, 0)
+        print(f"rank {rank} memory {int(memory.images.sum())} {memory.labels.tolist()}", flush=True)
+    for split in ("train", "test"):
+        cached = decoded.cached_split(getattr(data, split), split_name=split, size=28, cfg=cfg, comm=comm, workers=0)
+        print(f"rank {rank} {split} {int(cached.images.sum())} {cached.labels.tolist()}", flush=True)
+except UsageError as error:
+    print(f"rank {rank} UsageError: {error}", flush=True)
+    os._exit(2)
+except Exception as error:
+    if not peer_lost(error):
+        raise
+    print(f"rank {rank} lost contact; rank 0 hung by then: {os.path.exists(os.path.join(root, 'hanging'))}", flush=True)
+    os._exit(1)
+dist.barrier()  # (then no teardown: gloo's, as one rank leaves first, sometimes aborted the other)
+os._exit(0)
+"""
+
+
+def run_ranks(tmp_path, run: str, world: int, env: dict, hung: int | None = None) -> list[tuple[int, str]]:
+    """(exit code, output) of ``world`` ranks running RANKS; a ``hung`` rank is killed once the others ended."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONUNBUFFERED": "1", **env}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path), run], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    outputs = [None] * world
+    try:
+        for rank in [r for r in range(world) if r != hung] + ([hung] if hung is not None else []):
+            if rank == hung:
+                ranks[rank].kill()
+            outputs[rank] = ranks[rank].communicate(timeout=300)[0]
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    return [(process.returncode, output) for process, output in zip(ranks, outputs)]
+
+
+IO_TIMEOUT = 1.5  # s, the waits' bound; an image takes SLOW_IMAGE, the gap between heartbeats about that
+SLOW_IMAGE = "0.25"
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_a_build_longer_than_io_timeout_finishes_on_two_ranks_and_is_reused(tmp_path):
+    """Rank 0 decodes for 3 x --io-timeout (into memory, then into the cache) while rank 1 waits:
+    the wait was one collective bounded by --io-timeout, and the job ended 'lost contact' mid-build,
+    every time (an ImageNet-sized folder outlasts the default 30 min)."""
+    write_food101(tmp_path / "data", per_class=6, test_per_class=1)  # 18 train images: 4.5 s
+    env = {"DD_TEST_IO": str(IO_TIMEOUT), "DD_TEST_SLOW": SLOW_IMAGE, "DD_TEST_IN_MEMORY": "1"}
+    (code0, out0), (code1, out1) = run_ranks(tmp_path, "first", 2, env)
+    assert code0 == code1 == 0, out0 + out1
+    assert "cache: train 18 images at 32 px built" in out0 and "% decoded (" in out0, out0
+    assert [line.split(" ", 2)[2] for line in out0.splitlines() if line.startswith("rank 0 ")] == \
+           [line.split(" ", 2)[2] for line in out1.splitlines() if line.startswith("rank 1 ")], out0 + out1
+    (code0, out0), (code1, out1) = run_ranks(tmp_path, "second", 2, {"DD_TEST_IO": str(IO_TIMEOUT)})
+    assert code0 == code1 == 0, out0 + out1
+    assert out0.count("px reused") == 2 and "decoding" not in out0, out0
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_a_builder_that_hangs_is_still_noticed_within_io_timeout(tmp_path):
+    """The heartbeat comes from the decoding loop, not a thread: rank 0 stuck on an image after
+    3 s of progress (2 x --io-timeout) stops beating, and rank 1 ends within --io-timeout of that."""
+    write_food101(tmp_path / "data", per_class=6, test_per_class=1)
+    env = {"DD_TEST_IO": str(IO_TIMEOUT), "DD_TEST_SLOW": SLOW_IMAGE, "DD_TEST_HANG": "0:12"}
+    (_, out0), (code1, out1) = run_ranks(tmp_path, "hang", 2, env, hung=0)
+    assert code1 == 1 and "rank 1 lost contact; rank 0 hung by then: True" in out1, out0 + out1
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_node_local_builders_fail_together_with_one_line_and_leave_nothing(tmp_path):
+    """Node-local folders: rank 0 builds its node's copy (past --io-timeout), then ranks 1 and 2
+    (two other nodes) build theirs at once; rank 2's fails midway. Every rank raises its one line
+    (rank 1 stops at its next heartbeat, not at the end of its build) and no temporaries stay."""
+    write_food101(tmp_path / "data", per_class=4, test_per_class=1)  # 12 train images: 3 s
+    env = {"DD_TEST_IO": str(IO_TIMEOUT), "DD_TEST_SLOW": SLOW_IMAGE, "DD_TEST_NODE_LOCAL": "1", "DD_TEST_FAIL": "2:6"}
+    results = run_ranks(tmp_path, "fail", 3, env)
+    everything = "".join(output for _, output in results)
+    for rank, (code, output) in enumerate(results):
+        assert code == 2 and f"rank {rank} UsageError: injected failure at image 6 on rank 2" in output, everything
+    assert len(list((tmp_path / "cache-0").glob("food101-train-*.images.npy"))) == 1
+    assert os.listdir(tmp_path / "cache-1") == os.listdir(tmp_path / "cache-2") == [], everything
 
 
 @pytest.mark.parametrize("part", ["images.npy", "labels.npy"])
