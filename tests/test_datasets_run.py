@@ -155,35 +155,37 @@ def test_help_lists_the_presets():
 
 def rank_patch_env(tmp_path, rank: str, patch: str) -> dict:
     """A sitecustomize that changes what one rank reads (as another copy of the data on its
-    node would): ``patch`` runs in that rank only, with torchvision's datasets as ``d``."""
+    node would): ``patch`` runs in that rank only, with torchvision's datasets as ``d`` and
+    dd_mpi's ImageFolder (whose classes leave tools' folders out) as ``ImageFolder``."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(
         "import os\n"
         f"if os.environ.get('RANK') == {rank!r}:\n"
         "    import torchvision.datasets as d\n"
+        "    from dd_mpi.formats import _ImageFolder as ImageFolder\n"
         + "".join(f"    {line}\n" for line in patch.splitlines()))
     return {"PYTHONPATH": python_path(tmp_path / "site")}
 
 
 @pytest.mark.parametrize("patch, message", [
     # rank 3 lacks a class in both splits: its own checks pass, the comparison does not
-    ("find = d.ImageFolder.find_classes\n"
+    ("find = ImageFolder.find_classes\n"
      "def fewer(self, directory):\n"
      "    classes, _ = find(self, directory)\n"
      "    classes = classes[:-1]\n"
      "    return classes, {c: i for i, c in enumerate(classes)}\n"
-     "d.ImageFolder.find_classes = fewer",
+     "ImageFolder.find_classes = fewer",
      "rank 3 reads other data than rank 0 (class 'dog' on one and not the other"),
     # rank 3's own parse fails: its error, named, from rank 0 and with every rank stopping
     ("def broken(self, directory):\n"
      "    raise FileNotFoundError(f'no class folders in {directory}')\n"
-     "d.ImageFolder.find_classes = broken",
+     "ImageFolder.find_classes = broken",
      "rank 3: "),
     # ... with what torchvision raises for a dataset it cannot find (Food-101, CIFAR), or a
     # truncated pickle or a malformed JSON would: not an OSError
     ("def missing(self, directory):\n"
      "    raise RuntimeError('Dataset not found. You can use download=True to download it')\n"
-     "d.ImageFolder.find_classes = missing",
+     "ImageFolder.find_classes = missing",
      "rank 3: --data-dir ")])
 def test_a_rank_that_reads_other_data_stops_every_rank_with_one_line(tmp_path, patch, message):
     datagen.write_imagefolder(tmp_path / "data", classes=("cat", "dog"), per_class=4, val_per_class=2, size=24)
