@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_reporting import assert_png, fake_run
 
+import dd_mpi
 from dd_mpi import scaling
 from dd_mpi.checkpoint import checkpoint_path
 from dd_mpi.reporting import RunFiles
@@ -455,6 +457,19 @@ def test_a_sweep_rerun_with_other_flags_refuses_the_runs_it_would_keep(tmp_path,
     err = capsys.readouterr().err
     assert f"{other} holds a run of another workload (--train-samples 256 vs 512)" in err, err
     assert not (out / "P1-N4").exists()
+    # ... or of another torch, however deep in --out (the collect reads every report under it)
+    deeper = out / "old" / "P2-N2"
+    deeper.parent.mkdir()
+    other.rename(deeper)
+    report["config"]["train_samples"] = 256
+    report["software"] = {"dd_mpi": dd_mpi.__version__, "torch": "1.0.0"}
+    (deeper / "report.json").write_text(json.dumps(report))
+    assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1,4", "--out", str(out), "--",
+                         "--train-samples", "256"]) == 2
+    err = capsys.readouterr().err
+    assert f"{deeper} holds a run of another workload (torch '1.0.0' vs '{torch.__version__}' here)" in err, err
+    assert not (out / "P1-N4").exists()
+    other = deeper
     shutil.rmtree(other)
     (run_dir / "config.json").write_text("[]")  # valid JSON, no run's settings: was an AttributeError
     assert scaling.main(["--local", "--nprocs", "1", "--subnets", "1", "--out", str(out), "--",

@@ -20,8 +20,9 @@ from ..config import RunConfig, build_parser, parse_config, read_saved_config
 from ..plan import checked_layouts, default_groups
 from ..errors import UsageError
 from ..launch import stop_when_parent_dies
-from ..reporting import RunFiles
-from .collect import WORKLOAD, workload_differences
+from ..report import software_versions
+from ..reporting import run_stack
+from .collect import WORKLOAD, find_runs, refuse_mixed_workloads, workload_differences
 from .errors import ScalingError
 
 STUDY_SCRIPT_NAME = "scaling_study.sh"
@@ -94,15 +95,21 @@ def refuse_other_settings(pairs: list[tuple[int, int]], out: Path, dd_args: list
             raise ScalingError(f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run made with other "
                                f"settings ({'; '.join(differences)}): sweep into a new --out, or remove that run "
                                "to run it again")
-    for report in sorted(out.glob("*/report.json")) if wanted else []:
-        if report.parent in wanted:
-            continue
-        differences = workload_differences(next(iter(wanted.values())).to_dict(),
-                                           RunFiles(report.parent).report.get("config") or {})
-        if differences:
-            raise ScalingError(f"{report.parent} holds a run of another workload ({'; '.join(differences)}), "
-                               "which this sweep's collect would refuse after its runs: sweep into a new --out, "
-                               "or move that run")
+    kept = find_runs([out]) if wanted and any(out.rglob("report.json")) else []  # (what the collect reads)
+    if kept:
+        first = next(iter(wanted.values())).to_dict()
+        here = {k: v for k, v in software_versions().items() if k != "python"}  # what the new runs will say
+        named = {path.resolve() for path in wanted}  # (their flags were compared with config.json above)
+        for run in kept:
+            theirs = run_stack(run.report)
+            differences = ([] if run.path.resolve() in named else
+                           workload_differences(first, run.report.get("config") or {})) + [
+                f"{k} {theirs[k]!r} vs {v!r} here" for k, v in here.items() if k in theirs and theirs[k] != v]
+            if differences:
+                raise ScalingError(f"{run.path} holds a run of another workload ({'; '.join(differences)}), "
+                                   "which this sweep's collect would refuse after its runs: sweep into a new --out, "
+                                   "or move that run")
+        refuse_mixed_workloads(kept)  # and among themselves (their chips)
 
 
 def local_sweep(nprocs: list[int], subnets: list[int], out: Path, dd_args: list[str], *,
