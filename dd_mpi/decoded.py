@@ -288,7 +288,9 @@ def build_cache(stem: Path, samples: list[tuple[str, int]], size: int, workers: 
 def _removed_if_stopped(paths: list[Path]):
     """While a build writes ``paths``, a stop signal that would end the process outright (at
     start-up SIGTERM/SIGUSR1/SIGINT keep their default action: ``cli.StopSignal``) first deletes
-    them, then ends it as before, by that signal. ``remove_killed_builds`` deletes only a dead
+    them, then ends it by that signal, as before. (Python runs the handler between bytecodes:
+    a signal that comes during a heartbeat's collective or an fsync waits for its return; a
+    SIGKILL that comes first leaves the files, as before.) ``remove_killed_builds`` deletes only a dead
     writer's files on its own host; a job requeued onto another node left an image cache's
     gigabytes in a shared folder for good. A handler already set (training's) is left alone."""
     if threading.current_thread() is not threading.main_thread():  # (only it may set handlers)
@@ -351,6 +353,8 @@ def open_cache(stem: Path, size: int) -> InMemorySplit:
     came (half the test labels scored half a test set, silently); now it is a ValueError."""
     images_path, labels_path, index_path = _files(stem)
     index = json.loads(index_path.read_text())
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path.name} holds no cache index")
     images = np.load(images_path, mmap_mode="c")
     labels = np.load(labels_path, mmap_mode="c")
     rows, stored = index.get("samples"), stored_size(size)
@@ -379,8 +383,12 @@ def _folder_problem(flag_value: str, folder: str, rank: int) -> str | None:
         return (f"--cache-dir {flag_value}: {names} {'is' if len(unset) == 1 else 'are'} not set on rank "
                 f"{rank} ({socket.gethostname()}): export {'it' if len(unset) == 1 else 'them'} or give another folder")
     existing = Path(folder)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as error:  # (a folder on the way this user may not enter: exists() raises)
+        return (f"--cache-dir {flag_value}: cannot reach {error.filename or existing} ({error.strerror or error}) "
+                f"on rank {rank} ({socket.gethostname()}): give a folder this user can write")
     if existing.exists() and not existing.is_dir():
         what = "names a file" if existing == Path(folder) else f"runs through the file {existing}"
         return f"--cache-dir {flag_value} {what}, not a folder: give a folder (it is made if missing)"

@@ -362,10 +362,11 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
     flags cannot tell that a --data-dir's folders were renamed, added or filled since."""
     config_file, data_file = out / "config.json", out / DATA_FILE
     started_here = False  # (rank 0's) config.json is this run's own: removed if it cannot go on
+    recorded_here = False  # (rank 0's) data.json is this job's record (a run of an older dd_mpi has none)
     recovered_from = None  # (rank 0's) the checkpoint whose settings stood for a missing config.json
 
     def check() -> str | None:
-        nonlocal started_here, recovered_from
+        nonlocal started_here, recovered_from, recorded_here
         if out.exists() and not out.is_dir():
             return f"--out {out} is a file, not a folder: choose a folder (a new one, or a run's)"
         try:
@@ -425,7 +426,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
                         f"started with ({change}): continue it with that data, or start a new run (a new --out)")
         for stale in out.glob(f"{GroupAlarm.PREFIX}*"):  # failed runs' (this one's has no token yet)
             stale.unlink(missing_ok=True)
-        started_here = not config_file.exists()
+        started_here, recorded_here = not config_file.exists(), not data_file.exists()
         ckpt.atomic_write_bytes(config_file, json.dumps(written, indent=2).encode())
         if data is not None:
             ckpt.atomic_write_bytes(data_file, json.dumps(dict(zip(("classes", "train", "test"), data))).encode())
@@ -442,6 +443,7 @@ def prepare_output(cfg: RunConfig, world: BaseComm, out: Path, default_groups: i
     if blind:
         if started_here:  # no run was started here; a resumed run's config.json stays: it is
             config_file.unlink(missing_ok=True)  # what the next --resume is checked against
+        if recorded_here:  # (nor was any data trained on here)
             data_file.unlink(missing_ok=True)
         raise UsageError(f"--out {out} is not visible from ranks {blind} (a node-local directory?): "
                          "put --out on a file system that every rank shares")

@@ -268,7 +268,12 @@ def _other_size(images, labels, index):
     return images[:, :, :-4, :-4], labels, {**index, "stored_px": index["stored_px"] - 4}
 
 
-@pytest.mark.parametrize("damage, named", [(_cut_labels, "labels.npy"), (_cut_images, "images.npy"),
+def _index_of_nothing(images, labels, index):  # valid JSON, no index (a hand edit)
+    return images, labels, []
+
+
+@pytest.mark.parametrize("damage, named", [(_index_of_nothing, ".json holds no cache index"),
+                                           (_cut_labels, "labels.npy"), (_cut_images, "images.npy"),
                                            (_cut_all, ".json says 5 samples, the split has 6"),
                                            (_other_size, ".json says 28 px, not 32")])
 def test_a_cache_whose_files_disagree_is_one_line(tmp_path, damage, named):
@@ -477,3 +482,22 @@ def test_cache_dir_is_refused_for_data_held_in_memory():
     with pytest.raises(UsageError, match="--cache-dir is for image files"):
         parse_config(["--dataset", "cifar10", "--data-dir", "x", "--cache-dir", "c"])
     assert parse_config(["--dataset", "food101", "--data-dir", "x", "--cache-dir", "c"]).cache_dir == "c"
+
+
+def test_a_cache_dir_under_a_folder_this_user_cannot_enter_is_one_line(tmp_path, monkeypatch):
+    """Path.exists() raises PermissionError (EACCES) for a path under a folder without x
+    permission: that rank left with a traceback before the ranks compared their folders."""
+    from dd_mpi.decoded import _folder_problem
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def denied(self, *args, **kwargs):
+        if str(self).startswith(str(locked) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", denied)
+    flag = str(locked / "cache")
+    assert _folder_problem(flag, flag, 0) == (f"--cache-dir {flag}: cannot reach {locked / 'cache'} (Permission "
+                                              f"denied) on rank 0 ({socket.gethostname()}): give a folder this "
+                                              "user can write")

@@ -821,13 +821,19 @@ def test_a_run_that_cannot_go_on_removes_only_a_config_json_it_wrote(tmp_path, m
     monkeypatch.setattr(pipeline, "_sees", lambda path, patience=5.0: False)  # a rank on a node without --out
     one = Comm([0], 0, None, torch.device("cpu"))
     out = tmp_path / "run"
+    data = (["a", "b"], 8, 4)
     with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
-        pipeline.prepare_output(parse_config(["--out", str(out)]), one, out, None)
-    assert not (out / "config.json").exists()
-    (out / "config.json").write_text('{"seed": 0}')  # a run was started here
+        pipeline.prepare_output(parse_config(["--out", str(out)]), one, out, None, data=data)
+    assert not (out / "config.json").exists() and not (out / "data.json").exists()
+    (out / "config.json").write_text('{"seed": 0}')  # a run was started here (by an older dd_mpi: no data.json)
     with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
-        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out, None)
+        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out, None, data=data)
     assert (out / "config.json").exists()
+    assert not (out / "data.json").exists()  # this job trained on nothing: no record of its data
+    (out / "data.json").write_text('{"classes": ["a", "b"], "train": 8, "test": 4}')  # the run's own: kept
+    with pytest.raises(UsageError, match=r"not visible from ranks \[0\]"):
+        pipeline.prepare_output(parse_config(["--out", str(out), "--resume"]), one, out, None, data=data)
+    assert (out / "data.json").exists()
 
 
 def test_a_resume_without_config_json_is_checked_against_its_checkpoints(tmp_path, capsys):
