@@ -239,6 +239,20 @@ KILL_HINTS = {signal.SIGKILL: " (out of memory? the kernel's OOM killer sends it
                                                                           "memory-mapped file cut short)"}
 
 
+def _say_killed(children: list[subprocess.Popen], stop_signals: set[int], said: set) -> set:
+    """Name each rank that a signal killed (it could say nothing itself), except by a signal
+    the job was sent, and those in ``said`` (named already, or killed by the launcher).
+    Returns ``said`` with them."""
+    said = set(said)
+    for rank, child in enumerate(children):
+        code = child.poll()
+        if code is not None and code < 0 and -code not in stop_signals and child not in said:
+            print(f"dd-train: rank {rank} was killed by {_signal_name(-code)}{KILL_HINTS.get(-code, '')}: "
+                  "the other ranks stop", file=sys.stderr, flush=True)
+            said.add(child)
+    return said
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -258,14 +272,12 @@ def _wait_all(children: list[subprocess.Popen], grace_seconds: float, stop_signa
         codes = [EXIT_PREEMPTED if c is not None and -c in stop_signals else c for c in codes]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
-            for rank, c in enumerate(codes):
-                if c is not None and c < 0:  # no word of its own: the launcher says it for it
-                    print(f"dd-train: rank {rank} was killed by {_signal_name(-c)}"
-                          f"{KILL_HINTS.get(-c, '')}: the other ranks stop", file=sys.stderr, flush=True)
+            said = _say_killed(children, stop_signals, set())
             code = failed[0] if failed[0] > 0 else EXIT_FAILURE
             # ranks that stop in order (usage error, preemption) get time to write their
             # checkpoint; after a crash the others are only waiting on the dead rank
             killed = _stop(children, grace_seconds * (6 if code in (EXIT_USAGE, EXIT_PREEMPTED) else 1))
+            _say_killed(children, stop_signals, said | set(killed))  # (another, meanwhile: the OOM killer's next)
             finals = [EXIT_PREEMPTED if -child.returncode in stop_signals else child.returncode
                       for child in children if child not in killed]
             failures = [c for c in finals if c not in (0, EXIT_PREEMPTED)]

@@ -979,3 +979,15 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
     (out / "data.json").unlink()  # a run of an older dd_mpi: nothing to check, and now it is recorded
     pipeline.prepare_output(resume, one, out, None, data=started)
     assert json.loads((out / "data.json").read_text()) == {"classes": ["a", "b", "c"], "train": 120, "test": 30}
+
+
+def test_the_local_launcher_names_each_rank_a_signal_killed(capsys):
+    """A rank killed by a signal says nothing itself: the launcher names it, and one killed
+    while the others stop (the OOM killer's next), but not those it kills or a stop signal's."""
+    ranks = [FakeRank(-signal.SIGKILL), FakeRank(-signal.SIGSEGV, polls=2), FakeRank(None),
+             FakeRank(-signal.SIGTERM, polls=2)]
+    assert _wait_all(ranks, 0.5, {signal.SIGTERM}) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "dd-train: rank 0 was killed by SIGKILL (out of memory? the kernel's OOM killer sends it, as does kill -9): "
+        "the other ranks stop",
+        "dd-train: rank 1 was killed by SIGSEGV (a crash in native code): the other ranks stop"]
