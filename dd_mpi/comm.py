@@ -36,6 +36,17 @@ from .rendezvous import agreed_address, mpi_world_for
 MPI_ABORT_GRACE_SECONDS = 1.0  # for mpiexec to forward a dying rank's last lines before it kills the job
 
 
+def verdict_of(check: Callable[[], str | None]) -> str | None:
+    """``check``'s verdict (None or a message), with what it raised of bad input said as one:
+    a UsageError's message, or the file an OSError names (disk full, an unreadable file)."""
+    try:
+        return check()
+    except UsageError as error:
+        return str(error)
+    except OSError as error:  # the other ranks are waiting on this one's verdict
+        return f"{getattr(error, 'filename', None) or 'a file'}: {error.strerror or error}"
+
+
 @dataclass
 class BaseComm:
     """A set of ranks that train one model together (the world, or one group)."""
@@ -140,15 +151,7 @@ class BaseComm:
         For checks that read files (md5 sums, an output directory): one rank reads, every
         rank raises the same error, and no rank is left waiting in a collective.
         """
-        verdict = None
-        if self.rank == 0:
-            try:
-                verdict = check()
-            except UsageError as error:
-                verdict = str(error)
-            except OSError as error:  # disk full, unreadable file: the others are waiting on us
-                verdict = f"{getattr(error, 'filename', None) or 'a file'}: {error.strerror or error}"
-        return self.slow.broadcast_object(verdict)
+        return self.slow.broadcast_object(verdict_of(check) if self.rank == 0 else None)
 
     # --- models ---
     def broadcast_parameters_(self, model: nn.Module, root: int = 0) -> None:

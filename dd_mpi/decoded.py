@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
+from .comm import verdict_of
 from .errors import UsageError
 from .formats import CheckedLoader, InMemorySplit, ShorterSideResize, stored_size, worker_ignores_stop_signals
 from .launch import STOP_SIGNALS
@@ -190,13 +191,7 @@ def decode_in_memory(split: Dataset, size: int, comm, workers: int, io_timeout: 
     labels = torch.empty(len(samples), dtype=torch.int64)
 
     def decode(beat: Heartbeat) -> str | None:
-        try:
-            _decode_into(images, labels, _Decoded(samples, size, size), workers, beat)
-        except UsageError as error:
-            return str(error)
-        except OSError as error:  # (as ``comm.verdict_of_root`` says it)
-            return f"{getattr(error, 'filename', None) or 'a file'}: {error.strerror or error}"
-        return None
+        return verdict_of(lambda: _decode_into(images, labels, _Decoded(samples, size, size), workers, beat))
 
     heartbeat = Heartbeat(comm, io_timeout, "data", len(samples))
     failure = build_while_others_wait(comm, comm.rank == 0, decode, heartbeat)
