@@ -61,6 +61,10 @@ def test_flags_dd_scaling_sets_are_refused(tmp_path, capsys):
     for flag in ("--nproc", "--out", "--subnets"):
         assert scaling.main(["--local", "--nprocs", "1", "--out", str(tmp_path), "--", flag, "2"]) == 2
         assert flag in capsys.readouterr().err
+    for mode in (["--local", "--nprocs", "1"], ["--slurm", "--dry-run"]):  # each run printed it, exit 0
+        for flag in ("--help", "-h", "--version", "--print-config"):
+            assert scaling.main([*mode, "--out", str(tmp_path), "--", "--width", "1", flag]) == 2
+            assert f"{flag} after -- would make every run print and exit without training" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing ran
 
 

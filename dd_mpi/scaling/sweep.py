@@ -38,10 +38,14 @@ def valid_pairs(nprocs: list[int], subnets: list[int]) -> list[tuple[int, int]]:
 
 
 FORBIDDEN_PASSTHROUGH = ("--nproc", "--subnets", "--out", "--resume")
+PRINT_ONLY = ("-h", "--help", "--version", "--print-config")  # dd-train prints and trains nothing
 
 
 def check_passthrough(dd_args: list[str]) -> None:
     for arg in dd_args:
+        if arg.split("=", 1)[0] in PRINT_ONLY:
+            raise ScalingError(f"{arg.split('=', 1)[0]} after -- would make every run print and exit without "
+                               f"training: run `dd-train {arg}` on its own, and sweep without it")
         if arg.split("=", 1)[0] in FORBIDDEN_PASSTHROUGH:
             raise ScalingError(f"{arg.split('=', 1)[0]} is set by dd-scaling per run: use --nprocs/--nodes, "
                                "--subnets and --out of dd-scaling instead")
