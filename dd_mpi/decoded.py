@@ -466,5 +466,5 @@ def _build_logged(stem: Path, samples, size: int, workers: int, split_name: str,
         for path in remove_killed_builds(stem, host):
             log(f"cache: removed {path}, left by a killed build on {host}")
         log(f"cache: decoding {len(samples):,} {split_name} images into {stem}.* on {host} with {workers} "
-            f"workers (once; the other ranks wait for it)")
+            f"worker{'' if workers == 1 else 's'} (once; the other ranks wait for it)")
     return build_cache(stem, samples, size, workers, beat)
