@@ -27,12 +27,24 @@ if ! command -v dd-train >/dev/null && [[ -f $DD_ROOT/.venv/bin/activate ]]; the
     source "$DD_ROOT/.venv/bin/activate"
 fi
 # ----------------------------------------------------------------------------------------
+if ! command -v dd-train >/dev/null; then  # (else srun's "execve(): dd-train: No such file", once a task)
+    echo "dd_mpi: error: dd-train is not on PATH in the job (sbatch --export=NONE, or a site's default, drops" \
+         "the environment you activated): activate dd_mpi's environment in the SITE SETUP of" \
+         "$DD_ROOT/slurm/common.sh, or install it in $DD_ROOT/.venv" >&2
+    exit 2
+fi
 
 # torch.distributed rendezvous: rank 0 listens on the job's first node, on a port derived
 # from the job id so that jobs sharing a node do not collide.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))  # 15000-29999: below the kernel's ephemeral ports (32768+)
 export MASTER_ADDR MASTER_PORT
+# This job for scontrol: an array task's SLURM_JOB_ID is its own, but the last task's equals
+# the array's, and `scontrol requeue ARRAYID` requeues every task: ARRAYID_TASK is this one.
+DD_JOB=$SLURM_JOB_ID
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    DD_JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+fi
 
 dd_train() {
     local rc
@@ -43,7 +55,7 @@ dd_train() {
         # attaches to and fails in MPI_Init. An empty step 0 moves dd-train to step 1.
         srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 true || true
     fi
-    echo "dd_mpi: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on" \
+    echo "dd_mpi: job $DD_JOB restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on" \
          "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
     echo "dd_mpi: dd-train $*"
     # The job log (this shell's stderr), and where this run's part of it begins
@@ -78,16 +90,25 @@ dd_train() {
     if (( rc == 75 )) || { [[ -n $_dd_stop ]] && (( rc > 128 )); }; then
         # TERM comes from a time limit and a preemption, but also from a plain `scancel`:
         # only Slurm's reason tells them apart, and a cancelled job must stay cancelled.
-        local reason
-        reason=$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Reason=[^ ]*' | cut -d= -f2)
+        local job reason restarts
+        job=$(scontrol -o show job "$DD_JOB" 2>/dev/null | head -n1) || true
+        reason=$(grep -o 'Reason=[^ ]*' <<< "$job" | cut -d= -f2) || true
+        restarts=$(grep -o 'Restarts=[0-9]*' <<< "$job" | cut -d= -f2) || true
+        # `scontrol requeue` (an admin's, or a preemption's in requeue mode) sends the same
+        # TERM, Reason None as a scancel, but has counted the restart already
+        if (( ${restarts:-0} > ${SLURM_RESTART_COUNT:-0} )); then
+            echo "dd_mpi: stopped (exit $rc${_dd_stop:+ after SIG$_dd_stop}): Slurm requeued job $DD_JOB" \
+                 "itself; it resumes from the checkpoints in --out"
+            exit 75
+        fi
         if [[ $_dd_stop == TERM && $reason != TimeLimit && $reason != *Preempt* ]]; then
             echo "dd_mpi: stopped (exit $rc after SIGTERM, reason ${reason:-unknown}: cancelled):" \
                  "not requeueing; the checkpoints in --out resume with --resume"
             exit 75
         fi
         echo "dd_mpi: stopped (exit $rc${_dd_stop:+ after SIG$_dd_stop}${reason:+, reason $reason}):" \
-             "requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID" \
+             "requeueing job $DD_JOB"
+        scontrol requeue "$DD_JOB" \
             || echo "dd_mpi: requeue refused (--no-requeue?): resubmit with --resume" >&2
         exit 75
     fi

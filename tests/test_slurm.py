@@ -158,6 +158,21 @@ def test_a_script_under_a_path_with_spaces_finds_common_sh_when_submitted_from_e
     assert "common.sh" not in log and "arch: resnet20" in log, log[-3000:]
 
 
+def test_a_job_without_dd_train_on_its_path_says_so_once(tmp_path):
+    """`sbatch --export=NONE` (some sites' default) drops the activated environment: srun's
+    "execve(): dd-train: No such file or directory", once a task, and exit 2 with no fix."""
+    repo = tmp_path / "repo"  # a checkout without .venv, the scripts' fallback
+    shutil.copytree(SLURM, repo / "slurm")
+    job = Submission(["--export=NONE", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0",
+                      f"--output={tmp_path}/%x-%j.out", str(repo / "slurm" / "resnet32.sh"), *TINY], cwd=tmp_path)
+    rc = job.wait()
+    log = read_log(tmp_path / f"resnet32-{job.job_id}.out")
+    assert rc == 2, f"sbatch exit {rc}\n{log[-3000:]}"
+    assert log.strip() == ("dd_mpi: error: dd-train is not on PATH in the job (sbatch --export=NONE, or a site's "
+                           "default, drops the environment you activated): activate dd_mpi's environment in the "
+                           f"SITE SETUP of {repo}/slurm/common.sh, or install it in {repo}/.venv"), log
+
+
 def test_a_job_on_two_nodes(tmp_path):
     """The localhost cluster has two nodes (.ci/slurm_up.sh): a 2-node job of 2 ranks each, as
     the scripts ask for GPUs (--ntasks-per-node, --gpus-per-node neutralised): ranks numbered
@@ -337,6 +352,70 @@ def test_a_resubmitted_task_is_the_arrays_alone_and_the_final_job_no_array(tmp_p
         subprocess.run(["scancel", *(ids.get(k, "") for k in ("array", "final") if ids.get(k))], timeout=30)
 
 
+def test_a_final_job_sbatch_refuses_takes_the_array_back(tmp_path):
+    """The final job asks a node per sub-network: 4 on this 2-node cluster, which sbatch
+    refuses. The array stayed queued, to train 4 sub-networks nothing would compose."""
+    result = subprocess.run(["bash", str(SLURM / "dd_array_submit.sh"), "--hold", "--cpus-per-task=1",
+                             "--gpus-per-node=0", "--", *TINY_ANY_N, "--subnets", "4", "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    array = re.search(r"phase 1: job array (\d+)", result.stdout)
+    assert result.returncode == 1 and array, f"{result.stdout}\n{result.stderr}"
+    assert f"sbatch refused the final job (above; it asks --nodes=4, a node per sub-network, unless the options " \
+           f"give --nodes): cancelled the array {array[1]}" in result.stderr
+    assert job_info(array[1]).get("JobState") in (None, "CANCELLED"), job_info(array[1])
+
+
+@pytest.mark.timing
+def test_an_array_task_requeues_itself_alone(tmp_path):
+    """The last task of an array has the array's id as its SLURM_JOB_ID, and `scontrol requeue
+    ARRAYID` requeues every task: its preemption requeued its running sibling too. And an
+    admin's `scontrol requeue` (Slurm requeues the job itself) was logged as a cancel."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(SLURM / "dd_array_submit.sh"), "--nodes=1", "--ntasks=1", "--cpus-per-task=1",
+                             "--gpus-per-node=0", "--", *TINY, "--subnet-epochs", "1000", "--signal-check-steps", "2",
+                             "--out", str(out)],
+                            cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1]))
+    array = ids["array"]
+    tasks = [f"{array}_{k}" for k in range(2)]
+    logs = [tmp_path / f"dd_array-{task}.out" for task in tasks]
+    deadline = time.monotonic() + TIMEOUT
+
+    def wait_for(what: str, ready) -> None:
+        while not ready():
+            assert time.monotonic() < deadline, f"{what}: {[job_info(t) for t in tasks]}\n" + "\n".join(
+                log.read_text()[-2000:] for log in logs if log.exists())
+            time.sleep(0.5)
+
+    def restarted(task: str) -> bool:  # requeued once; then started at once (not after Slurm's ~2 min)
+        info = job_info(task)
+        return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
+
+    try:
+        wait_for("no checkpoint of both sub-nets", lambda: all(
+            (out / "checkpoints" / f"subnet{k}-last.pt").exists() for k in range(2)))
+        # the task that has the array's own id, and its sibling
+        (named,) = [t for t in tasks if job_info(t)["JobId"] == array]
+        (sibling,) = [t for t in tasks if t != named]
+        subprocess.run(["scontrol", "requeue", sibling], check=True, timeout=30)  # the admin's
+        wait_for(f"{sibling} not requeued", lambda: restarted(sibling))
+        time.sleep(5)
+        subprocess.run(["scontrol", "update", f"JobId={sibling}", "StartTime=now"], check=True, timeout=30)
+        sibling_log = logs[tasks.index(sibling)]
+        wait_for(f"{sibling} did not resume", lambda: "resuming after epoch" in sibling_log.read_text())
+        subprocess.run(["scancel", "--signal=USR1", "--batch", named], check=True, timeout=30)  # its preemption
+        wait_for(f"{named} not requeued", lambda: restarted(named))
+        after = job_info(sibling)
+        assert after["JobState"] == "RUNNING" and after["Restarts"] == "1", after  # not requeued again
+        sibling_text, named_text = sibling_log.read_text(), logs[tasks.index(named)].read_text()
+        assert f"Slurm requeued job {sibling} itself; it resumes from the checkpoints in --out" in sibling_text
+        assert "not requeueing" not in sibling_text and "restart 2:" not in sibling_text, sibling_text[-3000:]
+        assert re.search(rf"after SIGUSR1, reason \w+\): requeueing job {named}$", named_text, re.M), named_text[-3000:]
+    finally:
+        subprocess.run(["scancel", array, ids["final"]], timeout=30)
+
+
 def test_the_final_job_submitted_by_hand_without_the_arrays_out_says_so(tmp_path):
     """dd_array.sh as a plain job composes what the array trained in --out. Submitted by hand
     without the array's --out, it named a run directory of its own and trained every
@@ -414,3 +493,15 @@ def test_scaling_study_tiny_sweep(tmp_path):
     for n in (1, 2):
         check_report(study / f"nodes1-N{n}", world_size=2, subnets=n)
     assert f"scaling-report-{ids['report']}.out" in logs, explain
+
+    # Run again (a run had failed: its report gone): the finished run is kept, the other
+    # resumed. Each dd-train refused its --out, and the report job said COMPLETED on the old runs.
+    (study / "nodes1-N1" / "report.json").unlink()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2 * TIMEOUT)
+    explain = f"exit {again.returncode}\n{again.stdout}\n{again.stderr}"
+    assert again.returncode == 0, explain
+    assert f"run: {study}/nodes1-N2 finished earlier, kept" in again.stdout, explain
+    assert re.search(rf"run: job \d+, 1 node\(s\), N=1, {study}/nodes1-N1 \(resumed\)", again.stdout), explain
+    ids = dict(re.findall(r"(\w+)=(\S+)", again.stdout.strip().splitlines()[-1]))
+    assert len(ids["runs"].split(",")) == 1, explain
+    check_report(study / "nodes1-N1", world_size=2, subnets=1)
