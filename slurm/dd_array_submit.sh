@@ -34,7 +34,7 @@ if [[ ! -x $dd_train ]]; then
     echo "dd_array_submit.sh: dd-train not found: activate dd_mpi's environment (or install it in $here/../.venv)" >&2
     exit 2
 fi
-config=$("$dd_train" --preset cifar10-resnet32 ${dd_args[@]+"${dd_args[@]}"} --print-config) || exit 2  # dd_array.sh's flags
+config=$("$dd_train" --preset cifar10-resnet32 --strategy dd ${dd_args[@]+"${dd_args[@]}"} --print-config) || exit 2  # dd_array.sh's flags
 subnets=$(sed -n 's/^subnets: *\([0-9]*\)$/\1/p' <<< "$config")
 out=$(last_value --out "runs/dd_array-$(date +%Y%m%d-%H%M%S)" ${dd_args[@]+"${dd_args[@]}"})
 dd_args+=(--out "$out")  # on the command line: a site's --export=NONE would drop an environment variable
@@ -57,14 +57,21 @@ echo "phase 1: job array $array, tasks $tasks of $subnets sub-networks, run dire
 
 final_opts=(--parsable --nodes="$subnets" --output=%x-%j.out ${opts[@]+"${opts[@]}"}  # the user's --output wins
             --dependency="afterok:$array" --kill-on-invalid-dep=yes)
+refused() {  # the array would train its sub-networks with nothing to compose them: take it back
+    scancel "$array" || true
+    echo "dd_array_submit.sh: sbatch refused the final job (above; it asks --nodes=$subnets, a node per" \
+         "sub-network, unless the options give --nodes): cancelled the array $array" >&2
+    exit 1
+}
 if (( ! wait )); then
-    final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"})
+    final=$(sbatch "${final_opts[@]}" "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"}) || refused
     echo "array=$array final=${final%%;*} out=$out"
     exit 0
 fi
 rc=0
 final=$(sbatch --wait "${final_opts[@]}" "$here/dd_array.sh" ${dd_args[@]+"${dd_args[@]}"}) || rc=$?
 final=${final%%;*}
+[[ -n $final ]] || refused  # (--wait prints the id once submitted)
 # sbatch --wait exits 0 for a job cancelled before it started (here: a failed array task)
 state=$(scontrol show job "$final" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true
 echo "phase 2+3: job $final ${state:-finished}, exit $rc"
