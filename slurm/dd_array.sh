@@ -10,7 +10,8 @@
 # As a plain job: `dd-train ... --resume` composes the sub-networks found in the run
 # directory and fine-tunes (none there: it says so and exits 2). The run directory is --out,
 # else $DD_OUT, else runs/dd_array-ARRAYJOBID. Arguments after the script name go to
-# dd-train, later flags win.
+# dd-train, later flags win. No conventional baseline is trained (--strategy dd, over the
+# preset's both: it would double the final job); --strategy both adds it to the final job.
 #SBATCH --job-name=dd_array
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU: each sub-network on one node
@@ -35,12 +36,12 @@ source "$dir/common.sh"
 
 out=${DD_OUT:-runs/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}
 if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
-    dd_train --preset cifar10-resnet32 --out "$out" "$@" --only-group "$SLURM_ARRAY_TASK_ID"
+    dd_train --preset cifar10-resnet32 --strategy dd --out "$out" "$@" --only-group "$SLURM_ARRAY_TASK_ID"
 else
     # The run directory as dd-train reads it (a later --out wins; its YAML in --print-config may
     # quote or wrap it). Without the array's, this job would train every sub-network itself, in
     # one job, before composing.
-    dd-train --preset cifar10-resnet32 --out "$out" "$@" --print-config >/dev/null || exit 2  # it said why
+    dd-train --preset cifar10-resnet32 --strategy dd --out "$out" "$@" --print-config >/dev/null || exit 2  # it said why
     # shellcheck source-path=SCRIPTDIR source=flags.sh
     source "$dir/flags.sh"
     run_dir=$(last_value --out "$out" "$@")
@@ -50,5 +51,5 @@ else
              "the array's --out (slurm/dd_array_submit.sh passes it to both)" >&2
         exit 2
     fi
-    dd_train --preset cifar10-resnet32 --out "$out" "$@" --resume
+    dd_train --preset cifar10-resnet32 --strategy dd --out "$out" "$@" --resume
 fi
