@@ -42,24 +42,30 @@ ids=() dirs=()
 for nodes in $NODES; do
     for n in $SUBNETS; do
         dir=$STUDY/nodes$nodes-N$n
+        dirs+=("$dir")
+        # A study run again (to add points, or after a failure) keeps what finished and
+        # resumes what did not, as dd-scaling --local does: its dd-train refused the --out
+        if [[ -f $dir/report.json ]]; then echo "run: $dir finished earlier, kept"; continue; fi
+        resume=()
+        if [[ -f $dir/config.json ]]; then resume=(--resume); fi
         id=$(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$TASKS_PER_NODE" \
              --gpus-per-node="$GPUS_PER_NODE" --job-name="scaling-nodes$nodes-N$n" ${opts[@]+"${opts[@]}"} \
-             "$SCRIPT" ${dd_args[@]+"${dd_args[@]}"} --subnets "$n" --out "$dir") || {
+             "$SCRIPT" ${dd_args[@]+"${dd_args[@]}"} --subnets "$n" --out "$dir" ${resume[@]+"${resume[@]}"}) || {
             # a half-submitted sweep would run without its report job: take it back
             (( ${#ids[@]} )) && scancel ${ids[@]+"${ids[@]}"}
             echo "sbatch refused the run nodes=$nodes N=$n: cancelled the ${#ids[@]} submitted before it" >&2
             exit 1
         }
-        ids+=("${id%%;*}") dirs+=("$dir")
-        echo "run: job ${id%%;*}, $nodes node(s), N=$n, $dir"
+        ids+=("${id%%;*}")
+        echo "run: job ${id%%;*}, $nodes node(s), N=$n, $dir${resume[*]:+ (resumed)}"
     done
 done
-(( ${#ids[@]} )) || { echo "no (nodes, N) pair fits" >&2; exit 2; }
+(( ${#dirs[@]} )) || { echo "no (nodes, N) pair: NODES and SUBNETS are empty" >&2; exit 2; }
 
 # The report job runs after all runs, failed ones included (afterany): it summarises what
 # finished and fails if a run left no report.json.
-report_opts=(--parsable ${opts[@]+"${opts[@]}"} --job-name=scaling-report --nodes=1 --ntasks=1
-             --output=%x-%j.out --dependency="afterany:$(IFS=:; echo "${ids[*]}")")
+report_opts=(--parsable ${opts[@]+"${opts[@]}"} --job-name=scaling-report --nodes=1 --ntasks=1 --output=%x-%j.out)
+if (( ${#ids[@]} )); then report_opts+=(--dependency="afterany:$(IFS=:; echo "${ids[*]}")"); fi
 script=$(cat <<EOS
 #!/bin/bash
 set -eu
