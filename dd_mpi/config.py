@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .argtypes import add_version
 from .catalog import DATASETS, parse_depth
@@ -209,11 +209,21 @@ class RunConfig:
                              "or drop the flag")
         return self
 
+    overridden: ClassVar[dict] = {}  # parse_config's: a --config key -> (its value, the flag's that won)
+
     def unused_flags(self) -> list[str]:
-        """Flags given that this run does not read: said once, not refused (a config file or a
-        script may set them for other runs), so that a forgotten --dataset does not train the
-        built-in synthetic set on the quiet."""
+        """Flags (and --config keys) given that this run does not read: said once, not refused
+        (a config file or a script may set them for other runs), so that a forgotten --dataset
+        does not train the built-in synthetic set on the quiet."""
         notes = []
+        for key, (in_file, given) in self.overridden.items():
+            flag = f"--{key.replace('_', '-')}"
+            notes.append(f"{key}: {in_file} in --config {self.config} is not used: {flag} {given} on the command "
+                         "line wins" + (" (the slurm/ job scripts give --out: give yours after the script's name)"
+                                        if key == "out" else ""))
+        if "baseline" in self.strategies and self.baseline_epochs == 0:
+            notes.append(f"--baseline-epochs 0 with --strategy {self.strategy}: the conventional net is not trained, "
+                         "and its row (random_T) is an untrained net: use --strategy dd to leave it out")
         if self.data_dir and self.dataset == "synthetic":
             on_disk = ", ".join(name for name in DATASETS if name != "synthetic")
             notes.append(f"--data-dir {self.data_dir} is not read: --dataset synthetic (the default) is built in; "
@@ -506,12 +516,16 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         if "batch_size" in layer and "global_batch_size" not in layer:
             values["global_batch_size"] = None  # a per-rank batch given over a preset's global one
     try:
-        return RunConfig(**values).validate()
+        cfg = RunConfig(**values).validate()
     except UsageError as error:  # a bad value the file gave: the flag's message, and where it came from
         key = str(error).split(" ", 1)[0].removeprefix("--").replace("-", "_")
         if key in from_file and key not in args:
             raise UsageError(f"{error} (given as {key} in --config {args['config']})") from None
         raise
+    # (a job script's own --out beat the file's out: without a word, the run went elsewhere)
+    cfg.overridden = {key: (from_file[key], args[key]) for key in from_file
+                      if key in args and key != "config" and from_file[key] != args[key]}
+    return cfg
 
 
 def config_yaml(cfg: RunConfig) -> str:

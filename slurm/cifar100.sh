@@ -4,7 +4,7 @@
 #
 #   DEPTH=56 sbatch slurm/cifar100.sh                # the paper's run (presets: dd-train --help)
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/cifar100.sh --device cpu --dataset synthetic \
-#       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0
+#       --subnet-epochs 1 --finetune-epochs 1 --strategy dd
 #
 # Arguments after the script name are passed to dd-train after the preset: later flags win.
 # Writes runs/cifar100-JOBID/ (report.json, metrics.jsonl, checkpoints/) unless --out is

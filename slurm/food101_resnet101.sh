@@ -7,7 +7,7 @@
 #   sbatch slurm/food101_resnet101.sh --data-dir /data --subnets 8
 #   sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=1 slurm/food101_resnet101.sh \
 #       --device cpu --dataset synthetic --image-size 64 --subnet-epochs 1 --finetune-epochs 1 \
-#       --baseline-epochs 0
+#       --strategy dd
 #
 # Arguments after the script name are passed to dd-train after the preset: later flags win.
 # Writes runs/food101_resnet101-JOBID/ (report.json, metrics.jsonl, checkpoints/) unless --out is

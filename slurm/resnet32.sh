@@ -5,7 +5,7 @@
 #   sbatch slurm/resnet32.sh                        # the paper's run (presets: dd-train --help)
 #   sbatch slurm/resnet32.sh --strategy dd --seed 1
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/resnet32.sh --device cpu --dataset synthetic \
-#       --subnet-epochs 1 --finetune-epochs 1 --baseline-epochs 0
+#       --subnet-epochs 1 --finetune-epochs 1 --strategy dd
 #
 # Arguments after the script name are passed to dd-train after the preset: later flags win.
 # Writes runs/resnet32-JOBID/ (report.json, metrics.jsonl, checkpoints/) unless --out is

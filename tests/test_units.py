@@ -506,6 +506,17 @@ def test_flags_the_run_does_not_read_are_noted_once(tmp_path):
     assert parse_config(["--strategy", "baseline", "--subnets", "4", "--levels", "4,2,1"]).unused_flags() == [
         "--levels 4,2,1 is not used: --strategy baseline has no phase 1"]
     assert parse_config(["--subnets", "4", "--levels", "4,2,1", "--level-epochs", "3"]).unused_flags() == []
+    # a --config key a flag overrode (a job script's --out beat the file's, without a word)
+    config = tmp_path / "run.yaml"
+    config.write_text("out: mine\nlr: 0.2\nsubnets: 2\n")
+    assert parse_config(["--config", str(config), "--out", "runs/job-1", "--lr", "0.2"]).unused_flags() == [
+        f"out: mine in --config {config} is not used: --out runs/job-1 on the command line wins (the slurm/ job "
+        "scripts give --out: give yours after the script's name)"]
+    assert parse_config(["--config", str(config)]).unused_flags() == []
+    # the conventional run of 0 epochs: an untrained net reported as the baseline
+    assert parse_config(["--strategy", "both", "--baseline-epochs", "0"]).unused_flags() == [
+        "--baseline-epochs 0 with --strategy both: the conventional net is not trained, and its row (random_T) is "
+        "an untrained net: use --strategy dd to leave it out"]
 
 
 def test_a_config_file_s_out_in_the_home_folder(tmp_path, monkeypatch):
