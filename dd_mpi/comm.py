@@ -358,14 +358,35 @@ class World(BaseWorld):
             dist.destroy_process_group()
 
 
-def _store(launch: LaunchInfo, addr: str, port: int, timeout: datetime.timedelta) -> dist.Store:
+def _store(launch: LaunchInfo, addr: str, port: int, timeout: datetime.timedelta, mpi_world=None) -> dist.Store:
     """The rendezvous store. torchrun's agent hosts it (any rendezvous backend) and keeps it
     across ``--max-restarts``: a restarted worker group then reads the previous attempt's
     gloo addresses for the same group names and connects to dead ports, so every attempt
-    gets keys of its own (TORCHELASTIC_RESTART_COUNT)."""
+    gets keys of its own (TORCHELASTIC_RESTART_COUNT).
+
+    Under MPI rank 0 opens the store first and tells the others over MPI whether it could: a
+    MASTER_PORT in use (exported for one job, two jobs on a node) was a traceback on rank 0,
+    and its other ranks joined the other job's store and hung there past every timeout."""
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and launch.launcher == "torchrun"
-    store = dist.TCPStore(addr, port, launch.world_size, is_master=launch.rank == 0 and not agent_hosts,
-                          timeout=timeout, multi_tenant=not agent_hosts)
+    master = launch.rank == 0 and not agent_hosts
+    store = failure = None
+    if master or mpi_world is None:
+        try:
+            store = dist.TCPStore(addr, port, launch.world_size, is_master=master, timeout=timeout,
+                                  multi_tenant=not agent_hosts, wait_for_workers=mpi_world is None)
+        except (RuntimeError, OSError) as error:
+            if mpi_world is None:
+                raise
+            failure = (f"rank 0 cannot open the rendezvous at {addr}:{port} ({str(error).splitlines()[0][:160]}): "
+                       "another job on this node may hold MASTER_PORT; unset MASTER_ADDR and MASTER_PORT "
+                       "(under mpiexec dd_mpi picks a free port) or export another")
+    if mpi_world is not None:
+        failure = mpi_world.bcast(failure, root=0)
+        if failure:
+            raise UsageError(failure)
+        if not master:
+            store = dist.TCPStore(addr, port, launch.world_size, is_master=False, timeout=timeout,
+                                  multi_tenant=not agent_hosts)
     return dist.PrefixStore(f"dd_mpi/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -383,7 +404,7 @@ def init_world(launch: LaunchInfo, device: torch.device, *, timeout: float, io_t
             raise UsageError(f"{launch.launcher} started {launch.world_size} ranks but MASTER_ADDR/"
                              "MASTER_PORT are not set: export them (see launch/) or use mpiexec")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=_store(launch, addr, port, slow), rank=launch.rank,
+        dist.init_process_group(backend, store=_store(launch, addr, port, slow, mpi_world), rank=launch.rank,
                                 world_size=launch.world_size, timeout=slow,
                                 device_id=device if device.type == "cuda" else None)
     everyone = list(range(launch.world_size))

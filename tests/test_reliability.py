@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -613,6 +614,44 @@ def test_bad_flags_fail_fast_with_one_line(tmp_path, launcher, nproc, flags, nee
     assert needle in lines[0], explain(result)
     assert result.seconds < 60
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_rendezvous_port_in_use_under_mpiexec_is_one_line(tmp_path):
+    """MASTER_ADDR/MASTER_PORT exported in the shell (for an earlier job; two jobs on a node),
+    the port held by another process: rank 0's DistNetworkError traceback, while the other
+    ranks joined whoever listened there and hung past --timeout and --io-timeout."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_dd([*RUN, "--io-timeout", "60", "--out", str(tmp_path / "run")], launcher="mpiexec", nproc=2,
+                        timeout=120, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert result.returncode == 2, explain(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and f"rank 0 cannot open the rendezvous at 127.0.0.1:{port} (" in lines[0], explain(result)
+    assert "Traceback" not in result.stderr, explain(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
+def test_rank_variables_left_in_the_shell_are_not_taken_for_a_launcher(tmp_path, launcher):
+    """RANK/WORLD_SIZE left in a shell (no torchrun set them): under mpiexec both ranks were
+    rank 0 and waited for a rank 1 up to --io-timeout; `--nproc 2` took itself for one of
+    torchrun's ranks, said --nproc was ignored, and hung."""
+    stale = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "1"}
+    result = run_dd([*RUN, "--strategy", "dd", "--io-timeout", "60", "--out", str(tmp_path / "run")],
+                    launcher=launcher, nproc=2, timeout=300, env=stale)
+    if launcher == "mpiexec":  # its own variables win; torchrun's restart counter is no restart
+        assert result.returncode == 0, explain(result)
+        assert read_report(tmp_path / "run")["launcher"] == "mpi"
+    else:
+        assert result.returncode == 2 and result.seconds < 60, explain(result)
+        assert error_lines(result.stderr) == [
+            "dd-train: error: --nproc 2 starts ranks of its own, but RANK=0 WORLD_SIZE=2 in the environment say this "
+            "process is one rank of a launcher's job (left in this shell?): `unset RANK WORLD_SIZE LOCAL_RANK` to "
+            "start the ranks here, or leave --nproc out under a launcher"], explain(result)
 
 
 @pytest.mark.slow
