@@ -25,12 +25,14 @@ from .config import config_yaml, parse_config
 from .errors import (EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PeerFailed, PhaseFailed, Preempted, UsageError,
                      peer_lost)
 from .launch import (STOP_SIGNALS, check_local_ranks, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch,
-                     run_local)
+                     run_local, started_by_torchrun)
 from .progress import say
 
 
 # A launcher that restarts failed workers says so: the restarted run continues the same one.
-RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+# (torchrun's counter only where torchrun started this process: one left in a shell refused a fresh run)
+RESTART_COUNTERS = {"SLURM_RESTART_COUNT": lambda launch: True,
+                    "TORCHELASTIC_RESTART_COUNT": lambda launch: launch.launcher == "torchrun"}
 
 
 class StopSignal:
@@ -101,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             if launch.rank == 0:
                 print(config_yaml(cfg), end="", flush=True)
             return 0
-        restarted = [f"{v}={os.environ[v]}" for v in RESTART_COUNTERS if os.environ.get(v, "0") not in ("", "0")]
+        restarted = [f"{v}={os.environ[v]}" for v, counts in RESTART_COUNTERS.items()
+                     if os.environ.get(v, "0") not in ("", "0") and counts(launch)]
         if restarted:
             cfg.resume = True  # a requeued or restarted job continues from its checkpoints
         _check_a_restart_finds_its_run(cfg, restarted)
         if cfg.only_group_mode:  # so does an array task: a failed one is resubmitted as it was, without
             cfg.resume = True  # --resume, and would retrain its sub-net from scratch over its checkpoints
+        if cfg.nproc and cfg.nproc > 1 and launch.launcher == "torchrun" and not started_by_torchrun():
+            stale = " ".join(f"{v}={os.environ[v]}" for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if v in os.environ)
+            raise UsageError(f"--nproc {cfg.nproc} starts ranks of its own, but {stale} in the environment say "
+                             "this process is one rank of a launcher's job (left in this shell?): `unset RANK "
+                             "WORLD_SIZE LOCAL_RANK` to start the ranks here, or leave --nproc out under a launcher")
         if cfg.nproc and cfg.nproc > 1 and launch.launcher == "single":
             check_local_ranks(cfg.nproc)
             return run_local(cfg.nproc, _without_nproc(argv))

@@ -75,12 +75,20 @@ LAUNCHERS = (
 )
 
 
+def started_by_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    """torchrun's agent (or our --nproc) set RANK and WORLD_SIZE, not a shell that kept them."""
+    return "TORCHELASTIC_RUN_ID" in env or env.get(LOCAL_LAUNCHER_ENV) == "local"
+
+
 def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
-    """The launcher and this process's place in the world, from environment variables only."""
+    """The launcher and this process's place in the world, from environment variables only.
+    RANK/WORLD_SIZE that no torchrun set, beside an MPI launcher's per-process variables, were
+    left in the shell (another job's, an export): every rank took the same stale rank."""
     master_addr = env.get("MASTER_ADDR") or None
     master_port = _int(env, "MASTER_PORT")
+    others = [launcher for launcher in LAUNCHERS[1:] if launcher.present(env)]
     for launcher in LAUNCHERS:
-        if not launcher.present(env):
+        if not launcher.present(env) or (launcher is LAUNCHERS[0] and others and not started_by_torchrun(env)):
             continue
         name = launcher.name
         local_size = _int(env, *launcher.local_size, default=1)

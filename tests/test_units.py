@@ -75,6 +75,16 @@ TORCHRUN = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE
                  ("horovod", 1, 4, 1, 4), id="horovodrun"),
     pytest.param({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1",
                   "OMPI_COMM_WORLD_SIZE": "4"}, ("horovod", 1, 4, 0, 1), id="horovodrun-over-mpirun"),
+    # RANK/WORLD_SIZE left in the shell: every rank took rank 0 (or 2) and waited for the others
+    pytest.param({**TORCHRUN, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}, ("mpi", 3, 4, 0, 1),
+                 id="stale-rank-under-mpirun"),
+    pytest.param({**TORCHRUN, "HOROVOD_RANK": "1", "HOROVOD_SIZE": "4"}, ("horovod", 1, 4, 0, 1),
+                 id="stale-rank-under-horovodrun"),
+    pytest.param({**TORCHRUN, "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}, ("slurm", 5, 8, 0, 1),
+                 id="stale-rank-under-srun"),
+    pytest.param({**TORCHRUN, "TORCHELASTIC_RUN_ID": "none", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                  "SLURM_STEP_ID": "0", "PMI_RANK": "1", "PMI_SIZE": "2"}, ("torchrun", 2, 4, 2, 4),
+                 id="torchrun-in-an-srun-step"),
 ])
 def test_detect_launch(env, expected):
     info = detect_launch(env)
