@@ -39,6 +39,7 @@ from dd_mpi.argtypes import OneLineParser, positive  # noqa: E402
 from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.models import ModelSpec  # noqa: E402
 from dd_mpi.presets import PRESETS  # noqa: E402
+from harness import print_header  # noqa: E402
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -131,7 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     count = args.images if args.images is not None else 100 if args.quick else 400
     torch.set_num_threads(1)
-    print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, one process = one worker, 1 thread")
+    print_header("decoding a large-image set: one worker, and the --cache-dir cache")
+    print("# one process = one worker, 1 thread")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "files").mkdir()
         paths = (write_photo_jpegs if args.photos else write_jpegs)(Path(tmp) / "files", count)

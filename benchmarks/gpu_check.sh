@@ -19,18 +19,24 @@
 # are listed as skipped. GPU_CHECK_DIR sets the run directory. Put the summary's figures into
 # BENCHMARKS.md with the date and the GPU model.
 set -uo pipefail
+case ${1:-} in  # (--help was taken for the summary's path, and made folders of dirname's usage)
+    -h | --help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option $1: usage: bash benchmarks/gpu_check.sh [SUMMARY.md]" >&2; exit 2 ;;
+esac
+summary=${1:+$(realpath -m -- "$1")}  # where it was named, before the cd
+[[ -n ${GPU_CHECK_DIR:-} ]] && GPU_CHECK_DIR=$(realpath -m -- "$GPU_CHECK_DIR")
 cd "$(dirname "$0")/.." || exit 1
 python=${PYTHON:-.venv/bin/python}
 [[ -x $python ]] || python=python3
-dir=${GPU_CHECK_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
-budget=${GPU_CHECK_BUDGET:-0}  # seconds; 0: no limit
-summary=${1:-$dir/summary.md}
-mkdir -p "$dir" "$(dirname "$summary")"
 gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-if (( gpus < 1 )); then
+if (( gpus < 1 )); then  # (before anything is written)
     echo "gpu_check: no GPU visible" >&2
     exit 2
 fi
+dir=${GPU_CHECK_DIR:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
+budget=${GPU_CHECK_BUDGET:-0}  # seconds; 0: no limit
+summary=${summary:-$dir/summary.md}
+mkdir -p "$dir" "$(dirname "$summary")"
 tiny=(--dataset synthetic --arch resnet32 --width 1 --shortcut B --subnets 4 --subnet-data shard
       --train-samples 4096 --test-samples 1024 --subnet-epochs 2 --finetune-epochs 1 --baseline-epochs 2
       --batch-size 128 --strategy both --device cuda)

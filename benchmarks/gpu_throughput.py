@@ -32,6 +32,7 @@ from dd_mpi.decompose import subnet_spec  # noqa: E402
 from dd_mpi.errors import UsageError  # noqa: E402
 from dd_mpi.models import ModelSpec, build_model  # noqa: E402
 from dd_mpi.train import member_losses  # noqa: E402
+from harness import print_header  # noqa: E402
 
 CIFAR_TRAIN = 50_000
 
@@ -99,7 +100,8 @@ def main() -> None:
     memory_format = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
     steps = 30 if args.quick else 100
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"# {' '.join(sys.argv)}\n# {name}, {args.memory_format}, batch {args.batch_size}, torch {torch.__version__}")
+    print_header("training throughput: a sub-net, N sub-nets fused, the global net")
+    print(f"# {name}, {args.memory_format}, batch {args.batch_size}")
     results = {}
     if device.type == "cuda":
         precisions = ("fp32", "bf16")

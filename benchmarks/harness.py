@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dd_mpi.config import RunConfig, parse_config
-from dd_mpi.errors import EXIT_USAGE, UsageError
+from dd_mpi.errors import EXIT_PREEMPTED, EXIT_USAGE, UsageError
 from dd_mpi.plan import checked_layouts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +88,10 @@ def run_dd_train(args: list[str], nproc: int, out: Path, *, timeout: float = 720
     if result.returncode == EXIT_USAGE and errors:  # bad input found at its start: its one line
         print(f"{errors[-1]} (log: {out / 'log.txt'})", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    if result.returncode == EXIT_PREEMPTED:  # (Ctrl-C, a job's end: it checkpointed, it did not fail)
+        print(f"dd-train was stopped by a signal (exit {EXIT_PREEMPTED}; log: {out / 'log.txt'}): the benchmark "
+              "stops, and starts afresh when run again", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     if result.returncode != 0:
         sys.exit(f"dd-train failed (exit {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
     print(f"    done in {time.perf_counter() - start:.0f} s wall (incl. start-up), outputs in {out}", flush=True)
@@ -130,7 +134,8 @@ def last_flags_win(args: list[str]) -> list[str]:
 
 
 def default_out(name: str) -> Path:
-    return REPO / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """Under the working directory, as dd-train's own default (it went into the repository's)."""
+    return Path("runs") / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def digits_args(root: Path | None = None, *, write: bool = True) -> list[str]:

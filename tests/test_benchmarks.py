@@ -23,13 +23,13 @@ TINY = ["--nproc", "2", "--arch", "resnet20", "--width", "2", "--subnets", "2",
         "--train-samples", "64", "--test-samples", "64", "--batch-size", "16"]
 
 
-def run_benchmark(script: str, *args: str, header: bool = True) -> list[str]:
+def run_benchmark(script: str, *args: str) -> list[str]:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=300, env=launcher_free_env())
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = proc.stdout.strip().splitlines()
-    if header:  # the command and the machine come first: timings mean nothing without them
-        assert lines[1].startswith("command: ") and lines[2].startswith("machine: "), lines[:3]
+    # the command and the machine come first: timings mean nothing without them
+    assert lines[1].startswith("command: ") and lines[2].startswith("machine: "), lines[:3]
     return lines
 
 
@@ -142,7 +142,7 @@ def test_comm_headline(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu_throughput measures a GPU; none visible")
 def test_gpu_throughput_headline():
-    lines = run_benchmark("gpu_throughput.py", "--quick", "--batch-size", "32", header=False)
+    lines = run_benchmark("gpu_throughput.py", "--quick", "--batch-size", "32")
     headline_numbers(lines[-1], r"projected speedup: ([0-9.]+)")
 
 
@@ -150,8 +150,7 @@ def test_gpu_throughput_headline():
 def test_gpu_throughput_measures_a_cpu_too():
     """--device cpu: the fp32 line last (no projection), its ratios those of its own figures;
     a bf16 line before it where the CPU has bf16 units."""
-    lines = run_benchmark("gpu_throughput.py", "--device", "cpu", "--threads", "1", "--quick", "--batch-size", "8",
-                          header=False)
+    lines = run_benchmark("gpu_throughput.py", "--device", "cpu", "--threads", "1", "--quick", "--batch-size", "8")
     numbers = r"[0-9,.]+"
     match = re.search(rf"fp32: sub-net ({numbers}) img/s, 4 fused ({numbers}) sub-net img/s \(fused / alone "
                       rf"({numbers})x\), global net ({numbers}) img/s.*fused / global ({numbers})x", lines[-1])
@@ -165,7 +164,7 @@ def test_gpu_throughput_measures_a_cpu_too():
 
 @pytest.mark.slow
 def test_decode_speed_says_how_many_workers_keep_up():
-    lines = run_benchmark("decode_speed.py", "--images", "12", "--consume", "1000", header=False)
+    lines = run_benchmark("decode_speed.py", "--images", "12", "--consume", "1000")
     (rate,) = [float(m.group(1)) for line in lines if (m := re.match(r"decode \+ train transform: ([0-9.]+) img/s", line))]
     workers, consume, shown_rate = headline_numbers(
         lines[-1], r"workers per rank to keep up: ([0-9]+) \(([0-9.]+) / ([0-9.]+) img/s\)")
@@ -201,6 +200,8 @@ BAD_INPUT = [  # (script, its arguments, the flag its one line names); {out}: a 
     ("decode_speed.py", ["--image-size", "0"], "--image-size"),
     ("decode_speed.py", ["--consume", "nan"], "--consume"),
     ("decode_speed.py", ["--preset", "bogus"], "--preset"),
+    ("digits.py", ["{out}", "0"], "size"),
+    ("digits.py", ["--bogus-flag"], "--bogus-flag"),  # (it wrote 1,797 images into a folder of that name)
 ]
 
 
