@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(io.StringIO()) if launch.rank != 0 else contextlib.nullcontext():
             cfg = parse_config(argv)  # (--help: printed by rank 0 alone, not once per rank)
         if cfg.print_config:
+            if cfg.nproc and launch.launcher == "single":  # the job of --nproc K ranks: its layout checked
+                from .plan import checked_layouts  # (launch/*.sh check so before torchrun or horovodrun starts)
+                checked_layouts(cfg, cfg.nproc)
             if launch.rank == 0:
                 print(config_yaml(cfg), end="", flush=True)
             return 0

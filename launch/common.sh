@@ -4,7 +4,7 @@
 #   need_tools ADVICE TOOL...   exit 2 with one line naming the first TOOL not on PATH, and ADVICE
 #   tiny_default ARG...         set the array tiny to the scripts' tiny CPU default, or to ()
 #                               when ARGs hold a --preset or --config
-#   check_flags ARG...          `dd-train ARG... --print-config`, quietly; exit with its code on a refusal
+#   check_flags NPROC ARG...    `dd-train ARG... --nproc NPROC --print-config`, quietly; exit with its code on a refusal
 
 # dd-train not on PATH: the repository's venv (.venv beside launch/), if there is one
 command -v dd-train >/dev/null || PATH=$(dirname "${BASH_SOURCE[0]}")/../.venv/bin:$PATH
@@ -28,6 +28,8 @@ tiny_default() {
 
 # For launchers that stop every rank when one exits (torchrun, horovodrun): checked once first,
 # or each rank would say a bad flag's line, under the launcher's own traceback and exit status.
-check_flags() {
-    dd-train "$@" --print-config >/dev/null || exit  # (it said why)
+check_flags() {  # check_flags NPROC ARG...: the flags, and the layout of the job on NPROC ranks
+    local nproc=$1
+    shift
+    dd-train "$@" --nproc "$nproc" --print-config >/dev/null || exit  # (it said why)
 }

@@ -13,5 +13,5 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"  # the venv fallback, need_tools, tiny_default, check_flags
 need_tools "pip install -e . in a venv, then bash launch/build_horovod.sh" dd-train horovodrun
 tiny_default "$@"
-check_flags --backend horovod ${tiny[@]+"${tiny[@]}"} "$@"  # horovodrun stops every rank when one exits
+check_flags 4 --backend horovod ${tiny[@]+"${tiny[@]}"} "$@"  # horovodrun stops every rank when one exits
 exec horovodrun --gloo -np 4 -H localhost:4 dd-train --backend horovod ${tiny[@]+"${tiny[@]}"} "$@"

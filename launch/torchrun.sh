@@ -14,5 +14,5 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"  # the venv fallback, need_tools, tiny_default, check_flags
 need_tools "pip install -e . in a venv, or activate it" dd-train torchrun
 tiny_default "$@"
-check_flags ${tiny[@]+"${tiny[@]}"} "$@"  # torchrun stops every rank when one exits
+check_flags 4 ${tiny[@]+"${tiny[@]}"} "$@"  # torchrun stops every rank when one exits
 exec torchrun --standalone --nproc-per-node 4 -m dd_mpi ${tiny[@]+"${tiny[@]}"} "$@"

@@ -78,16 +78,21 @@ def test_launch_script_runs_the_tiny_default(tmp_path, script):
 
 
 @pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", pytest.param("horovodrun.sh", marks=pytest.mark.horovod)])
-def test_a_bad_flag_given_to_a_launch_script_is_one_line(tmp_path, script):
+@pytest.mark.parametrize("flags, says", [
+    (["--subnets", "0"], "--subnets 0 is invalid: use 1 or more sub-networks"),
+    # the layout on the script's 4 ranks (--print-config alone passed it)
+    (["--subnets", "4", "--groups", "3"], "--groups 3"),
+])
+def test_a_bad_flag_given_to_a_launch_script_is_one_line(tmp_path, script, flags, says):
     """torchrun (and horovodrun) stop every rank when one exits: each rank said the line, then
     came the launcher's traceback, and exit 1. The scripts check the flags once first."""
     if script == "horovodrun.sh" and not have_horovod():
         pytest.skip("Horovod not built: run launch/build_horovod.sh")
-    result = subprocess.run(["bash", str(REPO / "launch" / script), "--subnets", "0", "--out", "out"], cwd=tmp_path,
+    result = subprocess.run(["bash", str(REPO / "launch" / script), *flags, "--out", "out"], cwd=tmp_path,
                             env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    assert result.stderr.splitlines() == ["dd-train: error: --subnets 0 is invalid: use 1 or more sub-networks"], \
-        result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dd-train: error: {says}"), result.stderr
     assert not (tmp_path / "out").exists()
 
 
