@@ -281,7 +281,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         state.seconds += stats.seconds + eval_seconds
         rows = [metrics_row(level.phase, None if level.world_wide else j, epoch + 1, stats, m,
                             state.tests[m] if evaluated else {}, eval_seconds, state.seconds,
-                            optimizer.param_groups[0]["lr"])
+                            optimizer.param_groups[0]["lr"] if stats.lr is None else stats.lr)
                 for m, j in enumerate(nets)]
         state.history.extend(rows)
         state.epoch, state.progress = epoch + 1, None

@@ -88,6 +88,7 @@ class EpochStats:
     members: int = 1
     stopped: EpochProgress | None = None  # a stop cut the epoch short: where it stood
     stop_requested: bool = False  # a stop was requested after the epoch's last check: it is whole
+    lr: float | None = None  # the LR its last step took (after it, the scheduler holds the next step's)
 
     @property
     def images_per_s(self) -> float:
@@ -125,7 +126,7 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm, *, member
     device = comm.device
     loss_sum = torch.zeros(members, device=device, dtype=torch.float64)
     correct = torch.zeros(members, device=device, dtype=torch.float64)
-    seen, step, before = 0, 0, 0.0
+    seen, step, before, lr = 0, 0, 0.0, None
     if resume is not None and comm.rank == 0:  # the sums so far are the comm's: added once
         loss_sum += torch.tensor(resume.loss_sum, device=device, dtype=torch.float64)
         correct += torch.tensor(resume.correct, device=device, dtype=torch.float64)
@@ -151,6 +152,7 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm, *, member
         else:
             loss.backward()
             optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         batch = labels.shape[0]
         loss_sum += losses.detach().double() * batch
@@ -178,7 +180,7 @@ def train_epoch(model: nn.Module, batches, optimizer, scheduler, comm, *, member
         return EpochStats([], [], int(count), seconds, members, stopped=where)
     count = max(count, 1.0)
     return EpochStats([v / count for v in loss_total], [100.0 * c / count for c in correct_total],
-                      int(count), seconds, members, stop_requested=late_stops > 0)
+                      int(count), seconds, members, stop_requested=late_stops > 0, lr=lr)
 
 
 @torch.no_grad()

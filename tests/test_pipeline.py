@@ -133,6 +133,24 @@ def test_epochs_without_evaluation_carry_no_test_score(tmp_path):
         assert load(checkpoint_path(out, name, "best"))["epoch"] == epoch
 
 
+def test_an_epoch_s_lr_is_the_one_it_trained_at(tmp_path):
+    """metrics.jsonl's (and TensorBoard's) lr was read after the epoch's last scheduler step:
+    the next epoch's, so each x0.1 of --schedule step showed one epoch early, and a cosine
+    phase's last epoch always said 0."""
+    out = tmp_path / "run"
+    result = run_dd([*TINY, "--subnets", "2", "--strategy", "dd", "--subnet-epochs", "4", "--schedule", "step",
+                     "--warmup-epochs", "0", "--finetune-epochs", "1", "--eval-every", "4", "--out", str(out)], nproc=1)
+    assert result.returncode == 0, explain(result)
+    rows = read_metrics(out)
+    base = 0.1 * 32 / 128  # --lr at a batch of 128, each sub-net's batch 32
+    for group in (0, 1):
+        lrs = [r["lr"] for r in sorted((r for r in rows if r["phase"] == "subnet" and r["group"] == group),
+                                       key=lambda r: r["epoch"])]
+        assert lrs == pytest.approx([base, base, base / 10, base / 100]), lrs  # x0.1 at 50 % and 75 %
+    (finetune,) = [r["lr"] for r in rows if r["phase"] == "finetune"]
+    assert finetune > 0  # cosine: its one epoch's last step
+
+
 @pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_groups_that_split_neither_ranks_nor_subnets_fail_fast_on_every_rank(tmp_path, launcher):
     """Any N runs on any P (gcd(N, P) groups by default); a --groups that divides neither is
