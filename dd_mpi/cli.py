@@ -210,7 +210,7 @@ def _how_to_continue(cfg) -> str:
     is run again as it was: with --resume instead it became the whole job."""
     if cfg.only_group_mode:
         return f"run the task again (--only-group {cfg.only_group} --out {cfg.out}; no --resume)"
-    return "run again with --resume" + (f" --out {cfg.out}" if cfg.out is not None else "")
+    return "run again with its flags and --resume" + (f" --out {cfg.out}" if cfg.out is not None else "")
 
 
 def _close(world) -> None:

@@ -112,8 +112,10 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
         log(f"phase 1: sub-network {nets[0]} of {first.nets} ({first.spec.arch} width {first.spec.width:g}) "
             f"on {'all ' if world.size > 1 else ''}{world.size} rank{'s' if world.size > 1 else ''}", rank=world.rank)
         train_group(job, first, world.comm, nets, streams_of(job, first, nets))
-        log(f"sub-network {nets[0]} finished: run `dd-train --resume --out {job.out}` with all ranks "
-            "to compose and fine-tune", rank=world.rank)
+        # (the run's flags: `--resume --out` alone was refused as a run of other settings)
+        log(f"sub-network {nets[0]} finished: once every task has, run `dd-train --resume --out {job.out} "
+            f"--config {job.out}/config.json` (the run's flags) with all ranks to compose and fine-tune",
+            rank=world.rank)
         return {}
     phase_sync = world.phase_sync()
     log(f"phase 1: {first.nets} sub-networks of {first.spec.arch} width {first.spec.width:g} on "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -342,7 +343,10 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     assert "subnet1: finished earlier" in again.stdout, explain(again)
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1
     assert "trained on" not in again.stdout  # (the same size of group)
-    resumed = run_ok([*args, "--resume"], nproc=4)
+    # the job the task's last line names (`--resume --out` alone was refused: other settings)
+    told = re.search(r"run `dd-train ([^`]*)` \(the run.s flags\) with all ranks to compose", alone.stdout)
+    assert told, explain(alone)
+    resumed = run_ok(shlex.split(told[1]), nproc=4)
     assert "subnet1: finished earlier" in resumed.stdout, explain(resumed)
     # the layout gives it 2 ranks: the log and the report say how it really trained
     assert re.search(r"subnet1: finished earlier, loaded \S+ \(trained on 1 rank at a batch of \d+ a step: its group "

@@ -578,7 +578,7 @@ def test_a_stopped_array_task_is_told_to_run_as_a_task_again():
     fine-tune, all in one task)."""
     assert _how_to_continue(parse_config(["--subnets", "2", "--only-group", "1", "--out", "x"])) == \
         "run the task again (--only-group 1 --out x; no --resume)"
-    assert _how_to_continue(parse_config(["--out", "x"])) == "run again with --resume --out x"
+    assert _how_to_continue(parse_config(["--out", "x"])) == "run again with its flags and --resume --out x"
 
 
 # --- checkpoint files ---------------------------------------------------------------------
