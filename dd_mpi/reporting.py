@@ -234,10 +234,16 @@ def paper_numbers(run: RunFiles) -> tuple[paper.PaperResult | None, dict | None]
 
 def paper_differences(result: paper.PaperResult, config: dict) -> list[str]:
     """'--flag run (paper paper)' where a run made from a paper preset left the paper's
-    experiment (another dataset, net or N): its numbers are then beside another experiment's."""
-    return [f"--{key} {config.get(key)} (paper {theirs})"
-            for key, theirs in (("dataset", result.dataset), ("arch", result.arch), ("subnets", result.subnets))
-            if config.get(key) != theirs]
+    experiment: another dataset, net, N, data split, recipe or epochs than its preset's, or a
+    capped set (the paper trains and tests on all of it). Its numbers are then beside another
+    experiment's. (The strategy is no difference: DD's rows are the same experiment's.)"""
+    from .presets import PRESETS
+    preset = PRESETS.get(config.get("preset") or "", {})
+    theirs = {"dataset": result.dataset, "arch": result.arch, "subnets": result.subnets,
+              **{key: value for key, value in preset.items() if not key.startswith("_") and key != "strategy"},
+              "train_samples": None, "test_samples": None}
+    return [f"--{key.replace('_', '-')} {config[key]} (paper {'all' if value is None else value})"
+            for key, value in theirs.items() if key in config and config[key] != value]
 
 
 def run_stack(report: dict) -> dict:

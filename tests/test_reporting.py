@@ -329,7 +329,9 @@ def test_report_defaults_to_the_run_directory(real_run):
 def test_paper_puts_the_papers_numbers_beside_a_runs(tmp_path, capsys):
     run = fake_run(tmp_path)
     report = json.loads((run / "report.json").read_text())
-    report["config"].update(preset="cifar10-resnet32", dataset="cifar10", arch="resnet32", subnets=4)
+    from dd_mpi.presets import PRESETS
+    paper_run = {k: v for k, v in PRESETS["cifar10-resnet32"].items() if not k.startswith("_")}
+    report["config"].update(preset="cifar10-resnet32", **paper_run, train_samples=None, test_samples=None)
     (run / "report.json").write_text(json.dumps(report))
     assert reporting.main(["--paper", str(run)]) == 0
     text = capsys.readouterr().out
@@ -342,6 +344,12 @@ def test_paper_puts_the_papers_numbers_beside_a_runs(tmp_path, capsys):
     assert reporting.main(["--paper", str(run)]) == 0
     assert ("(the paper's numbers are those of its cifar10 resnet32 into 4 experiment; this run differs: "
             "--dataset imagefolder (paper cifar10), --subnets 2 (paper 4))") in capsys.readouterr().out
+    # a smoke run of the preset: fewer epochs on a capped set (only its dataset and net were said)
+    report["config"].update(dataset="cifar10", subnets=4, subnet_epochs=4, train_samples=512, width=4.0)
+    (run / "report.json").write_text(json.dumps(report))
+    assert reporting.main(["--paper", str(run)]) == 0
+    assert ("this run differs: --width 4.0 (paper 1.0), --subnet-epochs 4 (paper 164), --train-samples 512 "
+            "(paper all))") in capsys.readouterr().out
     other = fake_run(tmp_path, "other")
     assert reporting.main(["--paper", str(other)]) == 0
     assert "no paper numbers: the run's preset is None" in capsys.readouterr().out
