@@ -496,6 +496,8 @@ def _coerce(field: dataclasses.Field, value, where: str):
         return kind(value)
     if isinstance(value, str) and kind is str:
         return value
+    if field.name == "levels" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # `levels: [16, 4, 1]`, YAML's own list (checked as --levels 16,4,1)
     raise UsageError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number' if kind is float else 'text'}")
 
 

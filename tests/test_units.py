@@ -523,6 +523,12 @@ def test_flags_the_run_does_not_read_are_noted_once(tmp_path):
         f"out: mine in --config {config} is not used: --out runs/job-1 on the command line wins (the slurm/ job "
         "scripts give --out: give yours after the script's name)"]
     assert parse_config(["--config", str(config)]).unused_flags() == []
+    # --levels as YAML's own list ("['4', '2', '1'] is not text"), checked as the flag is
+    config.write_text("subnets: 4\nlevels: [4, 2, 1]\n")
+    assert parse_config(["--config", str(config)]).level_counts == [4, 2, 1]
+    config.write_text("subnets: 4\nlevels: [4, 3, 1]\n")
+    with pytest.raises(UsageError, match="--levels 4,3,1 is invalid"):
+        parse_config(["--config", str(config)])
     # the conventional run of 0 epochs: an untrained net reported as the baseline
     assert parse_config(["--strategy", "both", "--baseline-epochs", "0"]).unused_flags() == [
         "--baseline-epochs 0 with --strategy both: the conventional net is not trained, and its row (random_T) is "
