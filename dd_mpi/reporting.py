@@ -162,25 +162,42 @@ def load_runs(paths: list[Path]) -> list[RunFiles]:
 
 # ---------------------------------------------------------------------------------------
 # Curves: test accuracy vs wall-clock (pure functions of report.json and metrics.jsonl)
-def subnet_rows_by_epoch(metrics: list[dict]) -> dict[int, list[dict]]:
-    """Phase 1's metrics rows, every group's, gathered per epoch (the groups run side by side)."""
+def subnet_rows_by_epoch(metrics: list[dict], phase: str = "subnet") -> dict[int, list[dict]]:
+    """Phase 1's metrics rows (or an intermediate level's), every group's, gathered per epoch
+    (the groups run side by side)."""
     by_epoch: dict[int, list[dict]] = {}
     for row in metrics:
-        if row.get("phase") == "subnet":
+        if row.get("phase") == phase:
             by_epoch.setdefault(row["epoch"], []).append(row)
     return by_epoch
 
 
-def phase1_curve(metrics: list[dict]) -> list[tuple[float, float]]:
-    """Per epoch of phase 1: (slowest group's elapsed seconds, mean test top-1 of the sub-nets)."""
-    by_epoch = subnet_rows_by_epoch(metrics)
+def phase1_curve(metrics: list[dict], phase: str = "subnet", offset: float = 0.0) -> list[tuple[float, float]]:
+    """Per epoch of phase 1 (or a level): (slowest group's elapsed seconds, mean test top-1 of its nets)."""
+    by_epoch = subnet_rows_by_epoch(metrics, phase)
     points = []
     for epoch in sorted(by_epoch):
         rows = by_epoch[epoch]
         tops = [r["test_top1"] for r in rows if r.get("test_top1") is not None]
         if tops:
-            points.append((max(r["elapsed"] for r in rows), sum(tops) / len(tops)))
+            points.append((offset + max(r["elapsed"] for r in rows), sum(tops) / len(tops)))
     return points
+
+
+def level_curves(report: dict, metrics: list[dict]) -> list[list[tuple[float, float]]]:
+    """The intermediate levels' curves (--levels), each after phase 1 and the levels before it.
+    The compositions' time (timing.compose, all of them together, a small share) is spread
+    evenly over them: per level it is not recorded."""
+    timing = report.get("timing") or {}
+    levels = [entry.get("level") for entry in report.get("intermediate") or [] if isinstance(entry, dict)]
+    share = (timing.get("compose") or 0.0) / (len(levels) + 1)
+    curves, start = [], (timing.get("subnets") or 0.0)
+    for level in levels:
+        start += share
+        curve = phase1_curve(metrics, f"level{level}", offset=start)
+        curves.append(curve)
+        start = max([start, *(x for x, _ in curve)], default=start)
+    return curves
 
 
 def phase_curve(metrics: list[dict], phase: str, offset: float = 0.0) -> list[tuple[float, float]]:
@@ -193,12 +210,12 @@ def dd_timeline(report: dict, metrics: list[dict]) -> dict:
     """The DD curve in three parts, on one clock that starts with phase 1."""
     timing = report.get("timing") or {}
     if report.get("transfer") is None:
-        return {"phase1": [], "transfer": None, "finetune": []}
+        return {"phase1": [], "levels": [], "transfer": None, "finetune": []}
     # the global net exists once phase 1, every composition and the levels between are done
     composed_at = sum(timing.get(key) or 0.0 for key in ("subnets", "compose", "intermediate"))
     # phase 3's clock starts with the composed net's evaluation (its elapsed includes it)
     scored_at = composed_at + (timing.get("transfer_eval") or 0.0)
-    return {"phase1": phase1_curve(metrics),
+    return {"phase1": phase1_curve(metrics), "levels": level_curves(report, metrics),
             "transfer": (scored_at, report["transfer"]["top1"]),
             "finetune": phase_curve(metrics, "finetune", offset=composed_at)}
 
@@ -337,8 +354,8 @@ def pyplot():
 
 
 def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
-    """One colour per run; line style per strategy (dotted: DD phase 1, solid: the composed
-    net and its fine-tune, star: the composed net, dashed: the baseline)."""
+    """One colour per run; line style per strategy (dotted: DD phase 1, dash-dot: intermediate
+    levels, solid: the composed net and its fine-tune, star: the composed net, dashed: the baseline)."""
     plt = pyplot()
     from matplotlib.lines import Line2D
     single = len(runs) == 1
@@ -350,6 +367,9 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
         dd = dd_timeline(run.report, run.metrics)
         if dd["phase1"]:
             ax.plot(*zip(*dd["phase1"]), "o:", color=dd_color, alpha=0.7)
+        for curve in dd.get("levels") or []:
+            if curve:
+                ax.plot(*zip(*curve), "^-.", color=dd_color, alpha=0.7)
         if dd["transfer"] is not None:
             tx, ty = dd["transfer"]
             ax.plot(*zip(dd["transfer"], *dd["finetune"]), "o-", color=dd_color)
@@ -359,14 +379,17 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
                                 (tx, "composed")):
                     if x is not None:
                         ax.axvline(x, color="0.5", linestyle=":", linewidth=0.8)
-                        ax.annotate(text, (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
-                                    fontsize=7, ha="right", va="bottom", color="0.3")
+                        ax.annotate(text, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,  # (the legend
+                                    fontsize=7, ha="right", va="top", color="0.3")  # sits below: it hid them)
         base = baseline_curve(run.metrics)
         if base:
             ax.plot(*zip(*base), "s--", color=base_color, alpha=0.9)
     dd_key = colors[0]
     handles = [Line2D([], [], color=dd_key, marker="o", linestyle=":", label="DD phase 1: sub-nets (mean top-1, "
                       "slowest group's time)"),
+               *([Line2D([], [], color=dd_key, marker="^", linestyle="-.", label="DD intermediate levels "
+                         "(--levels: mean top-1 of each level's nets)")]
+                 if any(run.report.get("intermediate") for run in runs) else []),
                Line2D([], [], color=dd_key, marker="*", markersize=11, linestyle="-",
                       label="DD phases 2-3: composed (transfer), fine-tuned"),
                Line2D([], [], color=colors[1] if single else dd_key, marker="s", linestyle="--",

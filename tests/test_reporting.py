@@ -78,6 +78,12 @@ def test_dd_timeline_follows_the_phases(tmp_path):
     staged = {**run.report, "timing": {**run.report["timing"], "intermediate": 4.0, "dd_total": 25.0}}
     timeline = reporting.dd_timeline(staged, run.metrics)
     assert timeline["transfer"] == (17.5, 50.0) and timeline["finetune"][-1] == (25.0, 60.0)
+    # ... and they have curves of their own (the plot went from phase 1 to the global net): level
+    # 1's two nets after phase 1 and half the compositions' 1 s (the other half: into the global net)
+    staged["intermediate"] = [{"level": 1, "nets": []}]
+    level1 = [{"phase": "level1", "group": g, "epoch": e, "test_top1": top1, "elapsed": elapsed}
+              for g, e, top1, elapsed in ((0, 1, 45.0, 2.0), (1, 1, 47.0, 1.5), (0, 2, 48.0, 4.0), (1, 2, 50.0, 3.0))]
+    assert reporting.dd_timeline(staged, run.metrics + level1)["levels"] == [[(14.5, 46.0), (16.5, 49.0)]]
 
 
 def test_table_rows_carry_the_report_numbers(tmp_path):
