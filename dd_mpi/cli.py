@@ -82,7 +82,7 @@ def _check_a_restart_finds_its_run(cfg, restarted: list[str]) -> None:
     if restarted:
         raise UsageError(f"this job was restarted ({restarted[0]}) but has no --out to continue: give the "
                          "first attempt's --out with --resume, and --out DIR in the job script")
-    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0") and "TORCHELASTIC_RUN_ID" in os.environ:
         raise UsageError(f"torchrun --max-restarts {os.environ['TORCHELASTIC_MAX_RESTARTS']} restarts a failed "
                          "job, which continues the run in --out: give --out DIR")
     if cfg.resume:

@@ -474,10 +474,14 @@ def test_resume_names_every_setting_that_differs():
     assert dropped.startswith("--cache-dir: '/scratch/a' -> None")
 
 
+ONE_TORCHRUN_RANK = {"TORCHELASTIC_RUN_ID": "none", "RANK": "0", "WORLD_SIZE": "1"}  # (its counters count there only)
+
+
 @pytest.mark.parametrize("env, flags, message", [
-    ({"TORCHELASTIC_RESTART_COUNT": "1"}, [], "this job was restarted (TORCHELASTIC_RESTART_COUNT=1) but has no --out"),
+    ({**ONE_TORCHRUN_RANK, "TORCHELASTIC_RESTART_COUNT": "1"}, [],
+     "this job was restarted (TORCHELASTIC_RESTART_COUNT=1) but has no --out"),
     ({"SLURM_RESTART_COUNT": "2"}, [], "this job was restarted (SLURM_RESTART_COUNT=2) but has no --out"),
-    ({"TORCHELASTIC_MAX_RESTARTS": "3"}, [], "torchrun --max-restarts 3 restarts a failed job"),
+    ({**ONE_TORCHRUN_RANK, "TORCHELASTIC_MAX_RESTARTS": "3"}, [], "torchrun --max-restarts 3 restarts a failed job"),
     ({}, ["--resume"], "--resume continues the run in --out, and there is none: add --out DIR"),
     ({}, ["--only-group", "1"], "--only-group 1 trains one group of the run in --out"),
 ])
