@@ -49,6 +49,7 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0, size: int
 
 def main(argv: list[str]) -> int:
     # (a plain sys.argv read wrote 1,797 PNGs into a folder named --help)
+    sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # (as the other benchmarks: this checkout's dd_mpi)
     from dd_mpi.argtypes import OneLineParser, positive
     parser = OneLineParser(description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

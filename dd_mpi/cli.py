@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -209,8 +210,8 @@ def _how_to_continue(cfg) -> str:
     """--out as the run resolved it (rank 0's time stamp when none was given). An array task
     is run again as it was: with --resume instead it became the whole job."""
     if cfg.only_group_mode:
-        return f"run the task again (--only-group {cfg.only_group} --out {cfg.out}; no --resume)"
-    return "run again with its flags and --resume" + (f" --out {cfg.out}" if cfg.out is not None else "")
+        return f"run the task again (--only-group {cfg.only_group} --out {shlex.quote(str(cfg.out))}; no --resume)"
+    return "run again with its flags and --resume" + (f" --out {shlex.quote(str(cfg.out))}" if cfg.out is not None else "")
 
 
 def _close(world) -> None:

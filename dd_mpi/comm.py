@@ -374,12 +374,13 @@ def _store(launch: LaunchInfo, addr: str, port: int, timeout: datetime.timedelta
         try:
             store = dist.TCPStore(addr, port, launch.world_size, is_master=master, timeout=timeout,
                                   multi_tenant=not agent_hosts, wait_for_workers=mpi_world is None)
-        except (RuntimeError, OSError) as error:
+        except Exception as error:  # (any: the other ranks wait in the bcast below for rank 0's word)
             if mpi_world is None:
                 raise
             failure = (f"rank 0 cannot open the rendezvous at {addr}:{port} ({str(error).splitlines()[0][:160]}): "
                        "another job on this node may hold MASTER_PORT; unset MASTER_ADDR and MASTER_PORT "
-                       "(under mpiexec dd_mpi picks a free port) or export another")
+                       "(under mpiexec dd_mpi picks a free port) or export another (slurm/common.sh derives "
+                       "it from the job id)")
     if mpi_world is not None:
         failure = mpi_world.bcast(failure, root=0)
         if failure:

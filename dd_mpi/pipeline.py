@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import socket
 import time
 import uuid
@@ -113,9 +114,9 @@ def run_levels(job: Run, world: BaseWorld) -> dict:
             f"on {'all ' if world.size > 1 else ''}{world.size} rank{'s' if world.size > 1 else ''}", rank=world.rank)
         train_group(job, first, world.comm, nets, streams_of(job, first, nets))
         # (the run's flags: `--resume --out` alone was refused as a run of other settings)
-        log(f"sub-network {nets[0]} finished: once every task has, run `dd-train --resume --out {job.out} "
-            f"--config {job.out}/config.json` (the run's flags) with all ranks to compose and fine-tune",
-            rank=world.rank)
+        final = shlex.join(["dd-train", "--resume", "--out", str(job.out), "--config", str(job.out / "config.json")])
+        log(f"sub-network {nets[0]} finished: once every task has, run `{final}` (the run's flags; flags given "
+            "after it win, e.g. another --device) with all ranks to compose and fine-tune", rank=world.rank)
         return {}
     phase_sync = world.phase_sync()
     log(f"phase 1: {first.nets} sub-networks of {first.spec.arch} width {first.spec.width:g} on "

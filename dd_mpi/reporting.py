@@ -255,12 +255,23 @@ def paper_differences(result: paper.PaperResult, config: dict) -> list[str]:
     capped set (the paper trains and tests on all of it). Its numbers are then beside another
     experiment's. (The strategy is no difference: DD's rows are the same experiment's.)"""
     from .presets import PRESETS
-    preset = PRESETS.get(config.get("preset") or "", {})
-    theirs = {"dataset": result.dataset, "arch": result.arch, "subnets": result.subnets,
-              **{key: value for key, value in preset.items() if not key.startswith("_") and key != "strategy"},
-              "train_samples": None, "test_samples": None}
-    return [f"--{key.replace('_', '-')} {config[key]} (paper {'all' if value is None else value})"
-            for key, value in theirs.items() if key in config and config[key] != value]
+    paper_keys = {"dataset": result.dataset, "arch": result.arch, "subnets": result.subnets}
+    strategies = {"both": ("dd", "baseline")}.get(config.get("strategy"), (config.get("strategy"),))
+    unused = (() if "baseline" in strategies else ("baseline_",)) + (() if "dd" in strategies else (
+        "subnet_", "finetune_", "level_"))  # (a phase the run did not train differs in nothing)
+    preset = {key: value for key, value in PRESETS.get(config.get("preset") or "", {}).items()
+              if not key.startswith(("_", "strategy", *unused)) and key not in paper_keys}
+    differences = []
+    for key, value in {**paper_keys, **preset, "train_samples": None, "test_samples": None}.items():
+        if key not in config or config[key] == value:
+            continue
+        source = "paper" if key in paper_keys or value is None else "preset"  # (the paper gives no recipe)
+        given = f"--{key.replace('_', '-')} {config[key]}"
+        if key == "global_batch_size" and config[key] is None:  # a batch per rank given instead
+            given = f"--batch-size {config.get('batch_size')} a rank"
+            value = f"--global-batch-size {value}"
+        differences.append(f"{given} ({source} {'all' if value is None else value})")
+    return differences
 
 
 def run_stack(report: dict) -> dict:

@@ -12,6 +12,8 @@
 # else $DD_OUT, else runs/dd_array-ARRAYJOBID. Arguments after the script name go to
 # dd-train, later flags win. No conventional baseline is trained (--strategy dd, over the
 # preset's both: it would double the final job); --strategy both adds it to the final job.
+# Give it to the array and the final job alike (dd_array_submit.sh does), and to a run begun
+# by an older dd_array.sh, which trained with both: its config.json would refuse dd.
 #SBATCH --job-name=dd_array
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4      # one rank per GPU: each sub-network on one node

@@ -81,7 +81,7 @@ EOS
 )
 if (( ! wait )); then
     report=$(sbatch "${report_opts[@]}" <<<"$script")
-    echo "runs=$(IFS=,; echo "${ids[*]}") report=${report%%;*} study=$STUDY"
+    echo "runs=$(IFS=,; echo "${ids[*]+${ids[*]}}") report=${report%%;*} study=$STUDY"  # (+: none, bash 4.3's set -u)
     exit 0
 fi
 rc=0
@@ -90,6 +90,6 @@ report=${report%%;*}
 # sbatch --wait exits 0 for a job cancelled before it started
 state=$(scontrol show job "$report" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') || true
 echo "report: job $report ${state:-finished}, exit $rc"
-echo "runs=$(IFS=,; echo "${ids[*]}") report=$report study=$STUDY"
+echo "runs=$(IFS=,; echo "${ids[*]+${ids[*]}}") report=$report study=$STUDY"
 if (( rc == 0 )) && [[ ${state:-COMPLETED} != COMPLETED ]]; then rc=1; fi
 exit "$rc"

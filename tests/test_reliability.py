@@ -344,7 +344,7 @@ def test_a_failed_group_is_rerun_alone_then_the_job_resumes(tmp_path):
     assert checkpoint_path(out, "subnet1", "final").read_bytes() == subnet1
     assert "trained on" not in again.stdout  # (the same size of group)
     # the job the task's last line names (`--resume --out` alone was refused: other settings)
-    told = re.search(r"run `dd-train ([^`]*)` \(the run.s flags\) with all ranks to compose", alone.stdout)
+    told = re.search(r"run `dd-train ([^`]*)` \(the run.s flags; .*\) with all ranks to compose", alone.stdout)
     assert told, explain(alone)
     resumed = run_ok(shlex.split(told[1]), nproc=4)
     assert "subnet1: finished earlier" in resumed.stdout, explain(resumed)

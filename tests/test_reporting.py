@@ -354,8 +354,13 @@ def test_paper_puts_the_papers_numbers_beside_a_runs(tmp_path, capsys):
     report["config"].update(dataset="cifar10", subnets=4, subnet_epochs=4, train_samples=512, width=4.0)
     (run / "report.json").write_text(json.dumps(report))
     assert reporting.main(["--paper", str(run)]) == 0
-    assert ("this run differs: --width 4.0 (paper 1.0), --subnet-epochs 4 (paper 164), --train-samples 512 "
+    assert ("this run differs: --width 4.0 (preset 1.0), --subnet-epochs 4 (preset 164), --train-samples 512 "
             "(paper all))") in capsys.readouterr().out
+    # a per-rank batch instead of the preset's global one; no baseline trained: its epochs are no difference
+    report["config"].update(width=1.0, subnet_epochs=164, train_samples=None, global_batch_size=None, batch_size=32,
+                            strategy="dd", baseline_epochs=0)
+    assert reporting.paper_differences(reporting.paper.for_preset("cifar10-resnet32"), report["config"]) == [
+        "--batch-size 32 a rank (preset --global-batch-size 128)"]
     other = fake_run(tmp_path, "other")
     assert reporting.main(["--paper", str(other)]) == 0
     assert "no paper numbers: the run's preset is None" in capsys.readouterr().out
