@@ -372,16 +372,20 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
     single = len(runs) == 1
     fig, ax = plt.subplots(figsize=(7, 4.2) if single else (9.5, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = set()  # what the legend explains: only what some run drew (a dd-only run has no baseline)
     for i, run in enumerate(runs):
         dd_color = colors[i % len(colors)]
         base_color = colors[1] if single else dd_color
         dd = dd_timeline(run.report, run.metrics)
         if dd["phase1"]:
             ax.plot(*zip(*dd["phase1"]), "o:", color=dd_color, alpha=0.7)
+            drawn.add("phase1")
         for curve in dd.get("levels") or []:
             if curve:
                 ax.plot(*zip(*curve), "^-.", color=dd_color, alpha=0.7)
+                drawn.add("levels")
         if dd["transfer"] is not None:
+            drawn.add("composed")
             tx, ty = dd["transfer"]
             ax.plot(*zip(dd["transfer"], *dd["finetune"]), "o-", color=dd_color)
             ax.plot([tx], [ty], "*", color=dd_color, markersize=13)
@@ -395,16 +399,17 @@ def plot_accuracy_vs_time(runs: list[RunFiles], path: Path) -> None:
         base = baseline_curve(run.metrics)
         if base:
             ax.plot(*zip(*base), "s--", color=base_color, alpha=0.9)
+            drawn.add("baseline")
     dd_key = colors[0]
-    handles = [Line2D([], [], color=dd_key, marker="o", linestyle=":", label="DD phase 1: sub-nets (mean top-1, "
-                      "slowest group's time)"),
-               *([Line2D([], [], color=dd_key, marker="^", linestyle="-.", label="DD intermediate levels "
-                         "(--levels: mean top-1 of each level's nets)")]
-                 if any(run.report.get("intermediate") for run in runs) else []),
-               Line2D([], [], color=dd_key, marker="*", markersize=11, linestyle="-",
-                      label="DD phases 2-3: composed (transfer), fine-tuned"),
-               Line2D([], [], color=colors[1] if single else dd_key, marker="s", linestyle="--",
-                      label="baseline (random_T)")]
+    keys = {"phase1": Line2D([], [], color=dd_key, marker="o", linestyle=":",
+                             label="DD phase 1: sub-nets (mean top-1, slowest group's time)"),
+            "levels": Line2D([], [], color=dd_key, marker="^", linestyle="-.",
+                             label="DD intermediate levels (--levels: mean top-1 of each level's nets)"),
+            "composed": Line2D([], [], color=dd_key, marker="*", markersize=11, linestyle="-",
+                               label="DD phases 2-3: composed (transfer), fine-tuned"),
+            "baseline": Line2D([], [], color=colors[1] if single else dd_key, marker="s", linestyle="--",
+                               label="baseline (random_T)")}
+    handles = [handle for key, handle in keys.items() if key in drawn]
     if not single:
         handles += [Line2D([], [], color=colors[i % len(colors)], linewidth=4, label=run.label_as(name))
                     for i, (run, name) in enumerate(zip(runs, short_names(runs)))]

@@ -136,6 +136,29 @@ def test_runs_of_the_same_name_are_told_apart_in_the_plots(tmp_path):
     assert reporting.main([str(one), str(two), "--out", str(tmp_path / "out")]) == 0
 
 
+def test_the_legend_explains_only_what_was_drawn(tmp_path, monkeypatch):
+    """A run without a baseline had 'baseline (random_T)' in its legend; one with --levels had
+    no key for its intermediate curves."""
+    from matplotlib.figure import Figure
+    legends = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: legends.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    run = fake_run(tmp_path)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics if r["phase"] != "baseline"))
+    reporting.plot_accuracy_vs_time([reporting.RunFiles(run)], tmp_path / "a.png")
+    assert legends[-1] == ["DD phase 1: sub-nets (mean top-1, slowest group's time)",
+                           "DD phases 2-3: composed (transfer), fine-tuned"]
+    report = json.loads((run / "report.json").read_text())
+    report["intermediate"] = [{"level": 1, "nets": []}]
+    (run / "report.json").write_text(json.dumps(report))
+    with (run / "metrics.jsonl").open("a") as rows:
+        rows.write(json.dumps({"phase": "level1", "group": 0, "epoch": 1, "test_top1": 45.0, "elapsed": 2.0,
+                               "images_per_s": 50.0, "seconds": 2.0}) + "\n")
+    reporting.plot_accuracy_vs_time([reporting.RunFiles(run)], tmp_path / "b.png")
+    assert "DD intermediate levels (--levels: mean top-1 of each level's nets)" in legends[-1]
+
+
 def test_runs_on_two_file_systems_ask_for_out(tmp_path, capsys):
     """Runs that share no directory but / had their report written into / (or failed there)."""
     import tempfile
