@@ -402,6 +402,27 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
+def mistyped_keys(saved: dict) -> list[str]:
+    """The keys of a saved config (a report's, by hand edited) whose value is not their flag's
+    type, which the readers of a run's files would meet as a TypeError deep inside."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    bad = []
+    for key, value in saved.items():
+        field = fields.get(key)
+        if field is None or (value is None and "None" in str(field.type)):
+            continue
+        if isinstance(field.default, bool):
+            fits = isinstance(value, bool)
+        elif _field_type(field) is str:
+            fits = isinstance(value, str)
+        else:
+            fits = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and (_field_type(field) is float or isinstance(value, int)))
+        if not fits:
+            bad.append(key)
+    return bad
+
+
 NOT_SETTINGS = ("config", "print_config", "nproc")  # how a job was started, not what it runs
 JOB_ONLY = NOT_SETTINGS + ("out", "resume", "only_group")  # a job's, not a run's settings
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import paper
 from .argtypes import OneLineParser, add_version
+from .config import mistyped_keys
 from .errors import UsageError
 from .report import NET_KEYS, PHASE_TIMES, TOTAL_TIMES, net_rows, net_table
 
@@ -123,6 +124,10 @@ def _check_report(where, report) -> None:
     if not (_number(report.get("speedup")) and _number(report.get("world_size"))
             and _number((report.get("config") or {}).get("subnets"))):
         raise _damaged(where, '"speedup", "world_size" or the config\'s "subnets" is not a number')
+    mistyped = mistyped_keys(report.get("config") or {})  # ("arch": 5 was a TypeError in dd-scaling --model)
+    if mistyped:
+        raise _damaged(where, f"the config's {', '.join(map(repr, mistyped))} {'is' if len(mistyped) == 1 else 'are'} "
+                              "not of the flag's type")
     if not isinstance(report.get("groups") or [], list):
         raise _damaged(where, '"groups" is not a list')
     subnets = report.get("sub_nets") or []

@@ -248,6 +248,9 @@ DAMAGED = [  # (file, edit, what the line says): each was a traceback or a line 
     ("report.json", lambda r: {**r, "sub_nets": [{"top1": 1.0}]}, "has no index"),
     ("report.json", lambda r: {**r, "config": {**r["config"], "subnets": "four"}}, 'the config\'s "subnets"'),
     ("report.json", replaced("groups", 5), '"groups" is not a list'),
+    # a TypeError in dd-scaling --model ('int' object is not subscriptable, in the catalog)
+    ("report.json", lambda r: {**r, "config": {**r["config"], "arch": 5, "width": "1"}},
+     "the config's 'arch', 'width' are not of the flag's type"),
     ("metrics.jsonl", lambda rows: [{**rows[0], "elapsed": None}, *rows[1:]], "metrics.jsonl line 1: phase, epoch"),
     ("metrics.jsonl", lambda rows: [*rows[:2], [1]], "metrics.jsonl line 3: a JSON list"),
     ("metrics.jsonl", lambda rows: [{k: v for k, v in r.items() if k != "epoch"} for r in rows], "line 1: phase"),
