@@ -156,6 +156,8 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
                             elsewhere.get(j, {})) for j in done}
     if level.world_wide and done:
         run.record(results[nets[0]].history)
+    if done and comm.is_leader:  # their curves, had this run no --tensorboard when they trained
+        _curves(run, level, level.group_name(nets), [row for j in done for row in results[j].history], rewrite=True)
     if todo:
         chosen = [nets.index(j) for j in todo]
         states = [start[i] for i in chosen] if start is not None else seeded_states(level, todo, cfg.seed)
@@ -163,6 +165,19 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
         for result in _train(run, level, comm, todo, [streams[i] for i in chosen], states, firsts, initial_seconds):
             results[result.net] = result
     return [results[j] for j in nets]
+
+
+def _curves(run: Run, level: Level, name: str, rows: list[dict], *, rewrite: bool = False) -> None:
+    """The TensorBoard points of ``rows`` (metrics rows of one or more nets), each net on its
+    own curves; ``rewrite``: the rows are the nets' whole history so far (at a resume)."""
+    nets: dict[str, list] = {}
+    for row in rows:
+        net = level.net_name(row["group"]) if row["group"] is not None else name
+        nets.setdefault(net, []).append((row["epoch"], {  # (an older dd_mpi's rows may lack some)
+            "train/loss": row.get("loss"), "train/top1": row.get("top1"), "test/top1": row.get("test_top1"),
+            "test/top5": row.get("test_top5"), "lr": row.get("lr"), "images_per_s": row.get("images_per_s")}))
+    for net, points in nets.items():
+        run.reporter.curves(level.phase, net, points, rewrite=rewrite)
 
 
 def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream], states: list[dict],
@@ -223,6 +238,8 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         state.precision = run.precision
         if level.world_wide:
             run.record(state.history)
+        if comm.is_leader:
+            _curves(run, level, name, state.history, rewrite=True)
     trained = comm.data_parallel(model)
     if cfg.compile:
         mode, why = compile_mode(cfg.compile_mode, comm.size, comm.device.type)
@@ -294,10 +311,7 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         if comm.is_leader:
             for row in rows:
                 print_epoch(level.net_name(row["group"]) if row["group"] is not None else name, recipe.epochs, row)
-                run.reporter.scalars(level.phase, level.net_name(row["group"]) if row["group"] is not None else name,
-                                     row["epoch"], {"train/loss": row["loss"], "train/top1": row["top1"],
-                                                    "test/top1": row["test_top1"], "test/top5": row["test_top5"],
-                                                    "lr": row["lr"], "images_per_s": row["images_per_s"]})
+            _curves(run, level, name, rows)
         if stats.stop_requested:  # the epoch was complete: it is kept, then we stop
             log(f"{name}: stop requested; epoch {epoch + 1} is checkpointed", rank=comm.rank)
             raise Preempted()

@@ -118,16 +118,26 @@ class Reporter:
 
     def scalars(self, phase: str, net: str, step: int, values: dict[str, float | None]) -> None:
         """One point per value on the curves of ``phase``/``net`` (the caller reports)."""
+        self.curves(phase, net, [(step, values)])
+
+    def curves(self, phase: str, net: str, points: list[tuple[int, dict[str, float | None]]], *,
+               rewrite: bool = False) -> None:
+        """Points on the curves of ``phase``/``net``. ``rewrite``: they are the whole curve so
+        far (a resumed run's history): what earlier writers left there is hidden (TensorBoard's
+        purge), so a run that stopped between a checkpoint and its points, or had no
+        --tensorboard before, shows every epoch once."""
         if not self.tensorboard:
             return
         key = f"{phase}/{net}"
         if key not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
-            self._writers[key] = SummaryWriter(str(self.out / "tensorboard" / phase / net))
+            self._writers[key] = SummaryWriter(str(self.out / "tensorboard" / phase / net),
+                                               purge_step=1 if rewrite else None)
         writer = self._writers[key]
-        for name, value in values.items():
-            if value is not None:
-                writer.add_scalar(name, value, step)
+        for step, values in points:
+            for name, value in values.items():
+                if value is not None:
+                    writer.add_scalar(name, value, step)
         writer.flush()
 
     def close(self) -> None:

@@ -187,6 +187,42 @@ def test_progress_lines_and_tensorboard_curves_as_the_run_goes(tmp_path):
         assert [e.value for e in losses] == pytest.approx([r["loss"] for r in mine], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_tensorboard_at_a_resume_draws_every_epoch_once(tmp_path):
+    """--tensorboard given only at --resume draws the epochs trained before it, finished phases
+    too; a phase resumed after a kill between its last checkpoint and its final one (so after
+    its curve was drawn) draws each epoch once, not twice."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    args = [*TINY, "--subnets", "2", "--subnet-epochs", "2", "--finetune-epochs", "2", "--strategy", "dd",
+            "--train-samples", "128", "--test-samples", "64", "--out", str(out)]
+    assert run_dd(args, nproc=2).returncode == 0
+    assert not (out / "tensorboard").exists()
+    rows = read_metrics(out)
+
+    def curves():
+        drawn = {}
+        for phase, net in (("subnet", "subnet0"), ("subnet", "subnet1"), ("finetune", "finetune")):
+            events = event_accumulator.EventAccumulator(str(out / "tensorboard" / phase / net))
+            events.Reload()
+            drawn[net] = [(e.step, e.value) for e in events.Scalars("train/loss")]
+        return drawn
+
+    expected = {net: [(r["epoch"], pytest.approx(r["loss"], rel=1e-6)) for r in rows
+                      if r["phase"] == phase and r["group"] == group]
+                for phase, net, group in (("subnet", "subnet0", 0), ("subnet", "subnet1", 1),
+                                          ("finetune", "finetune", None))}
+    assert all(len(points) == 2 for points in expected.values())
+    result = run_dd([*args, "--resume", "--tensorboard"], nproc=2)
+    assert result.returncode == 0, explain(result)
+    assert curves() == expected
+    checkpoint_path(out, "finetune", "final").unlink()  # as if killed before writing it
+    result = run_dd([*args, "--resume", "--tensorboard"], nproc=2)
+    assert result.returncode == 0, explain(result)
+    assert re.search(r"^finetune: resuming after epoch 2$", result.stdout, re.M), explain(result)
+    assert curves() == expected
+
+
 # --- stops and restarts -----------------------------------------------------------------------
 RESUME_RUN = [*TINY, "--subnets", "2", "--subnet-epochs", "2", "--finetune-epochs", "2", "--baseline-epochs", "0",
               "--train-samples", "512", "--test-samples", "64", "--strategy", "dd", "--deterministic"]
