@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .catalog import DATASETS, LoadRequest
-from .decoded import cached_split, decode_in_memory
+from .decoded import cached_split, check_in_memory_fits, decode_in_memory
 from .errors import UsageError
 from .formats import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier
 from .progress import log
@@ -74,6 +74,7 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     if data.decode_size is not None:
         if cfg.cache_dir is not None:
             log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)
+        check_in_memory_fits(len(data.train) + len(data.test), data.decode_size, comm)
         data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers, cfg.io_timeout),
                        test=decode_in_memory(data.test, data.decode_size, comm, workers, cfg.io_timeout))
     elif cfg.cache_dir is not None:

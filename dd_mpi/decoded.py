@@ -46,6 +46,7 @@ from .errors import UsageError
 from .formats import CheckedLoader, InMemorySplit, ShorterSideResize, stored_size, worker_ignores_stop_signals
 from .launch import STOP_SIGNALS
 from .progress import log
+from .rendezvous import node_memory
 
 CACHE_FORMAT = 1  # bump when the stored pixels change meaning
 DECODE_BATCH = 64  # images a DataLoader worker decodes per batch: a builder's heartbeat comes between batches
@@ -178,6 +179,24 @@ def build_while_others_wait(comm, builds: bool, build: Callable[[Heartbeat], str
         finished, failure = _round(comm, state)
         if finished:
             return failure
+
+
+def check_in_memory_fits(images: int, size: int, comm) -> None:
+    """Refuse small images that, decoded at ``size`` (--image-size), do not fit in the memory
+    of every rank (each holds them all): torch.empty of a terabyte was a traceback on every
+    rank, and one just too large filled the node until the OOM killer ended the job. One
+    verdict for all: every rank weighs every node's memory against its ranks."""
+    need = images * (3 * size * size + 8)  # uint8 pixels and an int64 label each
+    nodes: dict[str, list[int]] = {}
+    for host, memory in comm.slow.allgather_object((socket.gethostname(), node_memory())):
+        nodes.setdefault(host, []).append(memory)
+    host, memories = min(nodes.items(), key=lambda item: min(item[1]) // len(item[1]))
+    have = min(memories) // len(memories)
+    if need > have:
+        ranks = f"each of its {len(memories)} ranks" if len(memories) > 1 else "its rank"
+        raise UsageError(f"--image-size {size}: the {images:,} small images, decoded in memory at {size} px, take "
+                         f"{need / 2**30:,.1f} GiB on every rank, and {host}'s memory gives {ranks} "
+                         f"{have / 2**30:,.1f} GiB: give a smaller --image-size, or cap --train-samples")
 
 
 def decode_in_memory(split: Dataset, size: int, comm, workers: int, io_timeout: float | None = None) -> InMemorySplit:
@@ -319,8 +338,9 @@ def remove_killed_builds(stem: Path, host: str) -> list[Path]:
     building now), are left."""
     dataset = stem.name.split("-", 1)[0]  # (cache_stem's names: DATASET-SPLIT-SIZEpx-HASH)
     removed = []
-    for path in stem.parent.glob(glob.escape(f"{dataset}-") + "*" + glob.escape(f".tmp-{host}-") + "*"):
-        pid = path.name.rsplit("-", 1)[1]
+    mark = f".tmp-{host}-"
+    for path in stem.parent.glob(glob.escape(f"{dataset}-") + "*" + glob.escape(mark) + "*"):
+        pid = path.name.rsplit(mark, 1)[1]  # (all digits: host vm's glob also matches host vm-2's files)
         if not pid.isdigit() or _alive(int(pid)):
             continue
         try:
@@ -364,19 +384,48 @@ def open_cache(stem: Path, size: int) -> InMemorySplit:
     return InMemorySplit(torch.from_numpy(images), torch.from_numpy(labels), crop_to=size)
 
 
-UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars expands, or leaves when unset
+# $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}; any other ${...} is refused
+SHELL_VARIABLE = re.compile(r"\$(?:(\w+)|\{(\w+)(?:(:?-)([^}]*))?\}|(\{[^}]*\}))")
+
+
+def expand_cache_dir(flag_value: str, rank: int, environ=os.environ) -> tuple[str, str | None]:
+    """--cache-dir as this rank reads it (``$VARS`` from its own environment, so that a quoted
+    ``'$TMPDIR/dd-cache'`` is node-local), and why it cannot be used, if so. os.path.expandvars
+    left an unset $NAME as it was (a folder named '$NAME' was built), expanded an empty one to
+    nothing (a cache under /), and read ``${TMPDIR:-/scratch}`` as a variable of that name."""
+    unset, empty, unknown = [], [], []
+
+    def value(match: re.Match) -> str:
+        name, form, default, other = match.group(1) or match.group(2), match.group(3), match.group(4), match.group(5)
+        if other is not None:
+            unknown.append(f"${other}")
+            return match.group(0)
+        got = environ.get(name)
+        if form == ":-" and not got or form == "-" and got is None:
+            return default
+        if got is None:
+            unset.append(f"${name}")
+        elif not got:
+            empty.append(f"${name}")
+        return got or ""
+
+    folder = SHELL_VARIABLE.sub(value, os.path.expanduser(flag_value))
+    where = f"on rank {rank} ({socket.gethostname()})"
+    if unknown:
+        return folder, (f"--cache-dir {flag_value}: {unknown[0]} is a shell form dd-train does not expand: give "
+                        "$NAME, ${NAME} or ${NAME:-default}")
+    for names, what, fix in ((unset, "not set", "export"), (empty, "empty", "give a value to")):
+        if names:
+            names, one = list(dict.fromkeys(names)), len(set(names)) == 1
+            return folder, (f"--cache-dir {flag_value}: {', '.join(names)} {'is' if one else 'are'} {what} {where}: "
+                            f"{fix} {'it' if one else 'them'} or give another folder")
+    return folder, None
 
 
 def _folder_problem(flag_value: str, folder: str, rank: int) -> str | None:
     """Why this rank cannot hold the cache in ``folder`` (--cache-dir expanded here), found
-    before anything is written: a variable unset on this rank (expandvars leaves "$NAME", and
-    the build made a folder of that name), or a file where a folder should be."""
-    named = dict.fromkeys(name.strip("{}") for name in UNSET_VARIABLE.findall(flag_value))
-    unset = [name for name in named if name not in os.environ]
-    if unset:
-        names = ", ".join(f"${name}" for name in unset)
-        return (f"--cache-dir {flag_value}: {names} {'is' if len(unset) == 1 else 'are'} not set on rank "
-                f"{rank} ({socket.gethostname()}): export {'it' if len(unset) == 1 else 'them'} or give another folder")
+    before anything is written: a file where a folder should be, or a folder on the way that
+    this user may not enter."""
     existing = Path(folder)
     try:
         while not existing.exists() and existing != existing.parent:
@@ -400,9 +449,9 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     builds take, hearing from the builders at least every --io-timeout / 4
     (``build_while_others_wait``). An unset variable, a file for a folder, an unreadable
     image, an unwritable folder or a cache a rank cannot read stops every rank with one line."""
-    folder = os.path.expandvars(os.path.expanduser(cfg.cache_dir))
-    problems = [problem for problem in comm.slow.allgather_object(_folder_problem(cfg.cache_dir, folder, comm.rank))
-                if problem]
+    folder, problem = expand_cache_dir(cfg.cache_dir, comm.rank)
+    problem = problem or _folder_problem(cfg.cache_dir, folder, comm.rank)
+    problems = [problem for problem in comm.slow.allgather_object(problem) if problem]
     if problems:  # (on each rank: a variable may be unset on one node only)
         raise UsageError(problems[0])
     samples = sample_list(split)
@@ -449,6 +498,8 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
         opened = open_cache(stem, size)
         if len(opened.labels) != len(samples):
             raise ValueError(f"{stem.name}.json says {len(opened.labels)} samples, the split has {len(samples)}")
+        if not np.array_equal(opened.labels.numpy(), [label for _, label in samples]):  # (a damaged file: a
+            raise ValueError(f"{stem.name}.labels.npy holds other labels than the split's")  # traceback in the loss)
     except (OSError, ValueError, EOFError) as raised:  # (EOFError: numpy's word for an empty file)
         error = f"{type(raised).__name__}: {raised}"
     failed = [(rank, message) for rank, message in enumerate(comm.slow.allgather_object(error)) if message]

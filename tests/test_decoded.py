@@ -204,6 +204,7 @@ def test_a_killed_builds_temporaries_on_this_host_are_removed_by_the_next_build(
     # ... and another cache's of the dataset (images changed since: no build of it comes again)
     killed.append(str(tmp_path / "cache" / f"food101-train-32px-0123456789abcdef.images.npy.tmp-{host}-{finished.pid}"))
     kept = [f"{stem}.images.npy.tmp-{host}-{running.pid}", f"{stem}.images.npy.tmp-other-node-{finished.pid}",
+            f"{stem}.images.npy.tmp-{host}-2-{finished.pid}",  # host X-2's (this glob matches it): alive there
             str(tmp_path / "cache" / f"notes.txt.tmp-{host}-{finished.pid}")]  # no cache's: someone else's file
     try:
         for name in killed + kept:
@@ -252,6 +253,41 @@ def test_an_unset_variable_in_cache_dir_is_one_line_and_writes_nothing(tmp_path,
     assert len(list((tmp_path / "set").glob("*.images.npy"))) == 1
 
 
+@pytest.mark.parametrize("flag, folder, problem", [
+    ("$DD_SET/c", "/set/c", None), ("${DD_SET}/c", "/set/c", None), ("${DD_SET:-/f}/c", "/set/c", None),
+    ("${DD_UNSET:-/f}/c", "/f/c", None), ("${DD_EMPTY:-/f}/c", "/f/c", None), ("${DD_UNSET-/f}/c", "/f/c", None),
+    ("/a$/c", "/a$/c", None),
+    ("$DD_UNSET/c", None, "$DD_UNSET is not set on rank 3 (HOST): export it or give another folder"),
+    ("$DD_EMPTY/c", None, "$DD_EMPTY is empty on rank 3 (HOST): give a value to it or give another folder"),
+    ("${DD_EMPTY-/f}/c", None, "$DD_EMPTY is empty on rank 3 (HOST): give a value to it or give another folder"),
+    ("$DD_UNSET/$DD_NONE", None, "$DD_UNSET, $DD_NONE are not set on rank 3 (HOST): export them or give another"),
+    ("${DD_SET:+x}/c", None, "${DD_SET:+x} is a shell form dd-train does not expand: give $NAME, ${NAME} or "
+                             "${NAME:-default}")])
+def test_cache_dir_variables_expand_as_the_shell_would_or_are_one_line(flag, folder, problem):
+    """'${TMPDIR:-/scratch}/c' was refused as an unset variable named 'TMPDIR:-/scratch'; an
+    empty $TMPDIR put the cache under /."""
+    from dd_mpi.decoded import expand_cache_dir
+    got, why = expand_cache_dir(flag, 3, {"DD_SET": "/set", "DD_EMPTY": ""})
+    if problem is None:
+        assert (got, why) == (folder, None)
+    else:
+        assert why.startswith(f"--cache-dir {flag}: {problem.replace('HOST', socket.gethostname())}"), why
+
+
+def test_small_images_that_cannot_fit_in_memory_are_one_line():
+    """torch.empty of a terabyte for --image-size 100000 was a traceback on every rank."""
+    from dd_mpi.decoded import check_in_memory_fits
+    from dd_mpi.rendezvous import node_memory
+    comm = Comm([0], 0, None, CPU)
+    check_in_memory_fits(1000, 32, comm)
+    side = math.isqrt(node_memory() // 3 // 96) + 1  # 96 images of this side take more than the node has
+    with pytest.raises(UsageError, match=rf"^--image-size {side}: the 96 small images, decoded in memory at "
+                                         rf"{side} px, take [\d,.]+ GiB on every rank, and {socket.gethostname()}'s "
+                                         r"memory gives its rank [\d,.]+ GiB: give a smaller --image-size, or cap "
+                                         r"--train-samples$"):
+        check_in_memory_fits(96, side, comm)
+
+
 def _cut_labels(images, labels, index):
     return images, labels[:len(labels) // 2], index
 
@@ -272,10 +308,17 @@ def _index_of_nothing(images, labels, index):  # valid JSON, no index (a hand ed
     return images, labels, []
 
 
+def _other_label(images, labels, index):  # a label past the classes was an IndexError in the loss
+    labels = labels.copy()
+    labels[-1] = 99
+    return images, labels, index
+
+
 @pytest.mark.parametrize("damage, named", [(_index_of_nothing, ".json holds no cache index"),
                                            (_cut_labels, "labels.npy"), (_cut_images, "images.npy"),
                                            (_cut_all, ".json says 5 samples, the split has 6"),
-                                           (_other_size, ".json says 28 px, not 32")])
+                                           (_other_size, ".json says 28 px, not 32"),
+                                           (_other_label, "labels.npy holds other labels than the split's")])
 def test_a_cache_whose_files_disagree_is_one_line(tmp_path, damage, named):
     """A labels file cut to half its images was read as it came: half the test set scored, silently."""
     data = food101(tmp_path)
