@@ -251,15 +251,21 @@ def _median_side(samples: list[tuple[str, int]]) -> int:
     return sides[len(sides) // 2]
 
 
-def _folder_read_twice(samples: list[tuple[str, int]], split_root: str) -> str | None:
+def _real_folders(samples: list[tuple[str, int]]) -> dict[str, str]:
+    """Each folder that holds images of ``samples`` -> its real path (links resolved): a realpath
+    per folder, not per file, is cheap on any file system."""
+    return {folder: os.path.realpath(folder) for folder in {os.path.dirname(path) for path, _ in samples}}
+
+
+def _folder_read_twice(real_folders: dict[str, str], split_root: str) -> str | None:
     """A folder of images reached by two paths, through a symbolic link (os.walk follows
-    links), or None. A link back into an ancestor (`ln -s . again`) listed every image ~40
-    times over, one class swamping the rest; a link to a folder already read (`ln -s
-    ../b a/more`, or one folder linked into two classes) counted its images twice, under two
-    classes. Folders, not files, are compared: a realpath per folder is cheap on any file system."""
+    links), or None; ``real_folders`` from ``_real_folders``. A link back into an ancestor (`ln
+    -s . again`) listed every image ~40 times over, one class swamping the rest; a link to a
+    folder already read (`ln -s ../b a/more`, or one folder linked into two classes) counted its
+    images twice, under two classes."""
     first_path_of: dict[str, str] = {}
-    for folder in sorted({os.path.dirname(path) for path, _ in samples}, key=lambda f: (len(f), f)):
-        earlier = first_path_of.setdefault(os.path.realpath(folder), folder)
+    for folder in sorted(real_folders, key=lambda f: (len(f), f)):
+        earlier = first_path_of.setdefault(real_folders[folder], folder)
         if earlier == folder:
             continue
         if folder.startswith(earlier + os.sep):
@@ -287,6 +293,30 @@ def _first_link(path: str, split_root: str) -> str | None:
         if os.path.islink(current):
             return current
     return None
+
+
+def _test_images_trained_on(root: str, samples: dict[str, list[tuple[str, int]]],
+                            real_folders: dict[str, dict[str, str]]) -> str | None:
+    """A test image that is also a training image (``val`` a link to ``train``, or a class
+    linked across), or None: the run scored on its training images (100 %) without a word.
+    A file's real path is taken as its folder's (``_real_folders``) and its name: no system
+    call per file, on every rank (an image file linked across alone goes unseen)."""
+    def real_paths(split: str) -> dict[str, str]:
+        return {os.path.join(real_folders[split][os.path.dirname(path)], os.path.basename(path)): path
+                for path, _ in samples[split]}
+
+    trained, tested = real_paths("train"), real_paths("val")
+    shared = sorted((tested[real], trained[real]) for real in trained.keys() & tested.keys())
+    if not shared:
+        return None
+    (test_image, train_image), more = shared[0], len(shared) - 1
+    also = f", as {'is 1 more test image' if more == 1 else f'are {more} more test images'}" if more else ""
+    link = _first_link(test_image, root) or _first_link(train_image, root)
+    how = (f"through the symbolic link {os.path.relpath(link, root)} -> {os.readlink(link)}" if link else
+           "by another path")  # (a bind mount, say)
+    return (f"--data-dir {root}: {os.path.relpath(test_image, root)} is {os.path.relpath(train_image, root)} "
+            f"({how}{also}): the test set must hold other images than the training set: "
+            f"{'remove the link' if link else 'read each image once'}")
 
 
 def _class_of(path: str, split_root: str) -> str:
@@ -447,10 +477,23 @@ def _class_dirs(path: str) -> list[str]:
 
 
 def _tool_debris(name: str) -> bool:
-    """A folder that tools leave among the class folders, which holds no class: hidden ones
-    (Jupyter's .ipynb_checkpoints, .git) and the __MACOSX of a zip made on a Mac. Each was a
-    class: empty, or one the other split lacked."""
-    return name.startswith(".") or name == "__MACOSX"
+    """A folder that tools leave among the class folders or inside them, which holds no class
+    and no images to train on: hidden ones (Jupyter's .ipynb_checkpoints, .git, .thumbnails),
+    the __MACOSX of a zip made on a Mac and a Synology NAS's @eaDir (its thumbnails). Each was a
+    class (empty, or one the other split lacked), or its thumbnails trained as their class."""
+    return name.startswith(".") or name in ("__MACOSX", "@eaDir")
+
+
+def _broken_link(root: str, paths: list[str]) -> str | None:
+    """Why a class folder (or a split's) cannot be read when it is a symbolic link whose target
+    is gone (an unmounted NAS), or None: it was dropped without a word (its class then 'only in'
+    the other split)."""
+    broken = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
+    if not broken:
+        return None
+    also = f" (as are {len(broken) - 1} more links there)" if len(broken) > 1 else ""
+    return (f"--data-dir {root}: {os.path.relpath(broken[0], root)} is a broken symbolic link to "
+            f"{os.readlink(broken[0])}{also}: restore its target or remove the link")
 
 
 class _ImageFolder(tv_datasets.ImageFolder):
@@ -475,7 +518,11 @@ def _imagefolder_check(root: str) -> Callable[[], str | None]:
         for split in ("train", "val"):
             path = os.path.join(root, split)
             if not os.path.isdir(path):
-                return f"--data-dir {root} has no {split}/ folder: expected {layout}"
+                return _broken_link(root, [path]) or f"--data-dir {root} has no {split}/ folder: expected {layout}"
+            broken = _broken_link(root, sorted(entry.path for entry in os.scandir(path)
+                                               if not _tool_debris(entry.name)))
+            if broken:
+                return broken
             if not _class_dirs(path):
                 return f"{path} has no class folders: expected {layout}"
         classes = _class_dirs(os.path.join(root, "train"))
@@ -500,23 +547,21 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
         if empty:
             raise UsageError(kinds[split].empty_class_message(empty))
     raise_on(_class_mismatch(splits["train"].classes, splits["val"].classes, f"--data-dir {root}"))
-    for split, folder in splits.items():
-        read_twice = _folder_read_twice(folder.samples, os.path.join(root, split))
+    real_folders = {split: _real_folders(folder.samples) for split, folder in splits.items()}
+    for split in splits:
+        read_twice = _folder_read_twice(real_folders[split], os.path.join(root, split))
         if read_twice:
             raise UsageError(f"--data-dir {root}: {read_twice}")
+    raise_on(_test_images_trained_on(root, {split: folder.samples for split, folder in splits.items()},
+                                     real_folders))
     median_side = _median_side(splits["train"].samples)
     small = median_side <= SMALL_IMAGE_PX
     size = image_size or (32 if small else 224)
     splits["train"].transform, splits["val"].transform = (_small_transforms if small else
                                                           _large_transforms)(size)
     classes = splits["train"].classes
-    notes = tuple(f"{os.path.join(root, split)}: {kinds[split].skipped_note()}"
-                  for split in ("train", "val") if kinds[split].skipped)
-    for split in ("train", "val"):
-        debris = sorted(entry.name for entry in os.scandir(os.path.join(root, split))
-                        if entry.is_dir() and _tool_debris(entry.name))
-        if debris:
-            notes += (f"{os.path.join(root, split)}: {', '.join(debris)} left out: tools' folders, not classes",)
+    notes = tuple(f"{os.path.join(root, split)}: {note}"
+                  for split in ("train", "val") for note in (*kinds[split].notes(), *_outside_classes(root, split)))
     if image_size is None and median_side != size:  # resized by default: the log says so (rank 0)
         notes += (f"{os.path.join(root, 'train')}: the images ({median_side} px, the median longer side) train at "
                   f"{size}x{size} px, the default for {'small' if small else 'large'} images: "
@@ -527,16 +572,30 @@ def load_imagefolder(root: str, image_size: int | None, verify_once: Verifier) -
                          decode_size=size if small else None, notes=notes)
 
 
+def _outside_classes(root: str, split: str) -> list[str]:
+    """Notes of what lies beside the class folders and is left out: tools' folders, and images
+    directly in the split's folder (they were ignored without a word)."""
+    entries = list(os.scandir(os.path.join(root, split)))
+    debris = sorted(entry.name for entry in entries if entry.is_dir() and _tool_debris(entry.name))
+    loose = sum(1 for entry in entries if entry.is_file() and not entry.name.startswith(".")
+                and tv_datasets.folder.has_file_allowed_extension(entry.name, tv_datasets.folder.IMG_EXTENSIONS))
+    return ([f"{', '.join(debris)} left out: tools' folders, not classes"] if debris else []) + (
+        [f"{loose} images directly in the folder, not in a class folder: left out"] if loose else [])
+
+
 class _ImageFiles:
     """torchvision's test of an image file (its extensions), counting the files it leaves out
     whose extension PIL reads as an image (.gif, .jfif, ...): 20 GIFs of a class were left
     out without a word. Text, JSON and the like are left out silently, as before, unless a
     class holds nothing else: its error then says what it holds (it said 'no image files' of
-    a folder of GIFs). Hidden files (.DS_Store) are not counted."""
+    a folder of GIFs). Hidden files (.DS_Store) are not counted. Nor read are the files in
+    tools' folders within a class (``_tool_debris``: .thumbnails, @eaDir), which trained as the
+    class; the images among them are counted."""
 
     def __init__(self, split_root: str):
         self.split_root = split_root
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}  # extension -> files of image formats not read
+        self.in_tool_folders: dict[str, int] = {}  # tools' folder name -> images in it, left out
         self.unread_in_class: dict[str, dict[str, int]] = {}  # class -> {extension: files}
         self.images = {ext for ext, kind in Image.registered_extensions().items()  # (stubs: no pixels to
                        if kind in Image.OPEN and "Stub" not in Image.OPEN[kind][0].__module__}  # read, e.g. .h5)
@@ -544,7 +603,16 @@ class _ImageFiles:
     def __call__(self, path: str) -> bool:
         if os.path.basename(path).startswith("."):  # (a Mac's ._photo.jpg is its metadata, no image)
             return False
-        if tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS):
+        is_image = tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS)
+        # The scan joins its paths onto split_root, so a slice gives the folders within the class
+        # (a relpath per file took 15 us: 20 s for ImageNet, on every rank).
+        folders_in_class = path[len(self.split_root) + 1:].split(os.sep)[1:-1]
+        tool_folder = next((name for name in folders_in_class if _tool_debris(name)), None)
+        if tool_folder is not None:
+            if is_image:
+                self.in_tool_folders[tool_folder] = self.in_tool_folders.get(tool_folder, 0) + 1
+            return False
+        if is_image:
             return True
         extension = os.path.splitext(path)[1].lower()
         if extension in self.images:
@@ -568,7 +636,16 @@ class _ImageFiles:
                 f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}){others}: convert {them} to PNG or JPEG, "
                 "or remove the class folder")
 
-    def skipped_note(self) -> str:
-        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
-        return (f"{sum(self.skipped.values())} files of image formats not read ({counts}): torchvision reads "
-                f"{' '.join(tv_datasets.folder.IMG_EXTENSIONS)}; convert the images among them to use them")
+    def notes(self) -> list[str]:
+        """What was left out that one may take for images of the set."""
+        notes = []
+        if self.skipped:
+            counts = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
+            notes.append(f"{sum(self.skipped.values())} files of image formats not read ({counts}): torchvision "
+                         f"reads {' '.join(tv_datasets.folder.IMG_EXTENSIONS)}; convert the images among them to "
+                         "use them")
+        if self.in_tool_folders:
+            notes.append(f"{sum(self.in_tool_folders.values())} images in hidden or tools' folders within the "
+                         f"classes ({', '.join(sorted(self.in_tool_folders))}) left out: tools' files, not images "
+                         "of the class")
+        return notes

@@ -579,3 +579,80 @@ def test_tools_folders_and_a_mac_s_metadata_files_are_no_classes_or_images(tmp_p
     assert data.class_names == ("a", "b") and len(data.train) == 4 and len(data.test) == 2
     assert data.notes == (f"{tmp_path / 'train'}: .ipynb_checkpoints left out: tools' folders, not classes",
                           f"{tmp_path / 'val'}: __MACOSX left out: tools' folders, not classes")
+
+
+@pytest.mark.parametrize("linked", ["split", "class"])
+def test_a_test_image_that_is_a_training_image_through_a_link_is_refused(tmp_path, linked):
+    """`val -> train` (or a class linked across) scored the run on its training images, 100 %,
+    without a word."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    train, val = tmp_path / "train", tmp_path / "val"
+    if linked == "split":
+        shutil.rmtree(val)
+        val.symlink_to("train")
+        shown = "val/a/a_0000.png is train/a/a_0000.png (through the symbolic link val -> train, as are 3 more"
+    else:
+        shutil.rmtree(val / "a")
+        (val / "a").symlink_to(train / "a")
+        shown = f"val/a/a_0000.png is train/a/a_0000.png (through the symbolic link val/a -> {train / 'a'}, as is 1 more"
+    usage_error(lambda: load("imagefolder", tmp_path), f"--data-dir {tmp_path}: {shown}",
+                "the test set must hold other images than the training set: remove the link")
+
+
+def test_test_images_linked_from_elsewhere_are_fine(tmp_path):
+    """Splits made of links into one pool of images are no leak while no image is in both."""
+    write_imagefolder(tmp_path / "pool", classes=("a", "b"), per_class=1, val_per_class=0)
+    write_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=2, val_per_class=0)
+    for name in ("a", "b"):
+        (tmp_path / "d" / "val" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / "val" / name / "x.png").symlink_to(tmp_path / "pool" / "train" / name / f"{name}_0000.png")
+    data = load("imagefolder", tmp_path / "d", image_size=16)
+    assert len(data.train) == 4 and len(data.test) == 2
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_folder_that_is_a_broken_link_is_named_with_its_target(tmp_path, split):
+    """train/zzz -> an unmounted NAS was dropped without a word ('only in test: zzz')."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=1, val_per_class=1)
+    gone = tmp_path / "nas" / "zzz"
+    (tmp_path / split / "zzz").symlink_to(gone)
+    (tmp_path / split / ".zzz").symlink_to(gone)  # hidden: no class, broken or not
+    usage_error(lambda: load("imagefolder", tmp_path), f"--data-dir {tmp_path}: {split}/zzz is a broken symbolic "
+                f"link to {gone}: restore its target or remove the link")
+    (tmp_path / split / "zzz").unlink()
+    shutil.move(tmp_path / split, tmp_path / "moved")
+    (tmp_path / split).symlink_to(tmp_path / "nowhere")  # the split's folder itself
+    usage_error(lambda: load("imagefolder", tmp_path), f"{split} is a broken symbolic link to {tmp_path / 'nowhere'}")
+
+
+def test_images_in_tools_folders_within_a_class_are_left_out_and_noted(tmp_path):
+    """train/a/.thumbnails/t.png and a Synology's train/b/@eaDir/<image>/SYNOFILE_THUMB_M.jpg
+    trained as their classes."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    thumbnails = tmp_path / "train" / "a" / ".thumbnails"
+    synology = tmp_path / "train" / "b" / "@eaDir" / "b_0000.png"
+    for folder in (thumbnails, synology):
+        folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(thumbnails / "t.png")
+    for name in ("SYNOFILE_THUMB_M.jpg", "SYNOFILE_THUMB_S.jpg"):
+        Image.new("RGB", (8, 8)).save(synology / name)
+    (synology / "SYNOINDEX_MEDIA_INFO").write_text("{}")  # no image: not counted
+    data = load("imagefolder", tmp_path, image_size=16)
+    assert len(data.train) == 4 and data.notes == (
+        f"{tmp_path / 'train'}: 3 images in hidden or tools' folders within the classes (.thumbnails, @eaDir) left "
+        "out: tools' files, not images of the class",)
+    (tmp_path / "val" / "@eaDir" / "a_0000.png").mkdir(parents=True)  # beside the classes: no class either
+    assert load("imagefolder", tmp_path, image_size=16).notes[1:] == (
+        f"{tmp_path / 'val'}: @eaDir left out: tools' folders, not classes",)
+
+
+def test_images_directly_in_a_split_folder_are_noted(tmp_path):
+    """train/*.png beside the class folders were left out without a word."""
+    write_imagefolder(tmp_path, classes=("a", "b"), per_class=2, val_per_class=1)
+    for name in ("x.png", "y.JPG"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / name)
+    (tmp_path / "train" / "README.txt").write_text("not an image")
+    (tmp_path / "train" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = load("imagefolder", tmp_path, image_size=16)
+    assert len(data.train) == 4 and data.notes == (
+        f"{tmp_path / 'train'}: 2 images directly in the folder, not in a class folder: left out",)
