@@ -17,12 +17,13 @@ import io
 import os
 import shlex
 import signal
+import socket
 import sys
 import traceback
 
 # torch and what is built on it are imported by the ranks only (in main, below the --nproc
 # branch): `dd-train --nproc K` itself checks the flags, starts K ranks and waits (catalog.py)
-from .config import config_yaml, parse_config
+from .config import config_yaml, parse_config, ranks_disagree
 from .errors import (EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, PeerFailed, PhaseFailed, Preempted, UsageError,
                      peer_lost)
 from .launch import (STOP_SIGNALS, check_local_ranks, cpu_mask, cpu_threads_per_rank, data_workers, detect_launch,
@@ -156,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         precision = pick_precision(cfg.precision, device, cfg.device)
         world = _init_engine(cfg, launch, device, layouts)
         # which ranks share which CPUs is known only from all of them (how the launcher bound them)
-        threads = cpu_threads_per_rank(launch, world.comm.slow.allgather_object(cpu_mask()))
+        masks, settings = zip(*world.comm.slow.allgather_object(
+            (cpu_mask(), (socket.gethostname(), cfg.to_dict()))))
+        disagree = ranks_disagree(list(settings))
+        if disagree:
+            raise UsageError(disagree)
+        threads = cpu_threads_per_rank(launch, list(masks))
         torch.set_num_threads(cfg.threads or threads)
         from .pipeline import run  # after the world: imports nothing that talks
         run(cfg, world, stop, layouts, precision, cfg.workers if cfg.workers is not None else data_workers(threads))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+TIMEOUT_RANGE = (1, 30 * 24 * 3600)  # seconds --timeout and --io-timeout may be
 
 
 @dataclass
@@ -167,10 +168,11 @@ class RunConfig:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 1 or more")
-        for flag in ("timeout", "io_timeout"):
-            if not (getattr(self, flag) > 0 and math.isfinite(getattr(self, flag))):
-                raise UsageError(f"--{flag.replace('_', '-')} {getattr(self, flag)} is invalid: "
-                                 "use a positive number of seconds")
+        for flag in ("timeout", "io_timeout"):  # (below a second, a busy rank is taken for a lost one; past
+            value = getattr(self, flag)           # ~1e9 s, torch's timeouts overflow: a traceback, or 0 s)
+            if not TIMEOUT_RANGE[0] <= value <= TIMEOUT_RANGE[1]:
+                raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use {TIMEOUT_RANGE[0]} to "
+                                 f"{TIMEOUT_RANGE[1]:,} seconds (30 days)")
         for flag in ("workers", "warmup_epochs", "finetune_warmup_epochs", "momentum", "weight_decay",
                      "offdiag_std", "log_every"):
             value = getattr(self, flag)
@@ -425,6 +427,22 @@ def mistyped_keys(saved: dict) -> list[str]:
 
 NOT_SETTINGS = ("config", "print_config", "nproc")  # how a job was started, not what it runs
 JOB_ONLY = NOT_SETTINGS + ("out", "resume", "only_group")  # a job's, not a run's settings
+PER_NODE = NOT_SETTINGS + ("data_dir", "cache_dir", "threads", "workers")  # may differ from node to node
+
+
+def ranks_disagree(settings: list[tuple[str, dict]]) -> str | None:
+    """Why the ranks cannot run together, from each rank's (host, ``to_dict()``), or None: the
+    first rank whose settings differ from rank 0's (outside ``PER_NODE``). Two torchrun nodes
+    started with another --seed trained half the sub-nets from it, silently (config.json said
+    rank 0's); with another --subnets the ranks hung at the composition."""
+    host0, first = settings[0]
+    for rank, (host, mine) in enumerate(settings):
+        differ = [f"--{key.replace('_', '-')} {mine[key]} (rank 0: {first[key]})"
+                  for key in first if key not in PER_NODE and mine.get(key) != first[key]]
+        if differ:
+            return (f"rank {rank} (on {host}) was started with other settings than rank 0 (on {host0}): "
+                    f"{', '.join(differ)}: start every rank with the same flags and config file")
+    return None
 
 
 def read_config_file(path: str) -> dict:

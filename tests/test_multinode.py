@@ -8,6 +8,7 @@ the run are checked. (A two-node Slurm on one host: slurm/NOTES.md says why not 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -34,22 +35,41 @@ def check_two_nodes(out, launcher: str) -> dict:
     return report
 
 
-def test_two_torchrun_nodes_meet_at_a_c10d_rendezvous(tmp_path):
-    port, out = free_port(), tmp_path / "run"
+def two_torchrun_nodes(tmp_path, node_args: list[list[str]]) -> tuple[list[int], list[str]]:
+    """Two torchrun launcher trees, node k running dd_mpi with ``node_args[k]``: exit codes, logs."""
+    port = free_port()
     node = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal", "--max-restarts", "0"]
     env = launcher_free_env()
-    procs = [subprocess.Popen([*node, "--node-rank", str(k), "-m", "dd_mpi", *RUN, "--out", str(out)],
+    procs = [subprocess.Popen([*node, "--node-rank", str(k), "-m", "dd_mpi", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for k in (0, 1)]
+             for k, args in enumerate(node_args)]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(log[-4000:] for log in logs)
+    return [p.returncode for p in procs], logs
+
+
+def test_two_torchrun_nodes_meet_at_a_c10d_rendezvous(tmp_path):
+    out = tmp_path / "run"
+    codes, logs = two_torchrun_nodes(tmp_path, [[*RUN, "--out", str(out)]] * 2)
+    assert codes == [0, 0], "\n=====\n".join(log[-4000:] for log in logs)
     check_two_nodes(out, "torchrun")
+
+
+def test_a_node_started_with_other_flags_is_one_line_at_start_up(tmp_path):
+    """Node 1 with another --seed trained its sub-nets from it, silently (config.json said node
+    0's); with another --subnets the ranks hung at the composition."""
+    out = tmp_path / "run"
+    codes, logs = two_torchrun_nodes(tmp_path, [[*RUN, "--out", str(out)], [*RUN, "--seed", "1", "--out", str(out)]])
+    assert 0 not in codes, "\n=====\n".join(log[-4000:] for log in logs)
+    assert (f"dd-train: error: rank 2 (on {socket.gethostname()}) was started with other settings than rank 0 (on "
+            f"{socket.gethostname()}): --seed 1 (rank 0: 0): start every rank with the same flags and config file"
+            in logs[0]), logs[0][-4000:]
+    assert "dd-train: rank" not in logs[0] + logs[1] and not (out / "checkpoints").exists()  # (no rank failed)
 
 
 @pytest.mark.mpi

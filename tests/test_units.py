@@ -362,6 +362,8 @@ def test_a_net_with_no_step_to_take_is_refused_before_the_run():
     (["--subnets", "2", "--only-group", "2"], "--only-group 2 is invalid"),
     (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
     (["--timeout", "nan"], "--timeout nan is invalid"),
+    (["--timeout", "1e10"], "--timeout 10000000000.0 is invalid: use 1 to 2,592,000 seconds"),  # (torch: 0 s)
+    (["--io-timeout", "0.001"], "--io-timeout 0.001 is invalid: use 1 to"),  # (a rank 'lost' at start-up)
     (["--momentum", "-0.5"], "--momentum -0.5 is invalid"),
     (["--momentum", "1"], "--momentum 1.0 is invalid"),
     (["--weight-decay", "-0.0001"], "--weight-decay -0.0001 is invalid"),
@@ -1022,3 +1024,15 @@ def test_the_local_launcher_names_each_rank_a_signal_killed(capsys):
         "dd-train: rank 0 was killed by SIGKILL (out of memory? the kernel's OOM killer sends it, as does kill -9): "
         "the other ranks stop",
         "dd-train: rank 1 was killed by SIGSEGV (a crash in native code): the other ranks stop"]
+
+
+def test_ranks_that_disagree_on_a_setting_are_named_with_both_values():
+    """Node-local paths and resources may differ between nodes; what the run computes may not."""
+    from dd_mpi.config import ranks_disagree
+    base = RunConfig().to_dict()
+    same = [("a", base), ("a", base), ("b", {**base, "data_dir": "/local/data", "threads": 3, "cache_dir": "$T"})]
+    assert ranks_disagree(same) is None
+    other = [*same, ("b", {**base, "subnets": 4, "levels": [4, 1]})]
+    assert ranks_disagree(other) == ("rank 3 (on b) was started with other settings than rank 0 (on a): "
+                                     f"--subnets 4 (rank 0: {base['subnets']}), --levels [4, 1] (rank 0: None): "
+                                     "start every rank with the same flags and config file")
