@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 import time
 import warnings
@@ -358,6 +359,19 @@ class World(BaseWorld):
             dist.destroy_process_group()
 
 
+def _unresolved(addr: str, port: int, rank: int) -> str | None:
+    """Why this rank cannot reach MASTER_ADDR, or None: a name that does not resolve. The
+    store's client retried it for --io-timeout (30 min), saying only c10d's warnings."""
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        return (f"MASTER_ADDR {addr} does not resolve on rank {rank} ({socket.gethostname()}: "
+                f"{getattr(error, 'strerror', None) or error}): export a name or address of rank 0's node that "
+                "every node resolves, or under mpiexec and srun unset MASTER_ADDR and MASTER_PORT (the ranks "
+                "then agree on rank 0's)")
+    return None
+
+
 def _store(launch: LaunchInfo, addr: str, port: int, timeout: datetime.timedelta, mpi_world=None) -> dist.Store:
     """The rendezvous store. torchrun's agent hosts it (any rendezvous backend) and keeps it
     across ``--max-restarts``: a restarted worker group then reads the previous attempt's
@@ -369,6 +383,11 @@ def _store(launch: LaunchInfo, addr: str, port: int, timeout: datetime.timedelta
     and its other ranks joined the other job's store and hung there past every timeout."""
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and launch.launcher == "torchrun"
     master = launch.rank == 0 and not agent_hosts
+    unresolved = _unresolved(addr, port, launch.rank)
+    if mpi_world is not None:  # (each rank resolves it for itself; a node's DNS may differ)
+        unresolved = next((word for word in mpi_world.allgather(unresolved) if word), None)
+    if unresolved:
+        raise UsageError(unresolved, everywhere=mpi_world is not None)
     store = failure = None
     if master or mpi_world is None:
         try:

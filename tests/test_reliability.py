@@ -639,6 +639,20 @@ def test_a_rendezvous_port_in_use_under_mpiexec_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.mpi
+def test_a_master_addr_that_does_not_resolve_is_one_line_under_mpiexec(tmp_path):
+    """The store's clients retried an unresolvable MASTER_ADDR for --io-timeout (30 min),
+    printing only c10d's warnings."""
+    result = run_dd([*RUN, "--out", str(tmp_path / "run")], launcher="mpiexec", nproc=2, timeout=120,
+                    env={"MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29631"})
+    assert result.returncode == 2 and result.seconds < 60, explain(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("dd-train: error: MASTER_ADDR no-such-host.invalid does not "
+                                                   "resolve on rank 0 ("), explain(result)
+    assert lines[0].endswith("unset MASTER_ADDR and MASTER_PORT (the ranks then agree on rank 0's)"), explain(result)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["local", pytest.param("mpiexec", marks=pytest.mark.mpi)])
 def test_rank_variables_left_in_the_shell_are_not_taken_for_a_launcher(tmp_path, launcher):
     """RANK/WORLD_SIZE left in a shell (no torchrun set them): under mpiexec both ranks were
