@@ -52,7 +52,10 @@ class RunFiles:
         self.path = Path(path)
         report_file = self.path / "report.json"
         if not report_file.is_file():
-            raise FileNotFoundError(f"{self.path}: no report.json (is it a finished dd-train --out directory?)")
+            what = ("does not exist" if not self.path.exists() else
+                    "is a file, not a run directory" if not self.path.is_dir() else
+                    "has no report.json (a run writes it when it ends)")
+            raise FileNotFoundError(f"{self.path} {what}: give a finished dd-train run's --out directory")
         self.report = _json(report_file, report_file.read_bytes())
         _check_report(report_file, self.report)
         metrics_file = self.path / "metrics.jsonl"

@@ -218,8 +218,12 @@ def test_dd_only_and_baseline_only_runs(tmp_path):
 
 
 def test_missing_report_is_a_usage_error(tmp_path, capsys):
-    assert reporting.main([str(tmp_path)]) == 2
-    assert "no report.json" in capsys.readouterr().err
+    """A path that does not exist, or a checkpoint file, said 'no report.json' too."""
+    (tmp_path / "a.pt").write_bytes(b"")
+    for path, what in ((tmp_path, "has no report.json (a run writes it when it ends)"),
+                       (tmp_path / "nope", "does not exist"), (tmp_path / "a.pt", "is a file, not a run directory")):
+        assert reporting.main([str(path)]) == 2
+        assert capsys.readouterr().err.endswith(f"{path} {what}: give a finished dd-train run's --out directory\n")
 
 
 def damage(run: Path, file: str, edit) -> None:
