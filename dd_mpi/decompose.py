@@ -53,7 +53,8 @@ def subnet_spec(global_spec: ModelSpec, subnets: int) -> ModelSpec:
     try:
         build_model_check(spec)
     except UsageError as error:  # the sub-net's own message, which cannot know the flag
-        raise UsageError(f"--subnets {subnets} (each sub-net at --width {spec.width:g}): {error}") from None
+        raise UsageError(f"--subnets {subnets} (each sub-net at width {spec.width:g}, --width "
+                         f"{global_spec.width:g} / {subnets}): {error}") from None
     return spec
 
 
@@ -68,8 +69,8 @@ def build_model_check(spec: ModelSpec) -> None:
         with torch.device("meta"):
             build_model(spec)
     except RuntimeError as error:  # --width 1e9: "Storage size calculation overflowed"
-        raise UsageError(f"--width {spec.width:g} makes {spec.arch} too large to build ({error}): choose a "
-                         "smaller width") from None
+        raise UsageError(f"width {spec.width:g} makes {spec.arch} too large to build ({error}): choose a "
+                         "smaller --width") from None
 
 
 def composition_rules(spec: ModelSpec) -> dict[str, Rule]:

@@ -66,8 +66,9 @@ def test_bad_numbers_are_one_line_and_exit_2():
                         (["--verify", "--seed", str(2 ** 64 - 1)], f"--seed {2 ** 64 - 1} is out of range"),
                         (["--verify", "--seed", "-1"], "--seed -1 is out of range"),
                         # a RuntimeError traceback, and a build that never ended
-                        (["--width", "1e9", "--subnets", "1"], "--subnets 1 (each sub-net at --width 1e+09): "
-                                                                "--width 1e+09 makes resnet32 too large to build"),
+                        (["--width", "1e9", "--subnets", "2"], "--subnets 2 (each sub-net at width 5e+08, "
+                                                                "--width 1e+09 / 2): width 5e+08 makes resnet32 too "
+                                                                "large to build (Storage size calculation overflowed"),
                         (["--arch", "resnet6000002"], "--arch resnet6000002 is deeper than dd_mpi builds")):
         result = run(*flags)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (flags, result.stderr[-2000:])

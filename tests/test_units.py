@@ -409,8 +409,9 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--lr", "0"], "--lr 0.0 is invalid"),
     (["--width", "1", "--subnets", "3", "--only-group", "0"], "--subnets 3 does not divide layer1 of resnet20"),
     (["--width", "0.3", "--subnets", "1"], "--width 0.3 gives 4.8 channels"),
-    (["--width", "2", "--subnets", "32"], "--subnets 32 (each sub-net at --width 0.0625): option A shortcut from 1 "
-                                          "to 2 channels cannot be padded"),
+    (["--width", "2", "--subnets", "32"], "--subnets 32 (each sub-net at width 0.0625, --width 2 / 32): option A "
+                                          "shortcut from 1 to 2 channels cannot be padded evenly (an odd number "
+                                          "more): use --shortcut B or another --width"),
     (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
     (["--subnets", "x"], "argument --subnets: invalid int value: 'x' (dd-train --help lists the flags)"),
     (["--bogus", "4"], "unrecognized arguments: --bogus 4"),
