@@ -28,7 +28,8 @@ MAX_DEPTH = 2402  # twice He et al.'s ResNet1202; building resnet6000002 (to che
 
 def parse_depth(arch: str) -> int:
     digits = arch[len("resnet"):]
-    if not arch.startswith("resnet") or not (digits.isascii() and digits.isdigit()):  # (not "resnet２０")
+    if not arch.startswith("resnet") or not (digits.isascii() and digits.isdigit()) or digits.startswith("0"):
+        # (not "resnet２０"; not "resnet020", which made another run's config of the same net)
         raise UsageError(f"--arch {arch!r} is unknown: choose one of {KNOWN_ARCHS}")
     depth = int(digits)
     if depth not in BOTTLENECK_LAYERS and (depth < 8 or (depth - 2) % 6):

@@ -35,7 +35,7 @@ TIMEOUT_RANGE = (1, 30 * 24 * 3600)  # seconds --timeout and --io-timeout may be
 @dataclass
 class RunConfig:
     # --- model ---
-    arch: str = "resnet20"  # resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101
+    arch: str = "resnet20"  # resnet20/32/44/56/110 (any 6n+2), resnet50, resnet101, resnet152
     width: float = 2.0  # width factor w of the global net
     subnets: int = 2  # N: sub-networks trained in phase 1 (any N on any number of ranks)
     shortcut: str = "A"  # CIFAR nets: A zero-padding (per group), B 1x1 conv + BN
@@ -176,9 +176,9 @@ class RunConfig:
         for flag in ("workers", "warmup_epochs", "finetune_warmup_epochs", "momentum", "weight_decay",
                      "offdiag_std", "log_every"):
             value = getattr(self, flag)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
+            if value is not None and not (value >= 0 and math.isfinite(value)) and flag != "momentum":
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is invalid: use 0 or more")
-        if self.momentum >= 1:
+        if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum {self.momentum} is invalid: use [0, 1)")
         if self.image_size not in (None, 32) and self.dataset in ("cifar10", "cifar100"):
             raise UsageError(f"--image-size {self.image_size} does not apply to --dataset {self.dataset} "
@@ -226,6 +226,14 @@ class RunConfig:
         if "baseline" in self.strategies and self.baseline_epochs == 0:
             notes.append(f"--baseline-epochs 0 with --strategy {self.strategy}: the conventional net is not trained, "
                          "and its row (random_T) is an untrained net: use --strategy dd to leave it out")
+        if "dd" in self.strategies:  # (an epoch count of 0 trains nothing there: its rows say less than they seem)
+            untrained = [(self.subnet_epochs, "--subnet-epochs 0: the sub-nets are not trained: their rows "
+                          "(sub_net_k) and the composed net's (transfer) are untrained nets"),
+                         (self.level_epochs or len(self.level_counts) == 2, "--level-epochs 0: the intermediate "
+                          "nets are not fine-tuned: their _T rows are the nets as composed"),
+                         (self.finetune_epochs, "--finetune-epochs 0: the composed net is not fine-tuned: its "
+                          "transfer_T row is the net as composed (transfer)")]
+            notes += [note for epochs, note in untrained if not epochs]
         if self.data_dir and self.dataset == "synthetic":
             on_disk = ", ".join(name for name in DATASETS if name != "synthetic")
             notes.append(f"--data-dir {self.data_dir} is not read: --dataset synthetic (the default) is built in; "

@@ -115,8 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_version(parser)
     parser.add_argument("--preset", help="a dd-train preset: its net, width, shortcut, N and classes "
                                          "(the flags below override)")
-    parser.add_argument("--arch", default=None, help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101 "
-                                                      "(default resnet32)")
+    parser.add_argument("--arch", default=None, help="resnet20/32/44/56/110 (6n+2), resnet50, resnet101, "
+                                                      "resnet152 (default resnet32)")
     parser.add_argument("--width", type=float, default=None,
                         help="width factor of the global net (default 1: the paper's standard nets)")
     parser.add_argument("--subnets", type=int, default=None, help="number of sub-networks N (default 4)")

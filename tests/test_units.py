@@ -540,6 +540,15 @@ def test_flags_the_run_does_not_read_are_noted_once(tmp_path):
     assert parse_config(["--strategy", "both", "--baseline-epochs", "0"]).unused_flags() == [
         "--baseline-epochs 0 with --strategy both: the conventional net is not trained, and its row (random_T) is "
         "an untrained net: use --strategy dd to leave it out"]
+    # ... and DD's phases of 0 epochs (their rows ran silently as if trained)
+    assert parse_config(["--subnets", "4", "--levels", "4,2,1", "--subnet-epochs", "0", "--level-epochs", "0",
+                         "--finetune-epochs", "0"]).unused_flags() == [
+        "--subnet-epochs 0: the sub-nets are not trained: their rows (sub_net_k) and the composed net's (transfer) "
+        "are untrained nets",
+        "--level-epochs 0: the intermediate nets are not fine-tuned: their _T rows are the nets as composed",
+        "--finetune-epochs 0: the composed net is not fine-tuned: its transfer_T row is the net as composed "
+        "(transfer)"]
+    assert parse_config(["--strategy", "baseline", "--subnet-epochs", "0"]).unused_flags() == []
 
 
 def test_a_config_file_s_out_in_the_home_folder(tmp_path, monkeypatch):
