@@ -43,7 +43,8 @@ from torchvision import transforms as T
 
 from .comm import verdict_of
 from .errors import UsageError
-from .formats import CheckedLoader, InMemorySplit, ShorterSideResize, stored_size, worker_ignores_stop_signals
+from .formats import (CheckedLoader, InMemorySplit, ShorterSideResize, missing_image, stored_size,
+                      worker_ignores_stop_signals)
 from .launch import STOP_SIGNALS
 from .progress import log
 from .rendezvous import node_memory
@@ -459,6 +460,10 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
     if comm.rank == 0:  # rank 0's files name the cache for all (one rank stats them, not every rank)
         try:
             seen = files_fingerprint(samples), None
+        except FileNotFoundError as raised:  # (the same words as the loaders': what to restore or remove)
+            base = split.dataset if isinstance(split, Subset) else split
+            lists = getattr(getattr(base, "loader", None), "lists", None)
+            seen = None, f"--data-dir {cfg.data_dir}: {missing_image(raised.filename, lists)}"
         except OSError as raised:
             seen = None, f"--data-dir {cfg.data_dir}: {raised.filename}: {raised.strerror}"
     fingerprint, error = comm.slow.broadcast_object(seen)

@@ -219,6 +219,17 @@ class CheckedLoader:
         return _read_image(path, _rgb, self.lists)
 
 
+def missing_image(path: str, lists: str | None) -> str:
+    """What to do about an image that is not there: listed in ``lists`` (Food-101's), or found
+    by a scan and gone since; a broken symbolic link is named with its target."""
+    leave_out = f"leave it out of the dataset's lists ({lists})" if lists else "remove the link"
+    if os.path.islink(path):
+        return f"image {path} is a broken symbolic link to {os.readlink(path)}: restore its target, or {leave_out}"
+    if lists:
+        return f"image {path} is missing: restore it, or {leave_out}"
+    return f"image {path} is missing (it was there when the dataset was read): restore it, or run again without it"
+
+
 def _read_image(path, read: Callable[[Image.Image], object], lists: str | None = None):
     """``read`` of the image at ``path``; a file PIL cannot read is a UsageError naming it.
     A missing one was listed (``lists``) or scanned, then went; a broken symbolic link is
@@ -227,14 +238,7 @@ def _read_image(path, read: Callable[[Image.Image], object], lists: str | None =
         with open(path, "rb") as handle, Image.open(handle) as image:
             return read(image)
     except FileNotFoundError:
-        leave_out = f"leave it out of the dataset's lists ({lists})" if lists else "remove the link"
-        if os.path.islink(path):
-            raise UsageError(f"image {path} is a broken symbolic link to {os.readlink(path)}: restore its "
-                             f"target, or {leave_out}", everywhere=False) from None
-        if lists:
-            raise UsageError(f"image {path} is missing: restore it, or {leave_out}", everywhere=False) from None
-        raise UsageError(f"image {path} is missing (it was there when the dataset was read): restore it, "
-                         "or run again without it", everywhere=False) from None
+        raise UsageError(missing_image(path, lists), everywhere=False) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path} ({type(error).__name__}: {error}): "
                          f"replace or delete the file", everywhere=False) from None

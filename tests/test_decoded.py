@@ -274,6 +274,20 @@ def test_cache_dir_variables_expand_as_the_shell_would_or_are_one_line(flag, fol
         assert why.startswith(f"--cache-dir {flag}: {problem.replace('HOST', socket.gethostname())}"), why
 
 
+def test_a_missing_image_with_cache_dir_says_what_to_restore(tmp_path):
+    """It was 'DIR: PATH: No such file or directory', where the loaders say what to do."""
+    data = food101(tmp_path)
+    path = sample_list(data.train)[0][0]
+    os.unlink(path)
+    with pytest.raises(UsageError, match=rf"^--data-dir {tmp_path / 'data'}: image {path} is missing: restore it, "
+                                         r"or leave it out of the dataset's lists \(Food-101: meta/train.json"):
+        cache(tmp_path, data.train)
+    os.symlink(tmp_path / "gone.jpg", path)
+    with pytest.raises(UsageError, match=f"image {path} is a broken symbolic link to {tmp_path / 'gone.jpg'}: "
+                                         "restore its target, or leave it out"):
+        cache(tmp_path, data.train)
+
+
 def test_small_images_that_cannot_fit_in_memory_are_one_line():
     """torch.empty of a terabyte for --image-size 100000 was a traceback on every rank."""
     from dd_mpi.decoded import check_in_memory_fits
