@@ -17,7 +17,6 @@ import io
 import os
 import shlex
 import signal
-import socket
 import sys
 import traceback
 
@@ -157,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         precision = pick_precision(cfg.precision, device, cfg.device)
         world = _init_engine(cfg, launch, device, layouts)
         # which ranks share which CPUs is known only from all of them (how the launcher bound them)
-        masks, settings = zip(*world.comm.slow.allgather_object(
-            (cpu_mask(), (socket.gethostname(), cfg.to_dict()))))
-        disagree = ranks_disagree(list(settings))
+        masks, settings = zip(*world.comm.slow.allgather_object((cpu_mask(), cfg.to_dict())))
+        disagree = ranks_disagree([(host, theirs) for (host, _), theirs in zip(masks, settings)])
         if disagree:
             raise UsageError(disagree)
+        cfg.resume = any(theirs["resume"] for theirs in settings)  # a restart of some nodes resumes all
         threads = cpu_threads_per_rank(launch, list(masks))
         torch.set_num_threads(cfg.threads or threads)
         from .pipeline import run  # after the world: imports nothing that talks

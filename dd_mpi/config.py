@@ -435,12 +435,15 @@ def mistyped_keys(saved: dict) -> list[str]:
 
 NOT_SETTINGS = ("config", "print_config", "nproc")  # how a job was started, not what it runs
 JOB_ONLY = NOT_SETTINGS + ("out", "resume", "only_group")  # a job's, not a run's settings
-PER_NODE = NOT_SETTINGS + ("data_dir", "cache_dir", "threads", "workers")  # may differ from node to node
+# may differ from node to node: paths and resources of a node's own, and --resume, which a
+# restart sets where the launcher counted one (torchrun counts it on the failed node's agent only)
+PER_NODE = NOT_SETTINGS + ("data_dir", "cache_dir", "threads", "workers", "out", "resume")
 
 
 def ranks_disagree(settings: list[tuple[str, dict]]) -> str | None:
     """Why the ranks cannot run together, from each rank's (host, ``to_dict()``), or None: the
-    first rank whose settings differ from rank 0's (outside ``PER_NODE``). Two torchrun nodes
+    first rank whose settings differ from rank 0's (outside ``PER_NODE``; another --out that
+    is not the same folder is found where the run's folder is made). Two torchrun nodes
     started with another --seed trained half the sub-nets from it, silently (config.json said
     rank 0's); with another --subnets the ranks hung at the composition."""
     host0, first = settings[0]

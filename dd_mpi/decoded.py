@@ -385,8 +385,9 @@ def open_cache(stem: Path, size: int) -> InMemorySplit:
     return InMemorySplit(torch.from_numpy(images), torch.from_numpy(labels), crop_to=size)
 
 
-# $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}; any other ${...} is refused
-SHELL_VARIABLE = re.compile(r"\$(?:(\w+)|\{(\w+)(?:(:?-)([^}]*))?\}|(\{[^}]*\}))")
+# $NAME, ${NAME}, ${NAME:-default}, ${NAME-default} (the default may hold $NAME and ~); any other
+# ${...} is refused, nested braces too
+SHELL_VARIABLE = re.compile(r"\$(?:(\w+)|\{(\w+)(?:(:?-)([^{}$]*(?:\$\w+[^{}$]*)*))?\}|(\{[^}]*\}?))")
 
 
 def expand_cache_dir(flag_value: str, rank: int, environ=os.environ) -> tuple[str, str | None]:
@@ -403,7 +404,7 @@ def expand_cache_dir(flag_value: str, rank: int, environ=os.environ) -> tuple[st
             return match.group(0)
         got = environ.get(name)
         if form == ":-" and not got or form == "-" and got is None:
-            return default
+            return SHELL_VARIABLE.sub(value, os.path.expanduser(default))
         if got is None:
             unset.append(f"${name}")
         elif not got:
@@ -503,7 +504,8 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
         opened = open_cache(stem, size)
         if len(opened.labels) != len(samples):
             raise ValueError(f"{stem.name}.json says {len(opened.labels)} samples, the split has {len(samples)}")
-        if not np.array_equal(opened.labels.numpy(), [label for _, label in samples]):  # (a damaged file: a
+        if not np.array_equal(opened.labels.numpy(), np.fromiter((label for _, label in samples), np.int64,
+                                                                  len(samples))):  # (a damaged file: a
             raise ValueError(f"{stem.name}.labels.npy holds other labels than the split's")  # traceback in the loss)
     except (OSError, ValueError, EOFError) as raised:  # (EOFError: numpy's word for an empty file)
         error = f"{type(raised).__name__}: {raised}"

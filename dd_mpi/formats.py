@@ -305,9 +305,14 @@ def _test_images_trained_on(root: str, samples: dict[str, list[tuple[str, int]]]
     linked across), or None: the run scored on its training images (100 %) without a word.
     A file's real path is taken as its folder's (``_real_folders``) and its name: no system
     call per file, on every rank (an image file linked across alone goes unseen)."""
+    both = set(real_folders["train"].values()) & set(real_folders["val"].values())
+    if not both:  # (the usual answer, from the folders alone: no path per image built on every rank)
+        return None
+
     def real_paths(split: str) -> dict[str, str]:
-        return {os.path.join(real_folders[split][os.path.dirname(path)], os.path.basename(path)): path
-                for path, _ in samples[split]}
+        real = {folder: real for folder, real in real_folders[split].items() if real in both}
+        return {os.path.join(real[os.path.dirname(path)], os.path.basename(path)): path
+                for path, _ in samples[split] if os.path.dirname(path) in real}
 
     trained, tested = real_paths("train"), real_paths("val")
     shared = sorted((tested[real], trained[real]) for real in trained.keys() & tested.keys())
@@ -491,8 +496,9 @@ def _tool_debris(name: str) -> bool:
 def _broken_link(root: str, paths: list[str]) -> str | None:
     """Why a class folder (or a split's) cannot be read when it is a symbolic link whose target
     is gone (an unmounted NAS), or None: it was dropped without a word (its class then 'only in'
-    the other split)."""
-    broken = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
+    the other split). A broken link named as an image is a loose image's, left out with a note."""
+    broken = [path for path in paths if os.path.islink(path) and not os.path.exists(path)
+              and not tv_datasets.folder.has_file_allowed_extension(path, tv_datasets.folder.IMG_EXTENSIONS)]
     if not broken:
         return None
     also = f" (as are {len(broken) - 1} more links there)" if len(broken) > 1 else ""

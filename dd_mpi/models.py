@@ -143,9 +143,10 @@ class GroupedZeroPadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
         super().__init__()
         if in_channels % groups or out_channels % groups or (out_channels - in_channels) % (2 * groups):
-            if groups == 1:  # (the net itself, at its width: no other --subnets helps it)
+            if groups == 1:  # (a sub-net's width is --width / N: either may change it)
                 raise UsageError(f"option A shortcut from {in_channels} to {out_channels} channels cannot be padded "
-                                 "evenly (an odd number more): use --shortcut B or another --width")
+                                 "evenly (an odd number more): use --shortcut B, another --width or another "
+                                 "--subnets")
             raise UsageError(
                 f"option A shortcut from {in_channels} to {out_channels} channels cannot be padded "
                 f"per group for {groups} sub-networks: use --shortcut B, another --subnets or another --width")

@@ -157,7 +157,8 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     if level.world_wide and done:
         run.record(results[nets[0]].history)
     if done and comm.is_leader:  # their curves, had this run no --tensorboard when they trained
-        _curves(run, level, level.group_name(nets), [row for j in done for row in results[j].history], rewrite=True)
+        _curves(run, level, level.group_name(nets), [row for j in done for row in results[j].history],
+                rewrite=True, last=True)
     if todo:
         chosen = [nets.index(j) for j in todo]
         states = [start[i] for i in chosen] if start is not None else seeded_states(level, todo, cfg.seed)
@@ -167,17 +168,19 @@ def train_group(run: Run, level: Level, comm, nets: list[int], streams: list[Str
     return [results[j] for j in nets]
 
 
-def _curves(run: Run, level: Level, name: str, rows: list[dict], *, rewrite: bool = False) -> None:
+def _curves(run: Run, level: Level, name: str, rows: list[dict], *, names: list[str] = (),
+            rewrite: bool = False, last: bool = False) -> None:
     """The TensorBoard points of ``rows`` (metrics rows of one or more nets), each net on its
-    own curves; ``rewrite``: the rows are the nets' whole history so far (at a resume)."""
-    nets: dict[str, list] = {}
+    own curves (``names``: these nets' too, drawn empty when no row is theirs);
+    ``rewrite``, ``last``: as ``Reporter.curves``."""
+    nets: dict[str, list] = {net: [] for net in names}
     for row in rows:
         net = level.net_name(row["group"]) if row["group"] is not None else name
         nets.setdefault(net, []).append((row["epoch"], {  # (an older dd_mpi's rows may lack some)
             "train/loss": row.get("loss"), "train/top1": row.get("top1"), "test/top1": row.get("test_top1"),
             "test/top5": row.get("test_top5"), "lr": row.get("lr"), "images_per_s": row.get("images_per_s")}))
     for net, points in nets.items():
-        run.reporter.curves(level.phase, net, points, rewrite=rewrite)
+        run.reporter.curves(level.phase, net, points, rewrite=rewrite, last=last)
 
 
 def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream], states: list[dict],
@@ -238,8 +241,9 @@ def _train(run: Run, level: Level, comm, nets: list[int], streams: list[Stream],
         state.precision = run.precision
         if level.world_wide:
             run.record(state.history)
-        if comm.is_leader:
-            _curves(run, level, name, state.history, rewrite=True)
+    if comm.is_leader:  # the curves so far: from the checkpoint, else none (an earlier start's are hidden)
+        _curves(run, level, name, state.history, rewrite=True,
+                names=[name] if level.world_wide else [level.net_name(j) for j in nets])
     trained = comm.data_parallel(model)
     if cfg.compile:
         mode, why = compile_mode(cfg.compile_mode, comm.size, comm.device.type)

@@ -116,16 +116,13 @@ class Reporter:
         return StepProgress(label, epoch, epochs, steps, images_per_step, self.log_every,
                             self.terminal and self.world_rank == 0, start_step)
 
-    def scalars(self, phase: str, net: str, step: int, values: dict[str, float | None]) -> None:
-        """One point per value on the curves of ``phase``/``net`` (the caller reports)."""
-        self.curves(phase, net, [(step, values)])
-
     def curves(self, phase: str, net: str, points: list[tuple[int, dict[str, float | None]]], *,
-               rewrite: bool = False) -> None:
-        """Points on the curves of ``phase``/``net``. ``rewrite``: they are the whole curve so
-        far (a resumed run's history): what earlier writers left there is hidden (TensorBoard's
-        purge), so a run that stopped between a checkpoint and its points, or had no
-        --tensorboard before, shows every epoch once."""
+               rewrite: bool = False, last: bool = False) -> None:
+        """Points on the curves of ``phase``/``net`` (the caller reports). ``rewrite``: they are
+        the whole curve so far (none, or a resumed run's history): what earlier writers left
+        there is hidden (TensorBoard's purge), so a run that stopped between a checkpoint and its
+        points, started its phase afresh, or had no --tensorboard before, shows every epoch
+        once. ``last``: the curve is complete (a net that finished earlier): its writer closes."""
         if not self.tensorboard:
             return
         key = f"{phase}/{net}"
@@ -139,6 +136,8 @@ class Reporter:
                 if value is not None:
                     writer.add_scalar(name, value, step)
         writer.flush()
+        if last:
+            self._writers.pop(key).close()
 
     def close(self) -> None:
         for writer in self._writers.values():

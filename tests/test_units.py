@@ -411,7 +411,7 @@ def test_cuda_graphs_are_asked_of_torch_compile_only_for_one_rank_groups():
     (["--width", "0.3", "--subnets", "1"], "--width 0.3 gives 4.8 channels"),
     (["--width", "2", "--subnets", "32"], "--subnets 32 (each sub-net at width 0.0625, --width 2 / 32): option A "
                                           "shortcut from 1 to 2 channels cannot be padded evenly (an odd number "
-                                          "more): use --shortcut B or another --width"),
+                                          "more): use --shortcut B, another --width or another --subnets"),
     (["--preset", "cifar10-resnet999"], "--preset 'cifar10-resnet999' is unknown"),
     (["--subnets", "x"], "argument --subnets: invalid int value: 'x' (dd-train --help lists the flags)"),
     (["--bogus", "4"], "unrecognized arguments: --bogus 4"),
@@ -1040,7 +1040,8 @@ def test_ranks_that_disagree_on_a_setting_are_named_with_both_values():
     """Node-local paths and resources may differ between nodes; what the run computes may not."""
     from dd_mpi.config import ranks_disagree
     base = RunConfig().to_dict()
-    same = [("a", base), ("a", base), ("b", {**base, "data_dir": "/local/data", "threads": 3, "cache_dir": "$T"})]
+    same = [("a", base), ("a", base), ("b", {**base, "data_dir": "/local/data", "threads": 3, "cache_dir": "$T",
+                                             "resume": True, "out": "/gpfs/runs/x"})]
     assert ranks_disagree(same) is None
     other = [*same, ("b", {**base, "subnets": 4, "levels": [4, 1]})]
     assert ranks_disagree(other) == ("rank 3 (on b) was started with other settings than rank 0 (on a): "
