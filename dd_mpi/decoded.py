@@ -56,9 +56,14 @@ HEARTBEAT_SECONDS_MAX = 60.0  # ... and at least once a minute
 PROGRESS_LOG_SECONDS = 60.0  # a build's "N % decoded" line, at most this often
 
 
+def _unwrapped(split: Dataset) -> tuple[Dataset, list[int] | None]:
+    """The image-file dataset under ``split`` and the indices a Subset keeps of it (None: all)."""
+    return (split.dataset, split.indices) if isinstance(split, Subset) else (split, None)
+
+
 def sample_list(split: Dataset) -> list[tuple[str, int]]:
     """(path, label) of every sample of an image-file split (ImageFolder, Food-101, a Subset)."""
-    base, keep = (split.dataset, split.indices) if isinstance(split, Subset) else (split, None)
+    base, keep = _unwrapped(split)
     if hasattr(base, "samples"):  # ImageFolder
         samples = [(str(path), int(label)) for path, label in base.samples]
     else:  # torchvision's Food101
@@ -418,7 +423,8 @@ def expand_cache_dir(flag_value: str, rank: int, environ=os.environ) -> tuple[st
                         "$NAME, ${NAME} or ${NAME:-default}")
     for names, what, fix in ((unset, "not set", "export"), (empty, "empty", "give a value to")):
         if names:
-            names, one = list(dict.fromkeys(names)), len(set(names)) == 1
+            names = list(dict.fromkeys(names))
+            one = len(names) == 1
             return folder, (f"--cache-dir {flag_value}: {', '.join(names)} {'is' if one else 'are'} {what} {where}: "
                             f"{fix} {'it' if one else 'them'} or give another folder")
     return folder, None
@@ -462,8 +468,7 @@ def cached_split(split: Dataset, *, split_name: str, size: int, cfg, comm, worke
         try:
             seen = files_fingerprint(samples), None
         except FileNotFoundError as raised:  # (the same words as the loaders': what to restore or remove)
-            base = split.dataset if isinstance(split, Subset) else split
-            lists = getattr(getattr(base, "loader", None), "lists", None)
+            lists = getattr(getattr(_unwrapped(split)[0], "loader", None), "lists", None)
             seen = None, f"--data-dir {cfg.data_dir}: {missing_image(raised.filename, lists)}"
         except OSError as raised:
             seen = None, f"--data-dir {cfg.data_dir}: {raised.filename}: {raised.strerror}"

@@ -238,15 +238,20 @@ def start_preemptible(tmp_path, sbatch_options: list[str], epochs: int) -> tuple
     return job, out, log_path
 
 
-def resume_after_requeue(job: Submission, log_path: Path, **updates: str) -> str:
-    """Wait for the requeue (pending again, same job id, Restarts=1), start it at once (Slurm
-    holds a requeued job ~2 min; a few seconds after the old step's slurmstepd has gone,
-    slurm/NOTES.md), and return the job's log once it has finished."""
+def wait_for_requeue(job: Submission, log_path: Path) -> None:
+    """Until the job is pending again under its id with Restarts=1: it requeued itself."""
     deadline = time.monotonic() + TIMEOUT
     while not (job.poll().get("JobState") == "PENDING" and job.seen[-1].get("Restarts") == "1"):
         assert job.seen and job.state not in FINAL, f"job ended instead of requeueing\n{read_log(log_path)}"
         assert time.monotonic() < deadline, f"not requeued: {job.seen[-1:]}\n{read_log(log_path)}"
         time.sleep(0.5)
+
+
+def resume_after_requeue(job: Submission, log_path: Path, **updates: str) -> str:
+    """Wait for the requeue, start it at once (Slurm holds a requeued job ~2 min; a few
+    seconds after the old step's slurmstepd has gone, slurm/NOTES.md), and return the job's
+    log once it has finished."""
+    wait_for_requeue(job, log_path)
     time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now",
                     *(f"{k}={v}" for k, v in updates.items())], check=True)
@@ -288,17 +293,28 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path):
 
 
 @pytest.mark.timing
-def test_time_limit_checkpoints_requeues_and_resumes(tmp_path):
+def test_time_limit_checkpoints_and_requeues(tmp_path):
     """A plain time limit (no lead signal: URG is ignored by the shell): Slurm's TERM reaches
     every rank and the batch shell; the job checkpoints and, because the reason is the time
-    limit, requeues itself. The restarted job gets more time.
+    limit, requeues itself. The requeued job is cancelled: its --resume is the same as after
+    the lead signal's requeue (test_signal_checkpoints_requeues_and_resumes), and running it
+    to the end here cost two minutes of CI.
 
     slurmctld enforces time limits on a ~30 s timer, so TERM comes 60-90 s after the start;
-    160 epochs (~0.8 s each here, unloaded) keep the first run busy well past that."""
-    job, out, log_path = start_preemptible(tmp_path, ["--time=1", "--signal=B:URG@1"], epochs=160)
-    log = resume_after_requeue(job, log_path, TimeLimit="15")
-    assert "after SIGTERM, reason TimeLimit" in log and "requeueing" in log
-    check_resumed_without_loss(out, log, epochs=160)
+    400 epochs (~0.8 s each here, unloaded) keep the first run busy well past that."""
+    epochs = 400
+    job, out, log_path = start_preemptible(tmp_path, ["--time=1", "--signal=B:URG@1"], epochs=epochs)
+    try:
+        wait_for_requeue(job, log_path)
+    finally:
+        subprocess.run(["scancel", job.job_id], timeout=30)
+    log = read_log(log_path)
+    assert "after SIGTERM, reason TimeLimit" in log and "requeueing" in log, log[-3000:]
+    assert f"job {job.job_id} restart 0:" in log and "stopped by signal after checkpointing" in log, log[-3000:]
+    stops = re.findall(r"^subnet(\d): stop requested(?:; epoch (\d+) is| during epoch (\d+):) checkpointed", log, re.M)
+    assert sorted(group for group, *_ in stops) == ["0", "1"], log[-3000:]  # each sub-net, mid-phase
+    assert all(0 < int(done or during) < epochs for _, done, during in stops), stops
+    assert (out / PHASE1_CHECKPOINT).exists() and not (out / "report.json").exists()
 
 
 @pytest.mark.timing
