@@ -247,14 +247,13 @@ def wait_for_requeue(job: Submission, log_path: Path) -> None:
         time.sleep(0.5)
 
 
-def resume_after_requeue(job: Submission, log_path: Path, **updates: str) -> str:
+def resume_after_requeue(job: Submission, log_path: Path) -> str:
     """Wait for the requeue, start it at once (Slurm holds a requeued job ~2 min; a few
     seconds after the old step's slurmstepd has gone, slurm/NOTES.md), and return the job's
     log once it has finished."""
     wait_for_requeue(job, log_path)
     time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now",
-                    *(f"{k}={v}" for k, v in updates.items())], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     if job.proc.poll() is None:
         rc = job.wait()
     else:  # after a time-out `sbatch --wait` returns before the job requeues itself: follow it
