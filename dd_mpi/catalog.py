@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .formats import DatasetBundle, Verifier
+    from .bundle import DatasetBundle, Verifier
 
 # ---------------------------------------------------------------------------- architectures
 BOTTLENECK_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # blocks per stage

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DatasetBundle, InMemorySplit, split_size
+from .bundle import DatasetBundle, InMemorySplit
+from .datasets import split_size
 from .errors import UsageError
-from .formats import worker_ignores_stop_signals
+from .launch import worker_ignores_stop_signals
 
 
 def generator(*keys: int) -> torch.Generator:

@@ -17,10 +17,9 @@ from dataclasses import replace
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .bundle import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier
 from .catalog import DATASETS, LoadRequest
-from .decoded import cached_split, check_in_memory_fits, decode_in_memory
 from .errors import UsageError
-from .formats import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier
 from .progress import log
 
 __all__ = ["DATASETS", "DatasetBundle", "IMAGENET_MEAN", "IMAGENET_STD", "InMemorySplit", "load_dataset",
@@ -71,16 +70,9 @@ def load_for_run(cfg, comm, workers: int) -> DatasetBundle:
     _raise_for_views(views, cfg.data_dir, comm.size)
     for note in data.notes:
         log(f"note: {note}", rank=comm.rank)
-    if data.decode_size is not None:
-        if cfg.cache_dir is not None:
-            log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)
-        check_in_memory_fits(len(data.train) + len(data.test), data.decode_size, comm)
-        data = replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers, cfg.io_timeout),
-                       test=decode_in_memory(data.test, data.decode_size, comm, workers, cfg.io_timeout))
-    elif cfg.cache_dir is not None:
-        data = replace(data, **{split: cached_split(getattr(data, split), split_name=split, size=data.image_size,
-                                                    cfg=cfg, comm=comm, workers=workers)
-                                for split in ("train", "test")})
+    if data.decode_size is not None or cfg.cache_dir is not None:
+        from .decoded import decoded_once  # torchvision: only where image files are read (``bundle``)
+        data = decoded_once(data, cfg, comm, workers)
     return data
 
 

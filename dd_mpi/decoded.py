@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,9 @@ from torchvision import transforms as T
 
 from .comm import verdict_of
 from .errors import UsageError
-from .formats import (CheckedLoader, InMemorySplit, ShorterSideResize, missing_image, stored_size,
-                      worker_ignores_stop_signals)
-from .launch import STOP_SIGNALS
+from .bundle import DatasetBundle, InMemorySplit
+from .formats import CheckedLoader, ShorterSideResize, missing_image, stored_size
+from .launch import STOP_SIGNALS, worker_ignores_stop_signals
 from .progress import log
 from .rendezvous import node_memory
 
@@ -185,6 +186,20 @@ def build_while_others_wait(comm, builds: bool, build: Callable[[Heartbeat], str
         finished, failure = _round(comm, state)
         if finished:
             return failure
+
+
+def decoded_once(data: DatasetBundle, cfg, comm, workers: int) -> DatasetBundle:
+    """``data`` with its image files decoded once: small ones into memory, large ones into
+    the --cache-dir cache (module doc)."""
+    if data.decode_size is not None:
+        if cfg.cache_dir is not None:
+            log(f"--cache-dir {cfg.cache_dir} not used: the images are small, decoded into memory", rank=comm.rank)
+        check_in_memory_fits(len(data.train) + len(data.test), data.decode_size, comm)
+        return replace(data, train=decode_in_memory(data.train, data.decode_size, comm, workers, cfg.io_timeout),
+                       test=decode_in_memory(data.test, data.decode_size, comm, workers, cfg.io_timeout))
+    return replace(data, **{split: cached_split(getattr(data, split), split_name=split, size=data.image_size,
+                                                cfg=cfg, comm=comm, workers=workers)
+                            for split in ("train", "test")})
 
 
 def check_in_memory_fits(images: int, size: int, comm) -> None:

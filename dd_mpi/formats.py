@@ -1,5 +1,6 @@
 """The on-disk formats, parsed by torchvision's own loaders: CIFAR-10/100 (python pickles),
-Food-101 and ImageFolder (image files), and the types every dataset comes back as.
+Food-101 and ImageFolder (image files), into the types of ``bundle``. Only a run that reads
+one of them imports this module (and torchvision): ``catalog``'s loaders import it when called.
 
 Two decisions shape this module:
 
@@ -28,33 +29,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.datasets import utils as tv_utils
 
+from .bundle import IMAGENET_MEAN, IMAGENET_STD, DatasetBundle, InMemorySplit, Verifier
 from .errors import UsageError
 
 
-def worker_ignores_stop_signals(_worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: Slurm's SIGTERM (time limit, preemption,
-    scancel) reaches every process of the step, workers too, and a worker killed by it takes
-    the step down ('DataLoader worker is killed by signal') before the rank can checkpoint.
-    The rank decides when to stop; a worker ends with it (PyTorch's watchdog)."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_STATS = {  # per-channel mean and std of the training images, in [0, 1] units
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -62,17 +51,6 @@ CIFAR_STATS = {  # per-channel mean and std of the training images, in [0, 1] un
 SMALL_IMAGE_PX = 64  # ImageFolder images this size or smaller are treated like CIFAR
 SIZE_SAMPLE = 32  # training images whose median size decides that
 MAX_ASPECT = 16  # a resize of the shorter side stops where the longer one reaches this many times the size
-
-
-@dataclass(frozen=True)
-class InMemorySplit:
-    """A whole split as tensors: small datasets (CIFAR) live in memory, large ones can be a
-    memory-mapped cache (``decoded``); augmentation is done by the trainer on batches."""
-
-    images: torch.Tensor  # uint8, [N, C, H, W], contiguous
-    labels: torch.Tensor  # int64, [N]
-    crop_to: int | None = None  # None: images at training size (CIFAR's pad and crop); else
-    # stored larger (a cache): random-resized crops to this size in training, the centre crop in testing
 
 
 def stored_size(size: int) -> int:
@@ -101,24 +79,6 @@ class ShorterSideResize:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, longer side <= {MAX_ASPECT * self.size})"
-
-
-@dataclass(frozen=True)
-class DatasetBundle:
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]  # per channel, in [0, 1] units
-    std: tuple[float, ...]
-    train: InMemorySplit | Dataset  # a Dataset yields (normalised float C×H×W, int label)
-    test: InMemorySplit | Dataset
-    class_names: tuple[str, ...]
-    decode_size: int | None = None  # small images: decode once into memory at this size
-    notes: tuple[str, ...] = ()  # for the log (rank 0): what was read otherwise than one may think
-
-
-Verifier = Callable[[Callable[[], "str | None"]], "str | None"]
 
 
 def raise_on(verdict: str | None) -> None:

@@ -25,6 +25,15 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def worker_ignores_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: Slurm's SIGTERM (time limit, preemption,
+    scancel) reaches every process of the step, workers too, and a worker killed by it takes
+    the step down ('DataLoader worker is killed by signal') before the rank can checkpoint.
+    The rank decides when to stop; a worker ends with it (PyTorch's watchdog)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @dataclass(frozen=True)
 class LaunchInfo:
     launcher: str  # local | torchrun | horovod | mpi | slurm | single

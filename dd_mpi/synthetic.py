@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import DatasetBundle, InMemorySplit
+from .bundle import DatasetBundle, InMemorySplit
 
 DEFAULT_TRAIN_SAMPLES = 2048  # the demo: ~3 minutes for DD and the baseline on 2 cores
 DEFAULT_TEST_SAMPLES = 1024

@@ -31,7 +31,7 @@ from dd_mpi.layout import Layout
 from dd_mpi.config import PRESETS, RunConfig, build_parser, parse_config
 from dd_mpi.data import (DataPlan, Stream, batch_slices, eval_indices, random_crop_flip, subset_for_group,
                          train_indices, train_steps)
-from dd_mpi.formats import InMemorySplit
+from dd_mpi.bundle import InMemorySplit
 from dd_mpi.decompose import composed_spec, subnet_spec
 from dd_mpi.models import ModelSpec, build_model, count_parameters
 from dd_mpi.phase import compile_mode
@@ -41,7 +41,7 @@ from dd_mpi.errors import UsageError
 from dd_mpi.launch import _wait_all, cpu_threads_per_rank, data_workers, detect_launch, free_port, share_of_node
 from dd_mpi.synthetic import make_synthetic
 
-from helpers import launcher_free_env
+from helpers import TINY, launcher_free_env
 
 
 # --- rank discovery: every launcher, and the traps of nested launchers --------------------
@@ -451,6 +451,25 @@ def test_the_nproc_launcher_process_never_imports_torch(tmp_path):
     assert "exit 2, no torch" in result.stdout, (result.stdout, result.stderr[-3000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("dd-train: error: ")]
     assert len(errors) == 1 and "--subnets 3 does not divide layer1 of resnet20" in errors[0], result.stderr[-3000:]
+
+
+RANK_PROCESS = r"""
+import sys
+from dd_mpi.cli import main
+code = main(sys.argv[1:])
+print(f"exit {code},", "torchvision imported" if "torchvision" in sys.modules else "no torchvision")
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_on_the_synthetic_set_never_imports_torchvision(tmp_path):
+    """torchvision (its models and ops) cost each rank ~2 s of CPU at start-up, as much as
+    torch: only a rank that reads image files or CIFAR imports it (``bundle``'s docstring)."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", RANK_PROCESS, *TINY, "--subnets", "2", "--baseline-epochs", "0",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300, env=launcher_free_env())
+    assert "exit 0, no torchvision" in result.stdout, (result.stdout, result.stderr[-3000:])
+    assert (out / "report.json").exists()
 
 
 def test_resume_names_every_setting_that_differs():
