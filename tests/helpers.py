@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+import dd_mpi
 
 BIN = Path(sys.executable).parent
 TINY = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "--width", "1",
@@ -78,3 +81,72 @@ def explain(result: subprocess.CompletedProcess) -> str:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None or (BIN / tool).exists()
+
+
+def fake_run(tmp: Path, name: str = "run", *, top5: bool = False, world: int = 2, subnets: int = 2) -> Path:
+    """A run directory as dd-train writes it, with round numbers to check against."""
+    out = tmp / name
+    out.mkdir(parents=True)
+    five = (lambda v: {"top5": v}) if top5 else (lambda v: {})
+    report = {
+        "sub_nets": [{"index": 0, "ranks": [0], "top1": 40.0, **five(70.0), "loss": 1.5, "seconds": 10.0},
+                     {"index": 1, "ranks": [1], "top1": 44.0, **five(72.0), "loss": 1.4, "seconds": 12.0}],
+        "transfer": {"top1": 50.0, **five(80.0), "loss": 1.2, "seconds": 1.0},
+        "transfer_T": {"top1": 60.0, **five(85.0), "loss": 1.0, "seconds": 8.0},
+        "random_T": {"top1": 55.0, **five(82.0), "loss": 1.1, "seconds": 30.0},
+        "timing": {"subnets": 12.0, "compose": 1.0, "finetune": 8.0, "transfer_eval": 0.5, "dd_total": 21.0,
+                   "baseline_total": 30.0},
+        "speedup": 30.0 / 21.0, "world_size": world, "groups": [[0], [1]], "backend": "torch",
+        "device": "cpu", "launcher": "local", "checksums": None,
+        "config": {"subnets": subnets, "arch": "resnet20", "width": 1.0, "dataset": "synthetic",
+                   "train_samples": 256, "batch_size": 32, "subnet_data": "full",
+                   "subnet_epochs": 2, "finetune_epochs": 2, "baseline_epochs": 3},
+    }
+    def row(phase, group, epoch, top1, ips, seconds, elapsed):
+        return {"phase": phase, "group": group, "epoch": epoch, "test_top1": top1, "images_per_s": ips,
+                "seconds": seconds, "elapsed": elapsed}
+    rows = [row("subnet", 0, 1, 30.0, 100.0, 5.0, 5.0), row("subnet", 1, 1, 34.0, 90.0, 6.0, 6.0),
+            row("subnet", 0, 2, 40.0, 100.0, 5.0, 10.0), row("subnet", 1, 2, 44.0, 90.0, 6.0, 12.0),
+            row("finetune", None, 1, 56.0, 60.0, 4.0, 4.0), row("finetune", None, 2, 60.0, 60.0, 4.0, 8.0),
+            row("baseline", None, 1, 35.0, 50.0, 10.0, 10.0), row("baseline", None, 2, 50.0, 50.0, 10.0, 20.0),
+            row("baseline", None, 3, 55.0, 50.0, 10.0, 30.0)]
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def check_run_report(out, *, world_size: int, subnets: int, strategy: str = "both") -> dict:
+    """What every run's report.json and metrics.jsonl hold, on ``world_size`` ranks in ``subnets``
+    groups of one sub-net each (backend torch), one epoch per phase."""
+    report = read_report(out)
+    assert REPORT_KEYS <= set(report)
+    assert report["world_size"] == world_size and report["backend"] == "torch"
+    assert report["software"]["torch"] == torch.__version__ and report["software"]["dd_mpi"] == dd_mpi.__version__
+    assert len(report["ranks"]) == world_size and all(place["processor"] for place in report["ranks"])
+    assert report["threads"] >= 1 and report["workers"] >= 0  # as resolved: the flags leave them to the machine
+    size = world_size // subnets
+    assert report["groups"] == [list(range(k * size, (k + 1) * size)) for k in range(subnets)]
+    assert [s["index"] for s in report["sub_nets"]] == list(range(subnets))
+    assert [s["ranks"] for s in report["sub_nets"]] == report["groups"]
+    for net in [*report["sub_nets"], report["transfer"], report["transfer_T"]]:
+        assert 0 <= net["top1"] <= 100 and net["seconds"] >= 0
+    t = report["timing"]
+    assert t["dd_total"] == pytest.approx(t["subnets"] + t["compose"] + t["finetune"])
+    if strategy == "both":
+        assert report["random_T"]["top1"] >= 0 and t["baseline_total"] == report["random_T"]["seconds"]
+    # per-rank digests: replicas inside a group agree, groups differ (no cross-group traffic)
+    digests = report["checksums"]["subnets"]
+    assert len(digests) == world_size
+    for ranks in report["groups"]:
+        assert len({digests[r] for r in ranks}) == 1
+    assert len({digests[ranks[0]] for ranks in report["groups"]}) == subnets
+    # metrics.jsonl: one line per epoch per group and phase, consistent with the report
+    rows = read_metrics(out)
+    for k, sub in enumerate(report["sub_nets"]):
+        mine = [r for r in rows if r["phase"] == "subnet" and r["group"] == k]
+        assert [r["epoch"] for r in mine] == [1]
+        assert mine[-1]["test_top1"] == pytest.approx(sub["top1"])
+    finetune = [r for r in rows if r["phase"] == "finetune"]
+    assert finetune and finetune[-1]["test_top1"] == pytest.approx(report["transfer_T"]["top1"])
+    assert {"loss", "top1", "images_per_s", "seconds"} <= set(finetune[0])
+    return report

@@ -1,15 +1,30 @@
-"""dd-inspect as a user runs it: table, JSON contract, --verify exit code."""
+"""dd-inspect as a user runs it: table, JSON contract, --verify exit code.
 
+Most cases call its ``main`` in this process (a Python per case paid ~3 s of imports, a minute
+and a half of CI in all); the bad split and the broken compose run it as a process."""
+
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
+
+from dd_mpi import inspection
 
 from helpers import python_path
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "dd_mpi.inspection", *args], capture_output=True, text=True)
+    """``dd-inspect ARGS``: its exit code and what it printed on each stream."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = inspection.main(list(args))
+        except SystemExit as ended:  # (argparse's refusals)
+            code = ended.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_table_shows_counts_and_ratio():
@@ -52,7 +67,8 @@ def test_the_paper_preset_is_resnet32_of_047M_split_into_4_of_a_sixteenth():
 
 
 def test_bad_split_is_one_line_and_exit_2():
-    result = run("--arch", "resnet32", "--width", "4", "--subnets", "3")
+    result = subprocess.run([sys.executable, "-m", "dd_mpi.inspection", "--arch", "resnet32", "--width", "4",
+                             "--subnets", "3"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--subnets 3" in result.stderr
 

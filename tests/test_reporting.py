@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import explain, read_metrics, read_report, run_dd
+from helpers import explain, fake_run, read_metrics, read_report, run_dd
 
 from dd_mpi import reporting
 
@@ -28,38 +28,6 @@ def assert_png(path: Path) -> None:
     data = Path(path).read_bytes()
     assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
     assert len(data) > 1024, f"{path} is only {len(data)} bytes"
-
-
-def fake_run(tmp: Path, name: str = "run", *, top5: bool = False, world: int = 2, subnets: int = 2) -> Path:
-    """A run directory as dd-train writes it, with round numbers to check against."""
-    out = tmp / name
-    out.mkdir(parents=True)
-    five = (lambda v: {"top5": v}) if top5 else (lambda v: {})
-    report = {
-        "sub_nets": [{"index": 0, "ranks": [0], "top1": 40.0, **five(70.0), "loss": 1.5, "seconds": 10.0},
-                     {"index": 1, "ranks": [1], "top1": 44.0, **five(72.0), "loss": 1.4, "seconds": 12.0}],
-        "transfer": {"top1": 50.0, **five(80.0), "loss": 1.2, "seconds": 1.0},
-        "transfer_T": {"top1": 60.0, **five(85.0), "loss": 1.0, "seconds": 8.0},
-        "random_T": {"top1": 55.0, **five(82.0), "loss": 1.1, "seconds": 30.0},
-        "timing": {"subnets": 12.0, "compose": 1.0, "finetune": 8.0, "transfer_eval": 0.5, "dd_total": 21.0,
-                   "baseline_total": 30.0},
-        "speedup": 30.0 / 21.0, "world_size": world, "groups": [[0], [1]], "backend": "torch",
-        "device": "cpu", "launcher": "local", "checksums": None,
-        "config": {"subnets": subnets, "arch": "resnet20", "width": 1.0, "dataset": "synthetic",
-                   "train_samples": 256, "batch_size": 32, "subnet_data": "full",
-                   "subnet_epochs": 2, "finetune_epochs": 2, "baseline_epochs": 3},
-    }
-    def row(phase, group, epoch, top1, ips, seconds, elapsed):
-        return {"phase": phase, "group": group, "epoch": epoch, "test_top1": top1, "images_per_s": ips,
-                "seconds": seconds, "elapsed": elapsed}
-    rows = [row("subnet", 0, 1, 30.0, 100.0, 5.0, 5.0), row("subnet", 1, 1, 34.0, 90.0, 6.0, 6.0),
-            row("subnet", 0, 2, 40.0, 100.0, 5.0, 10.0), row("subnet", 1, 2, 44.0, 90.0, 6.0, 12.0),
-            row("finetune", None, 1, 56.0, 60.0, 4.0, 4.0), row("finetune", None, 2, 60.0, 60.0, 4.0, 8.0),
-            row("baseline", None, 1, 35.0, 50.0, 10.0, 10.0), row("baseline", None, 2, 50.0, 50.0, 10.0, 20.0),
-            row("baseline", None, 3, 55.0, 50.0, 10.0, 30.0)]
-    (out / "report.json").write_text(json.dumps(report))
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
 
 
 # ---------------------------------------------------------------------------------------
