@@ -3,7 +3,7 @@ folders): a ``DatasetBundle`` of two splits, each in memory (``InMemorySplit``) 
 
 Kept apart from ``formats``, which parses files with torchvision: importing torchvision costs
 a rank about 2 s of CPU (its ``models`` and ``ops``), as much as torch itself, so a run on the
-synthetic set, and every test that starts ranks, never imports it.
+synthetic set (the demo, most of the tests' ranks) never imports it.
 """
 
 from __future__ import annotations
