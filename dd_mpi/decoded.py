@@ -42,9 +42,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
+from .bundle import DatasetBundle, InMemorySplit
 from .comm import verdict_of
 from .errors import UsageError
-from .bundle import DatasetBundle, InMemorySplit
 from .formats import CheckedLoader, ShorterSideResize, missing_image, stored_size
 from .launch import STOP_SIGNALS, worker_ignores_stop_signals
 from .progress import log

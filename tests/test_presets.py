@@ -18,6 +18,7 @@ import json
 import pytest
 
 from dd_mpi import paper, reporting
+from dd_mpi.catalog import BOTTLENECK_LAYERS, parse_depth
 from dd_mpi.config import parse_config
 from dd_mpi.plan import build_plan, checked_layouts
 from dd_mpi.presets import PRESETS
@@ -64,7 +65,7 @@ def test_paper_presets_run_and_write_the_whole_table(tmp_path, preset, capsys):
 def test_the_run_presets_cover_every_recipe_block_and_n():
     def kinds(names) -> set:  # (recipe: the dataset's family and its warm-up; blocks; N)
         return {(PRESETS[p]["dataset"].rstrip("0123456789"), PRESETS[p].get("warmup_style"),
-                 PRESETS[p]["arch"] in ("resnet50", "resnet101"), PRESETS[p]["subnets"]) for p in names}
+                 parse_depth(PRESETS[p]["arch"]) in BOTTLENECK_LAYERS, PRESETS[p]["subnets"]) for p in names}
     every = kinds(paper.RESULTS)
     for what in range(4):
         assert {k[what] for k in kinds(RUN_END_TO_END)} == {k[what] for k in every}
