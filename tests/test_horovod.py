@@ -23,7 +23,7 @@ import torch
 
 from dd_mpi.checkpoint import checkpoint_path, load
 
-from helpers import BIN, REPORT_KEYS, TINY, explain, launcher_free_env, read_metrics, read_report
+from helpers import BIN, TINY, check_run_report, explain, launcher_free_env, read_report
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -116,44 +116,11 @@ def runs(tmp_path_factory):
     return get
 
 
-def check_report(out: Path, *, subnets: int, backend: str, launcher: str, baseline: bool = True) -> dict:
-    report = read_report(out)
-    assert REPORT_KEYS <= set(report)
-    assert report["world_size"] == NPROC and report["backend"] == backend and report["launcher"] == launcher
-    assert bool(report["software"].get("horovod")) == (backend == "horovod")  # its version, where it ran
-    size = NPROC // subnets
-    assert report["groups"] == [list(range(k * size, (k + 1) * size)) for k in range(subnets)]
-    assert [s["index"] for s in report["sub_nets"]] == list(range(subnets))
-    assert [s["ranks"] for s in report["sub_nets"]] == report["groups"]
-    nets = [*report["sub_nets"], report["transfer"], report["transfer_T"]]
-    for net in nets + [report["random_T"]] * baseline:
-        assert 0 <= net["top1"] <= 100 and net["seconds"] >= 0
-    t = report["timing"]
-    assert t["dd_total"] == pytest.approx(t["subnets"] + t["compose"] + t["finetune"])
-    if baseline:
-        assert t["baseline_total"] == report["random_T"]["seconds"]
-    # phase 1 isolation: replicas inside a group agree, groups differ
-    digests = report["checksums"]["subnets"]
-    assert len(digests) == NPROC
-    for ranks in report["groups"]:
-        assert len({digests[r] for r in ranks}) == 1, f"group {ranks} replicas differ"
-    assert len({digests[ranks[0]] for ranks in report["groups"]}) == subnets
-    # every rank held rank 0's composed net (the pipeline raises otherwise)
-    assert len(report["checksums"]["global"]) == 64
-    rows = read_metrics(out)
-    for k, sub in enumerate(report["sub_nets"]):
-        mine = [r for r in rows if r["phase"] == "subnet" and r["group"] == k]
-        assert [r["epoch"] for r in mine] == [1] and mine[0]["test_top1"] == pytest.approx(sub["top1"])
-    assert [r["epoch"] for r in rows if r["phase"] == "finetune"] == [1]
-    assert [r["epoch"] for r in rows if r["phase"] == "baseline"] == [1] * baseline
-    return report
-
-
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("subnets", [2, 4, 1])
 def test_whole_pipeline_under_horovodrun(runs, subnets):
     result, out = runs("horovodrun", subnets)
-    check_report(out, subnets=subnets, backend="horovod", launcher="horovod")
+    check_run_report(out, world_size=NPROC, subnets=subnets, backend="horovod", launcher="horovod")
     # 4 ranks: N = 2 registers both groups and the leaders [0, 2]; for N = 4 and 1 every set
     # has one rank or is the world, so nothing is registered
     assert ("horovod: 3 process sets from rank lists" in result.stdout) == (subnets == 2)
@@ -164,7 +131,7 @@ def test_whole_pipeline_under_horovodrun(runs, subnets):
 @pytest.mark.mpi
 def test_whole_pipeline_under_mpiexec(runs):
     result, out = runs("mpiexec", 2)
-    check_report(out, subnets=2, backend="horovod", launcher="mpi")
+    check_run_report(out, world_size=NPROC, subnets=2, backend="horovod", launcher="mpi")
     assert "| transfer_T |" in result.stdout
     # the groups' sets (and the leaders' with their complement) come from the MPI split
     assert "horovod: 2 process sets from MPI communicator splits" in result.stdout
@@ -225,9 +192,9 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_bit_for_bit_under_horovod(tmp_
 def test_accuracies_agree_with_torch_engine(runs, launcher, subnets):
     _, hvd_out = runs(launcher, subnets)
     _, torch_out = runs("torch", subnets)
-    hvd_report = check_report(hvd_out, subnets=subnets, backend="horovod",
-                              launcher={"horovodrun": "horovod", "mpiexec": "mpi"}[launcher])
-    torch_report = check_report(torch_out, subnets=subnets, backend="torch", launcher="local")
+    hvd_report = check_run_report(hvd_out, world_size=NPROC, subnets=subnets, backend="horovod",
+                                  launcher={"horovodrun": "horovod", "mpiexec": "mpi"}[launcher])
+    torch_report = check_run_report(torch_out, world_size=NPROC, subnets=subnets, backend="torch", launcher="local")
     assert hvd_report["groups"] == torch_report["groups"]
     pairs = [(f"sub_net_{k}", a, b) for k, (a, b) in
              enumerate(zip(hvd_report["sub_nets"], torch_report["sub_nets"], strict=True))]
@@ -359,7 +326,8 @@ def test_a_late_group_outlasts_the_timeout(tmp_path):
     result = run_job(horovodrun(sys.executable, script, "--backend", "horovod", *TINY, "--subnets", "2",
                                 "--strategy", "dd", "--timeout", 10, "--out", tmp_path / "run"))
     assert result.returncode == 0, explain(result)
-    check_report(tmp_path / "run", subnets=2, backend="horovod", launcher="horovod", baseline=False)
+    check_run_report(tmp_path / "run", world_size=NPROC, subnets=2, strategy="dd", backend="horovod",
+                     launcher="horovod")
     waited = re.search(r"first epoch rank 3: wall ([\d.]+) s, cpu ([\d.]+) s", result.stdout)
     assert waited, explain(result)
     wall, cpu = map(float, waited.groups())

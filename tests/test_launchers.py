@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, check_run_report, launcher_free_env, read_report, run_dd
+from helpers import BIN, check_run_report, launcher_free_env, run_dd
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), *REPO.glob("benchmarks/*.sh"),
@@ -71,14 +71,13 @@ def test_launch_script_runs_the_tiny_default(tmp_path, script):
                             cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    report = read_report(out)
-    assert report["world_size"] == 4 and report["groups"] == [[0, 1], [2, 3]]
-    assert report["backend"] == ("horovod" if script == "horovodrun.sh" else "torch")
+    # the whole pipeline's report, N = 2 (test_pipeline runs N = 4 and the baseline)
+    launcher = {"local.sh": "local", "torchrun.sh": "torchrun", "mpirun.sh": "mpi", "srun.sh": "mpi",  # (--mpi=pmi2)
+                "horovodrun.sh": "horovod"}[script]
+    report = check_run_report(out, world_size=4, subnets=2, strategy="dd", launcher=launcher,
+                              backend="horovod" if script == "horovodrun.sh" else "torch")
     assert report["config"]["dataset"] == "synthetic" and report["config"]["train_samples"] == 256
-    launcher = {"local.sh": "local", "torchrun.sh": "torchrun", "mpirun.sh": "mpi"}.get(script)
-    if launcher is not None:  # the whole pipeline's report, N = 2 (test_pipeline runs N = 4 and the baseline)
-        check_run_report(out, world_size=4, subnets=2, strategy="dd")
-        assert report["launcher"] == launcher and ("mpi" in report["software"]) == (launcher == "mpi")
+    assert ("mpi" in report["software"]) == (launcher == "mpi")  # the MPI library, where one is loaded
 
 
 @pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", pytest.param("horovodrun.sh", marks=pytest.mark.horovod)])

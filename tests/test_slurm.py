@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPORT_KEYS, launcher_free_env
+from helpers import check_run_report, launcher_free_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -39,6 +39,7 @@ TINY_ANY_N = ["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20",
               "--baseline-epochs", "0", "--train-samples", "256", "--test-samples", "128",
               "--batch-size", "32"]
 TINY = [*TINY_ANY_N, "--subnets", "2"]
+OVER_PMI = "mpi"  # the launcher a job reports: common.sh's srun --mpi=pmi2 gives every rank MPICH's PMI variables
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,17 +122,6 @@ def read_log(path: Path) -> str:
     return path.read_text()
 
 
-def check_report(out: Path, *, world_size: int, subnets: int) -> dict:
-    report = json.loads((out / "report.json").read_text())
-    assert REPORT_KEYS <= set(report), f"missing keys: {REPORT_KEYS - set(report)}"
-    assert report["world_size"] == world_size and report["backend"] == "torch"
-    assert len(report["groups"]) == subnets and len(report["sub_nets"]) == subnets
-    for net in [*report["sub_nets"], report["transfer"], report["transfer_T"]]:
-        assert 0 <= net["top1"] <= 100
-    assert report["timing"]["dd_total"] > 0
-    return report
-
-
 # --- one run of a paper script -------------------------------------------------------------
 def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
     job = Submission([*ON_CPU, str(SLURM / "resnet110.sh"), *TINY], cwd=tmp_path)
@@ -141,7 +131,8 @@ def test_resnet110_script_runs_tiny_on_cpu(tmp_path):
     assert job.state == "COMPLETED", log[-4000:]
     assert "--preset cifar10-resnet110" in log  # the script's preset, our flags after it
     # default --out: runs/<job name>-<job id>, relative to the submit directory
-    check_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2)
+    check_run_report(tmp_path / "runs" / f"resnet110-{job.job_id}", world_size=4, subnets=2, strategy="dd",
+                     launcher=OVER_PMI)
 
 
 def test_a_script_under_a_path_with_spaces_finds_common_sh_when_submitted_from_elsewhere(tmp_path):
@@ -187,8 +178,8 @@ def test_a_job_on_two_nodes(tmp_path):
     rc = job.wait()
     log = read_log(tmp_path / f"resnet32-{job.job_id}.out")
     assert rc == 0 and job.state == "COMPLETED", f"sbatch exit {rc}\n{log[-4000:]}"
-    report = check_report(tmp_path / "runs" / f"resnet32-{job.job_id}", world_size=4, subnets=4)
-    assert report["launcher"] == "slurm"
+    report = check_run_report(tmp_path / "runs" / f"resnet32-{job.job_id}", world_size=4, subnets=4, strategy="dd",
+                              launcher="slurm")  # (DD_SRUN_MPI=none: no PMI, Slurm's own variables)
     assert [p["node"] for p in report["ranks"]] == ["0", "0", "1", "1"]  # SLURM_NODEID
     assert [p["local_rank"] for p in report["ranks"]] == [0, 1, 0, 1]
     assert report["groups"] == [[0], [1], [2], [3]]
@@ -270,7 +261,7 @@ def resume_after_requeue(job: Submission, log_path: Path) -> str:
 def check_resumed_without_loss(out: Path, log: str, epochs: int) -> None:
     """The restarted run went on from the checkpoint: every epoch of every phase recorded
     exactly once, the complete report, and the log saying where it resumed."""
-    check_report(out, world_size=4, subnets=2)
+    check_run_report(out, world_size=4, subnets=2, strategy="dd", launcher=OVER_PMI, fresh=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for group in (0, 1):
         mine = [r["epoch"] for r in rows if r["phase"] == "subnet" and r["group"] == group]
@@ -474,7 +465,7 @@ def test_job_array_then_dependent_compose_and_finetune(tmp_path):
         assert f"--only-group {k}" in logs[f"dd_array-{ids['array']}_{k}.out"], explain
         assert (out / "checkpoints" / f"subnet{k}-final.pt").exists(), explain
     assert "--resume" in logs[f"dd_array-{ids['final']}.out"], explain
-    check_report(out, world_size=2, subnets=2)
+    check_run_report(out, world_size=2, subnets=2, strategy="dd", launcher=OVER_PMI)
 
     # Sub-network 1's task failed (its checkpoints gone, so nothing composed): resubmit it
     # alone; sub-network 0 is not retrained, the final job composes both again.
@@ -488,7 +479,7 @@ def test_job_array_then_dependent_compose_and_finetune(tmp_path):
     ids = dict(re.findall(r"(\w+)=(\S+)", again.stdout.strip().splitlines()[-1]))
     assert sorted(p.name for p in tmp_path.glob(f"dd_array-{ids['array']}_*.out")) == [f"dd_array-{ids['array']}_1.out"]
     assert (out / "checkpoints" / "subnet0-final.pt").stat().st_mtime_ns == kept
-    check_report(out, world_size=2, subnets=2)
+    check_run_report(out, world_size=2, subnets=2, strategy="dd", launcher=OVER_PMI, fresh=False)
 
 
 # --- scaling study: one run per (nodes, N), then the report job -----------------------------------
@@ -506,7 +497,7 @@ def test_scaling_study_tiny_sweep(tmp_path):
     ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout.strip().splitlines()[-1]))
     assert len(ids["runs"].split(",")) == 2 and ids["study"] == str(study), explain
     for n in (1, 2):
-        check_report(study / f"nodes1-N{n}", world_size=2, subnets=n)
+        check_run_report(study / f"nodes1-N{n}", world_size=2, subnets=n, strategy="dd", launcher=OVER_PMI)
     assert f"scaling-report-{ids['report']}.out" in logs, explain
 
     # Run again (a run had failed: its report gone): the finished run is kept, the other
@@ -519,4 +510,4 @@ def test_scaling_study_tiny_sweep(tmp_path):
     assert re.search(rf"run: job \d+, 1 node\(s\), N=1, {study}/nodes1-N1 \(resumed\)", again.stdout), explain
     ids = dict(re.findall(r"(\w+)=(\S+)", again.stdout.strip().splitlines()[-1]))
     assert len(ids["runs"].split(",")) == 1, explain
-    check_report(study / "nodes1-N1", world_size=2, subnets=1)
+    check_run_report(study / "nodes1-N1", world_size=2, subnets=1, strategy="dd", launcher=OVER_PMI, fresh=False)
