@@ -21,6 +21,8 @@
 #   FORCE=1            rebuild even if a working horovod 0.28.1 is already installed.
 #   BUILD_JOBS=N       parallel compile jobs (default: nproc). Each C++20 torch
 #                      translation unit needs ~1-2 GB of RAM: lower this on small nodes.
+#   DEBUG_INFO=1       compile with -g, as Horovod's own build does (left out by default:
+#                      it slows the build, and a wheel from PyPI carries none either).
 #   CUDA_HOME          CUDA toolkit to build against (default: /usr/local/cuda if present).
 #   HOROVOD_GPU_OPERATIONS, HOROVOD_NCCL_HOME, HOROVOD_NCCL_LINK, ...
 #                      passed through untouched to Horovod's build (not set by this script).
@@ -102,6 +104,14 @@ cat >"$TMP/cxx20.cmake" <<'EOF'
 set(CMAKE_CXX14_STANDARD_COMPILE_OPTION "-std=c++20")
 set(CMAKE_CXX14_EXTENSION_COMPILE_OPTION "-std=gnu++20")
 EOF
+if [[ "${DEBUG_INFO:-0}" != 1 ]]; then
+    # Horovod builds RelWithDebInfo, -O2 -g (its CMakeLists then makes it -O3): the same
+    # without -g, whose debug information of the torch translation units is slow to write.
+    cat >>"$TMP/cxx20.cmake" <<'EOF'
+set(CMAKE_C_FLAGS_RELWITHDEBINFO "-O2 -DNDEBUG")
+set(CMAKE_CXX_FLAGS_RELWITHDEBINFO "-O2 -DNDEBUG")
+EOF
+fi
 
 cat >"$TMP/cmake" <<EOF
 #!/bin/bash
